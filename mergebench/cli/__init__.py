@@ -1,0 +1,1 @@
+"""The `mergebench` command line: a thin click + rich shell over the Python API."""

@@ -1,0 +1,92 @@
+"""The model card (README.md) and machine-readable record (mergebench.json) of a merged model.
+
+The card embeds the full recipe, with every input's content hash, so `mergebench merge README.md`
+redoes the merge and refuses inputs that changed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mergebench.core.recipe import RECIPE_MARKER, ModelInput, Recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mergebench.core.engine import MergeResult
+    from mergebench.core.registry import MergeMethod
+
+
+def _pinned_recipe(recipe: Recipe, result: MergeResult, dtype: torch.dtype) -> Recipe:
+    """The recipe with resolved parameters, the output dtype and every input's sha256 filled in."""
+    by_role = {i["role"]: i for i in result.inputs}
+    base = None
+    if recipe.base is not None:
+        base = ModelInput(by_role["base"]["path"], sha256=by_role["base"]["sha256"])
+    experts = [ModelInput(by_role[f"expert {i + 1}"]["path"], e.weight, by_role[f"expert {i + 1}"]["sha256"])
+               for i, e in enumerate(recipe.experts)]
+    return Recipe(recipe.method, experts, base, dict(result.parameters), recipe.seed,
+                  str(dtype).removeprefix("torch."), None, recipe.max_shard_size)
+
+
+def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: MergeResult, dtype: torch.dtype) -> None:
+    from mergebench import __version__
+
+    pinned = _pinned_recipe(recipe, result, dtype)
+    when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    record = {
+        "mergebench_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "created": when,
+        "method": {"name": method.name, "plugin": method.plugin, "reference": method.reference,
+                   "stochastic": method.stochastic},
+        "parameters": result.parameters,
+        "seed": result.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "inputs": result.inputs,
+        "tensors_merged": result.tensors_merged,
+        "tensors_copied": result.tensors_copied,
+        "recipe": pinned.to_dict(),
+    }
+    (directory / "mergebench.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    params = ", ".join(f"{k}={v}" for k, v in result.parameters.items()) or "none"
+    rows = "\n".join(
+        f"| {i['role']} | `{i['reference']}` | {i.get('weight', '')} | `{i['sha256']}` |" for i in result.inputs
+    )
+    tags = "\n".join(f"- {t}" for t in ("merge", "mergebench", method.name))
+    card = f"""---
+library_name: transformers
+tags:
+{tags}
+---
+
+# Merged with mergebench: `{method.name}` of {len(recipe.experts)} expert(s)
+
+- Method: **{method.name}** ({method.reference or 'no reference given'}), from plugin `{method.plugin}`
+- Parameters: {params}
+- Seed: {result.seed}{' (the method is stochastic: the seed determines the output)' if method.stochastic else ''}
+- Output dtype: {str(dtype).removeprefix('torch.')}
+- Tensors merged: {result.tensors_merged}; copied unchanged from the base: {result.tensors_copied}
+- mergebench {__version__}, torch {torch.__version__}, created {when}
+
+## Inputs
+
+| role | reference | weight | content sha256 |
+|---|---|---|---|
+{rows}
+
+## Recipe
+
+Redo this merge with `mergebench merge README.md -o OUT` (inputs whose content changed are refused).
+
+```yaml
+{RECIPE_MARKER}
+{pinned.to_yaml()}```
+"""
+    (directory / "README.md").write_text(card)

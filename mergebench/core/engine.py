@@ -1,0 +1,364 @@
+"""The streaming merge engine.
+
+Order of work, so that errors come before cost:
+1. method, parameters, weights, dtype, device and output location are checked (no file opened);
+2. every input's metadata is read and cross-checked: names, shapes, dtypes, architectures;
+3. tensors are merged one name at a time from memory maps and streamed into safetensors shards in a
+   temporary directory, which replaces the target only when everything (hash checks included) passed.
+
+Peak memory is about (N + 2) float32 copies of the largest tensor plus a fixed overhead, never the
+size of the models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mergebench.core.card import write_card
+from mergebench.core.context import TensorContext
+from mergebench.core.errors import InputError, MergebenchError, OutputError, ParameterError
+from mergebench.core.hashing import combined_sha256, sha256_file
+from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
+from mergebench.core.recipe import ModelInput, Recipe
+from mergebench.core.registry import MergeMethod
+from mergebench.core.tensor_io import ModelSource, TensorInfo, iter_config_files
+from mergebench.core.writer import AtomicDirectory, OutputTensor, ShardWriter, parse_size, plan_shards
+
+# progress(stage, bytes_done, bytes_total, tensor_name)
+ProgressCallback = Callable[[str, int, int, str], None]
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                      torch.float64: "float64"}
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced and how."""
+
+    output: Path
+    method: str
+    parameters: dict[str, Any]
+    seed: int
+    tensors_merged: int
+    tensors_copied: int
+    seconds: float
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    method: MergeMethod
+    params: dict[str, Any]
+    weights: tuple[float, ...]
+    base: ModelSource | None
+    experts: list[ModelSource]
+    template: ModelSource
+    names: list[str]
+    out_dtype: torch.dtype | None
+    device: torch.device
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[str(name).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ParameterError(f"unknown dtype '{name}' (valid: {', '.join(sorted(set(DTYPES)))})") from None
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ParameterError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device '{name}' requested, but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ParameterError(f"device '{name}' is not supported (use cpu or cuda)")
+    return device
+
+
+def _describe(role: str, source: ModelSource) -> str:
+    return f"{role} ({source.reference})"
+
+
+def _check_compatible(template: ModelSource, role_t: str, other: ModelSource, role_o: str) -> None:
+    """Same architecture, same tensor names, same shapes, float where the template is float."""
+    a, b = template.config, other.config
+    if a is not None and b is not None:
+        for key in ("model_type", "architectures"):
+            if key in a and key in b and a[key] != b[key]:
+                raise InputError(
+                    f"{_describe(role_o, other)} is a {b[key]} model but {_describe(role_t, template)} is a {a[key]} "
+                    f"model ({key} in config.json); merging needs one architecture"
+                )
+    names = template.ordered_names()
+    for name in names:
+        if name not in other.tensors:
+            missing = sum(1 for n in names if n not in other.tensors)
+            raise InputError(
+                f"{_describe(role_o, other)} has no tensor '{name}' that {role_t} has "
+                f"({missing} tensor(s) missing in all)"
+            )
+    for name in other.ordered_names():
+        if name not in template.tensors:
+            raise InputError(f"{_describe(role_o, other)} has a tensor '{name}' that {role_t} does not have")
+    for name in names:
+        ti, oi = template.tensors[name], other.tensors[name]
+        if ti.shape != oi.shape:
+            raise InputError(
+                f"tensor '{name}' has shape {list(oi.shape)} in {_describe(role_o, other)} but "
+                f"{list(ti.shape)} in {role_t}"
+            )
+        if ti.is_float and not oi.is_float:
+            raise InputError(f"tensor '{name}' is {oi.dtype} in {_describe(role_o, other)} but {ti.dtype} in {role_t}")
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, device: str,
+            pm: PluginManager) -> _Plan:
+    """Every check that needs no tensor data, in the order that fails cheapest first."""
+    method = pm.merge_methods().get(recipe.method)
+    params = method.resolve_params(recipe.parameters)
+    if not recipe.experts:
+        raise ParameterError("no experts given: a merge needs at least one expert (--expert PATH)")
+    weights = tuple(float(e.weight) for e in recipe.experts)
+    if not all(math.isfinite(w) for w in weights):
+        raise ParameterError(f"expert weights must be finite numbers, got {list(weights)}")
+    if method.check is not None:
+        method.check(params, weights)
+    if method.needs_base and recipe.base is None:
+        raise ParameterError(f"merge method '{method.name}' needs a base model (--base PATH)")
+    out_dtype = parse_dtype(recipe.dtype)
+    torch_device = parse_device(device)
+    parse_size(recipe.max_shard_size)
+    AtomicDirectory(output, force).check()
+
+    base = pm.resolve_model(recipe.base.path, allow_pickle) if recipe.base else None
+    experts = [pm.resolve_model(e.path, allow_pickle) for e in recipe.experts]
+    for source in ([base] if base else []) + experts:
+        if source.root is not None and _inside(output, source.root):
+            raise OutputError(f"{output}: the output would be inside the input model directory {source.root}")
+    template = base if base is not None else experts[0]
+    role_t = "the base" if base is not None else "expert 1"
+    for i, expert in enumerate(experts):
+        if expert is not template:
+            _check_compatible(template, role_t, expert, f"expert {i + 1}")
+    return _Plan(method, params, weights, base, experts, template, template.ordered_names(), out_dtype, torch_device)
+
+
+class _Writer:
+    """Writes tensors on a background thread so disk writes overlap the next tensor's maths."""
+
+    def __init__(self, writer: ShardWriter):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                    self.error = exc
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((name, tensor))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.writer.finish()
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+        self.writer.abort()
+
+
+def _finite_or_fail(x: torch.Tensor, what: str, name: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise InputError(f"{what}: tensor '{name}' contains NaN or Inf values")
+
+
+def _inputs(plan: _Plan, name: str) -> tuple[list[torch.Tensor], list[str]]:
+    sources = ([plan.base] if plan.base is not None else []) + plan.experts
+    roles = (["base"] if plan.base is not None else []) + [f"expert {i + 1}" for i in range(len(plan.experts))]
+    return [s.load(name) for s in sources], [_describe(r, s) for r, s in zip(roles, sources)]
+
+
+def _run_analysis(plan: _Plan, progress: ProgressCallback | None):
+    analysis = plan.method.analysis(plan.params, len(plan.experts)) if plan.method.analysis else None
+    if analysis is None:
+        return None
+    floats = [n for n in plan.names if plan.template.tensors[n].is_float]
+    total = sum(plan.template.tensors[n].nbytes for n in floats)
+    for p in range(analysis.passes):
+        done = 0
+        for name in floats:
+            raws, _ = _inputs(plan, name)
+            f32 = [r.to(plan.device, torch.float32) for r in raws]
+            base = f32[0] if plan.base is not None else None
+            analysis.observe(p, name, base, f32[1:] if plan.base is not None else f32)
+            done += plan.template.tensors[name].nbytes
+            if progress:
+                progress(f"analysis pass {p + 1}/{analysis.passes}", done, total, name)
+        analysis.end_pass(p)
+    return analysis
+
+
+def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int) -> tuple[torch.Tensor, bool]:
+    """The output tensor for ``name`` and whether it went through the method's maths."""
+    raws, roles = _inputs(plan, name)
+    out_dtype = plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
+    template_raw = raws[0]  # the base, or expert 1 when there is none
+    if not info.is_float:
+        return template_raw.clone(), False
+    if all(r.dtype == template_raw.dtype and torch.equal(r, template_raw) for r in raws):
+        _finite_or_fail(template_raw, roles[0], name)
+        return template_raw.to(out_dtype, copy=True), False
+    f32 = []
+    for raw, role in zip(raws, roles):
+        x = raw.to(plan.device, torch.float32, copy=True)
+        _finite_or_fail(x, role, name)
+        f32.append(x)
+    base = f32[0] if plan.base is not None else None
+    experts = f32[1:] if plan.base is not None else f32
+    ctx = TensorContext(name=name, weights=plan.weights, seed=seed,
+                        analysis=analysis.result_for(name) if analysis is not None else None)
+    merged = plan.method.merge(base, experts, plan.params, ctx)
+    if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != info.shape:
+        got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
+        raise MergebenchError(f"merge method '{plan.method.name}' returned {got} for tensor '{name}', expected {info.shape}")
+    out = merged.to("cpu", out_dtype)
+    if not bool(torch.isfinite(out).all()):
+        hint = " (too large for float16? try --dtype bfloat16)" if out_dtype == torch.float16 else ""
+        raise MergebenchError(f"merge method '{plan.method.name}' produced NaN or Inf in tensor '{name}'{hint}")
+    return out, True
+
+
+def _copy_config_files(plan: _Plan, directory: Path) -> None:
+    if plan.template.root is None:
+        return
+    for path in iter_config_files(plan.template.root):
+        shutil.copy2(path, directory / path.name)
+    config_path = directory / "config.json"
+    if plan.out_dtype is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = DTYPE_CONFIG_NAMES.get(plan.out_dtype, str(plan.out_dtype))
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _hash_inputs(plan: _Plan, pool: ThreadPoolExecutor) -> list[tuple[str, ModelSource, Future]]:
+    sources = ([("base", plan.base)] if plan.base is not None else []) + [
+        (f"expert {i + 1}", s) for i, s in enumerate(plan.experts)]
+    jobs = []
+    for role, source in sources:
+        futures = {f.name: pool.submit(sha256_file, f) for f in source.files}
+        jobs.append((role, source, futures))
+    return jobs
+
+
+def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool = False, device: str = "cpu",
+        threads: int | None = None, pm: PluginManager | None = None,
+        progress: ProgressCallback | None = None) -> MergeResult:
+    """Merge as ``recipe`` says into ``output``; raises MergebenchError subclasses for every user error."""
+    started = time.perf_counter()
+    pm = pm or get_plugin_manager()
+    output = Path(output)
+    plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with AtomicDirectory(output, force) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
+            hash_jobs = _hash_inputs(plan, hasher)
+            analysis = _run_analysis(plan, progress)
+            infos = plan.template.tensors
+            out_dtype = lambda i: plan.out_dtype if (plan.out_dtype is not None and i.is_float) else i.dtype  # noqa: E731
+            shards = plan_shards([OutputTensor(n, out_dtype(infos[n]), infos[n].shape) for n in plan.names],
+                                 parse_size(recipe.max_shard_size))
+            writer = _Writer(ShardWriter(tmp, shards, {"merged_with": "mergebench", "method": plan.method.name}))
+            order = [t.name for s in shards for t in s.tensors]
+            total, done, merged_count = sum(infos[n].nbytes for n in order), 0, 0
+            try:
+                for i, name in enumerate(order):
+                    if i + 1 < len(order):
+                        for source in ([plan.base] if plan.base else []) + plan.experts:
+                            source.prefetch(order[i + 1])
+                    tensor, merged = _merge_one(plan, name, infos[name], analysis, recipe.seed)
+                    merged_count += merged
+                    writer.put(name, tensor)
+                    done += infos[name].nbytes
+                    if progress:
+                        progress("merging", done, total, name)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            _copy_config_files(plan, tmp)
+            inputs = _verify_hashes(recipe, hash_jobs)
+            result = MergeResult(output, plan.method.name, plan.params, recipe.seed, merged_count,
+                                 len(order) - merged_count, time.perf_counter() - started, inputs)
+            write_card(tmp, recipe, plan.method, result, plan.out_dtype or plan.template.tensors[order[0]].dtype)
+    finally:
+        torch.set_num_threads(old_threads)
+        for source in ([plan.base] if plan.base else []) + plan.experts:
+            source.close()
+    return result
+
+
+def _verify_hashes(recipe: Recipe, hash_jobs) -> list[dict[str, Any]]:
+    expected: list[ModelInput | None] = ([recipe.base] if recipe.base else []) + list(recipe.experts)
+    inputs = []
+    for (role, source, futures), wanted in zip(hash_jobs, expected):
+        files = {name: f.result() for name, f in futures.items()}
+        digest = combined_sha256(files)
+        if wanted is not None and wanted.sha256 and wanted.sha256 != digest:
+            raise InputError(
+                f"{_describe(role, source)}: content sha256 {digest[:12]}... differs from the recipe's "
+                f"{wanted.sha256[:12]}...; the input changed since the recipe was written"
+            )
+        local = Path(source.reference).expanduser()
+        resolved = str(local.resolve()) if local.exists() else source.reference  # hub ids stay as given
+        entry = {"role": role, "reference": source.reference, "path": resolved, "sha256": digest, "files": files}
+        if role != "base":
+            entry["weight"] = recipe.experts[int(role.split()[1]) - 1].weight
+        inputs.append(entry)
+    return inputs
+

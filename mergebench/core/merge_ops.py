@@ -1,0 +1,96 @@
+"""Shared merge maths, written once: task vectors, trimming, sign election, disjoint mean, drop-and-rescale.
+
+All helpers work on float32 tensors of one parameter name. Experts are passed as lists (not stacked)
+so that memory stays at one tensor per input; helpers that say so work in place.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many elements a trim to ``density`` keeps: round(density * numel), halves rounded up."""
+    return min(numel, max(0, int(density * numel + 0.5)))
+
+
+def task_vectors_(base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
+    """tau_t = theta_t - theta_0, computed in place in the expert tensors (which the engine owns)."""
+    return [e.sub_(base) for e in experts]
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Sum_t w_t * x_t, accumulated in a fixed order so the result is bit-identical on any thread count."""
+    out = tensors[0] * weights[0]
+    for x, w in zip(tensors[1:], weights[1:]):
+        out.add_(x, alpha=w)
+    return out
+
+
+def magnitude_mask(x: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest |x|; ties at the threshold are broken by flat index (first wins)."""
+    n = x.numel()
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    a = x.abs().reshape(-1)
+    threshold = a.kthvalue(n - k + 1).values  # the k-th largest magnitude
+    return threshold_mask(x, float(threshold), k - int((a > threshold).sum()))
+
+
+def threshold_mask(x: Tensor, threshold: float, ties: int) -> Tensor:
+    """Keep |x| > threshold, plus the first ``ties`` elements (by flat index) with |x| == threshold."""
+    a = x.abs().reshape(-1)
+    mask = a > threshold
+    if ties > 0:
+        equal = (a == threshold).nonzero().reshape(-1)[:ties]
+        mask[equal] = True
+    return mask.view(x.shape)
+
+
+def trim_(tau: Tensor, k: int) -> Tensor:
+    """Zero all but the ``k`` largest-magnitude entries of ``tau``, in place (TIES step 1)."""
+    return tau.mul_(magnitude_mask(tau, k))
+
+
+def drop_and_rescale_(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """DARE: drop each entry with probability 1 - density, rescale survivors by 1/density, in place.
+
+    The uniform draws are made on the CPU from the tensor's own generator so the result does not
+    depend on the device, the thread count or the order in which tensors are merged.
+    """
+    if density >= 1.0:
+        return tau
+    draws = torch.rand(tau.shape, generator=generator, dtype=torch.float32)
+    keep = (draws < density).to(tau.device)
+    return tau.mul_(keep).div_(density)
+
+
+def elect_sign(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """TIES step 2: the elected sign per element, sign(sum_t w_t * tau_hat_t) in {-1, 0, +1}."""
+    return torch.sign(weighted_sum(trimmed, weights))
+
+
+def disjoint_mean(trimmed: Sequence[Tensor], weights: Sequence[float], sign: Tensor) -> Tensor:
+    """TIES step 3: weighted mean over experts whose entry is non-zero and agrees with ``sign`` (0 if none).
+
+    sum_t w_t * tau_hat_t * [agree_t] / sum_t w_t * [agree_t]; with unit weights this is the plain
+    mean over agreeing experts.
+    """
+    numerator = torch.zeros_like(sign)
+    denominator = torch.zeros_like(sign)
+    for tau, w in zip(trimmed, weights):
+        agree = (torch.sign(tau) == sign) & (tau != 0)
+        numerator.add_(torch.where(agree, tau, 0.0), alpha=w)
+        denominator.add_(agree.to(denominator.dtype), alpha=w)
+    return torch.where(denominator != 0, numerator / denominator.where(denominator != 0, 1.0), 0.0)
+
+
+def ties_merge_(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Sign election then disjoint mean over already-sparsified task vectors (shared by TIES and DARE-TIES)."""
+    return disjoint_mean(trimmed, weights, elect_sign(trimmed, weights))

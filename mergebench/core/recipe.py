@@ -1,0 +1,121 @@
+"""Merge recipes: the YAML form of a merge, also embedded in every merged model's card."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergebench.core.errors import ParameterError
+
+RECIPE_MARKER = "# mergebench recipe"
+_KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size"}
+_INPUT_KEYS = {"path", "weight", "sha256"}
+
+
+@dataclass
+class ModelInput:
+    path: str
+    weight: float = 1.0
+    sha256: str | None = None  # when set, the merge fails unless the input still has this hash
+
+
+@dataclass
+class Recipe:
+    method: str
+    experts: list[ModelInput]
+    base: ModelInput | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    dtype: str | None = None
+    output: str | None = None
+    max_shard_size: str | int = "5GB"
+
+    def to_dict(self) -> dict[str, Any]:
+        def model(m: ModelInput, weight: bool) -> dict[str, Any]:
+            d: dict[str, Any] = {"path": m.path}
+            if weight:
+                d["weight"] = m.weight
+            if m.sha256:
+                d["sha256"] = m.sha256
+            return d
+
+        out: dict[str, Any] = {"method": self.method}
+        out["base"] = model(self.base, False) if self.base else None
+        out["experts"] = [model(e, True) for e in self.experts]
+        out["parameters"] = dict(self.parameters)
+        out["seed"] = self.seed
+        out["dtype"] = self.dtype
+        out["max_shard_size"] = self.max_shard_size
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _model(value: Any, where: str) -> ModelInput:
+    if isinstance(value, str):
+        return ModelInput(value)
+    if isinstance(value, dict):
+        unknown = set(value) - _INPUT_KEYS
+        if unknown or "path" not in value:
+            raise ParameterError(f"recipe: {where} needs 'path' and may have 'weight', 'sha256' (got {sorted(value)})")
+        try:
+            weight = float(value.get("weight", 1.0))
+        except (TypeError, ValueError):
+            raise ParameterError(f"recipe: {where} weight {value.get('weight')!r} is not a number") from None
+        return ModelInput(str(value["path"]), weight, value.get("sha256"))
+    raise ParameterError(f"recipe: {where} must be a path or a mapping with 'path', got {value!r}")
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise ParameterError(f"{source}: a recipe is a YAML mapping with at least 'method' and 'experts'")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise ParameterError(f"{source}: unknown recipe key(s) {sorted(unknown)} (valid: {sorted(_KEYS)})")
+    if "method" not in data or not data.get("experts"):
+        raise ParameterError(f"{source}: a recipe needs 'method' and a non-empty 'experts' list")
+    if not isinstance(data["experts"], list):
+        raise ParameterError(f"{source}: 'experts' must be a list")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ParameterError(f"{source}: 'parameters' must be a mapping of name: value")
+    try:
+        seed = int(data.get("seed", 0) or 0)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{source}: 'seed' must be an integer") from None
+    return Recipe(
+        method=str(data["method"]),
+        experts=[_model(e, f"expert {i + 1}") for i, e in enumerate(data["experts"])],
+        base=_model(data["base"], "base") if data.get("base") else None,
+        parameters=params,
+        seed=seed,
+        dtype=data.get("dtype"),
+        output=data.get("output"),
+        max_shard_size=data.get("max_shard_size", "5GB"),
+    )
+
+
+_BLOCK = re.compile(r"```yaml\n(" + re.escape(RECIPE_MARKER) + r".*?)```", re.DOTALL)
+
+
+def load_recipe(path: Path) -> Recipe:
+    """A recipe from a YAML file, or from the recipe block of a merged model's README.md card."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParameterError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    if path.suffix.lower() == ".md":
+        m = _BLOCK.search(text)
+        if not m:
+            raise ParameterError(f"{path}: no mergebench recipe block in this model card")
+        text = m.group(1)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_recipe(data, str(path))

@@ -1,0 +1,251 @@
+"""What a plugin registers: typed parameters, merge methods and the other component kinds.
+
+Modelled on mergekit's method registry: every component declares its name, a one-line description,
+a reference and typed parameters with defaults, ranges and descriptions, so that the CLI can list
+them and bad values are refused before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, TypeVar
+
+from mergebench.core.errors import ParameterError, PluginError
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mergebench.core.analysis import TensorAnalysis
+    from mergebench.core.context import TensorContext
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed parameter of a component, with its default and allowed values."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def describe_range(self) -> str:
+        if self.choices is not None:
+            return " | ".join(str(c) for c in self.choices)
+        if self.min is not None and self.max is not None:
+            return f"[{self.min}, {self.max}]"
+        if self.min is not None:
+            return f">= {self.min}"
+        if self.max is not None:
+            return f"<= {self.max}"
+        return "any"
+
+    def coerce(self, value: Any, owner: str) -> Any:
+        """Convert ``value`` (possibly a CLI string) to this parameter's type and check its range."""
+        where = f"parameter '{self.name}' of {owner}"
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in _TRUE | _FALSE:
+                        raise ValueError
+                    value = low in _TRUE
+                elif not isinstance(value, bool):
+                    raise ValueError
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            else:
+                value = self.type(value)
+        except (TypeError, ValueError):
+            raise ParameterError(
+                f"{where} must be a {self.type.__name__}, got {value!r}"
+            ) from None
+        if self.type is float and value != value:  # NaN passes every range check
+            raise ParameterError(f"{where} must be a number, got NaN")
+        if self.choices is not None and value not in self.choices:
+            raise ParameterError(f"{where} must be one of {self.describe_range()}, got {value!r}")
+        if self.min is not None and value < self.min or self.max is not None and value > self.max:
+            raise ParameterError(f"{where} must be in {self.describe_range()}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Component:
+    """Fields shared by everything a plugin registers."""
+
+    name: str
+    description: str
+    params: tuple[Param, ...] = ()
+    reference: str = ""
+    plugin: str = ""  # filled in by the registry: which plugin registered it
+
+    @property
+    def kind(self) -> str:
+        return "component"
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def resolve_params(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with ``given``; unknown names and bad values raise ParameterError."""
+        given = dict(given or {})
+        known = {p.name: p for p in self.params}
+        for name in given:
+            if name not in known:
+                raise ParameterError(_unknown_message(f"parameter '{name}'", f"{self.kind} '{self.name}'", known))
+        owner = f"{self.kind} '{self.name}'"
+        return {n: (p.coerce(given[n], owner) if n in given else p.default) for n, p in known.items()}
+
+
+@dataclass(frozen=True)
+class MergeMethod(Component):
+    """A merge method: its metadata and the maths over the tensors of one parameter name.
+
+    ``merge(base, experts, params, ctx) -> merged`` receives float32 tensors of one name (``base`` is
+    None when the method does not need it and none was given), the resolved parameters and a
+    :class:`~mergebench.core.context.TensorContext`; it returns the merged float32 tensor.
+    """
+
+    merge: Callable[..., "torch.Tensor"] | None = None
+    # For methods of the form theta_0 + scale * delta(...): the lambda-free maths and the scale's name.
+    # A sweep computes delta once and applies every scale on top; ``merge`` is derived when omitted.
+    delta: Callable[..., "torch.Tensor"] | None = None
+    scale_param: str | None = None
+    # Cross-parameter checks run before any tensor is read: check(params, weights) raises ParameterError.
+    check: Callable[[dict[str, Any], tuple[float, ...]], None] | None = None
+    needs_base: bool = True
+    stochastic: bool = False
+    # Optional whole-model pre-pass (e.g. a global magnitude threshold): called with the resolved
+    # params and the number of experts; returns a TensorAnalysis, or None when not needed.
+    analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
+    # Hyperparameter grid a sweep should try, e.g. {"lambda": [0.0, 0.1, ...], "density": [0.1, 0.2]}.
+    search_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "merge method"
+
+    def __post_init__(self) -> None:
+        if self.merge is None and self.delta is not None and self.scale_param is not None:
+            object.__setattr__(self, "merge", _scaled_merge(self.delta, self.scale_param))
+        if self.merge is None or not callable(self.merge):
+            raise PluginError(f"merge method '{self.name}' has no callable merge function")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise PluginError(f"merge method '{self.name}' declares a parameter twice: {names}")
+        for key in self.search_space:
+            if key not in names:
+                raise PluginError(f"merge method '{self.name}' searches over undeclared parameter '{key}'")
+
+
+@dataclass(frozen=True)
+class BasePreparer(Component):
+    """Builds or loads a base model: ``prepare(params, workdir, **inputs) -> model directory``."""
+
+    prepare: Callable[..., Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "base preparer"
+
+
+@dataclass(frozen=True)
+class ExpertTrainer(Component):
+    """Fine-tunes a base into an expert: ``train(base, data, params, workdir) -> model directory``."""
+
+    train: Callable[..., Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "expert trainer"
+
+
+@dataclass(frozen=True)
+class Evaluator(Component):
+    """Scores models on a suite: ``evaluate(models, suite, params) -> per-dataset scores``."""
+
+    evaluate: Callable[..., Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "evaluator"
+
+
+def _scaled_merge(delta: Callable[..., "torch.Tensor"], scale_param: str) -> Callable[..., "torch.Tensor"]:
+    """merge = theta_0 + params[scale_param] * delta(theta_0, experts, params, ctx)."""
+
+    def merge(base, experts, params, ctx):
+        return torch.add(base, delta(base, experts, params, ctx), alpha=params[scale_param])
+
+    merge.__doc__ = f"theta_0 + {scale_param} * ({delta.__doc__ or delta.__name__})"
+    return merge
+
+
+C = TypeVar("C", bound=Component)
+
+
+class Registry(Generic[C]):
+    """Components of one kind by name; a second registration of a name is an error naming both plugins."""
+
+    def __init__(self, kind: str, cls: type[C]):
+        self.kind = kind
+        self.cls = cls
+        self._items: dict[str, C] = {}
+
+    def register(self, item: C, plugin: str) -> None:
+        if not isinstance(item, self.cls):
+            raise PluginError(
+                f"plugin '{plugin}' registered {item!r} as a {self.kind}; expected a {self.cls.__name__}"
+            )
+        if item.name in self._items:
+            other = self._items[item.name].plugin
+            raise PluginError(
+                f"{self.kind} '{item.name}' is registered twice: by plugin '{other}' and by plugin '{plugin}'; "
+                f"uninstall one of them or restrict plugins with MERGEBENCH_LOAD_PLUGINS"
+            )
+        self._items[item.name] = replace(item, plugin=plugin)
+
+    def get(self, name: str) -> C:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ParameterError(_unknown_message(f"{self.kind} '{name}'", "mergebench", self._items)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self):
+        return iter(sorted(self._items.values(), key=lambda c: c.name))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+
+def _unknown_message(what: str, where: str, known: Iterable[str]) -> str:
+    known = sorted(known)
+    name = what.split("'")[1] if "'" in what else what
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    listing = ", ".join(known) if known else "none"
+    return f"unknown {what} for {where}{hint} (valid: {listing})"

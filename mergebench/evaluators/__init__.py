@@ -1,0 +1,1 @@
+"""Evaluator plugins (lm-evaluation-harness adapter and friends) live here."""
