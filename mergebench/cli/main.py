@@ -1,0 +1,241 @@
+"""The ``mergebench`` command: click commands over the Python API, rich tables and progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from mergebench import __version__
+from mergebench.core.errors import MergebenchError, ParameterError
+from mergebench.core.plugin_manager import get_plugin_manager
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False)
+
+
+class UserError(click.ClickException):
+    """A MergebenchError on its way out: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+class MergebenchGroup(click.Group):
+    """Turns user errors into one line and exit 2, and other exceptions into a short internal-error line."""
+
+    _plugin_commands_loaded = False
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not MergebenchGroup._plugin_commands_loaded:
+            try:
+                get_plugin_manager().hook.register_commands(cli=self)
+            except MergebenchError as exc:
+                click.echo(f"Error: {exc}", err=True)
+                sys.exit(2)
+            MergebenchGroup._plugin_commands_loaded = True
+        return super().main(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MergebenchError as exc:
+            raise UserError(str(exc)) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: short message unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            raise click.ClickException(
+                f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it)"
+            ) from None
+
+
+@click.group(cls=MergebenchGroup)
+@click.version_option(__version__, prog_name="mergebench")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for internal errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """mergebench: merge language models with pluggable methods and benchmark the merges."""
+    ctx.obj = {"debug": debug}
+
+
+def _parse_params(items: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ParameterError(f"parameter '{item}' must look like NAME=VALUE, e.g. -p density=0.2")
+        params[name.strip()] = value.strip()
+    return params
+
+
+class _RichProgress:
+    """Adapts the engine's progress callback to a rich progress bar, one task per stage."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int, name: str) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, tensor="")
+        self.progress.update(self.tasks[stage], completed=done, tensor=name)
+
+
+def make_progress(console: Console = stderr) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[tensor]}"),
+        console=console,
+        transient=False,
+    )
+
+
+@cli.command()
+@click.argument("method_or_recipe")
+@click.option("--base", "-b", help="Base model: directory, .safetensors file or cached hub id.")
+@click.option("--expert", "-e", "experts", multiple=True, help="An expert model (repeat for each).")
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A method parameter (repeatable).")
+@click.option("--weight", "-w", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order.")
+@click.option("--seed", type=int, default=None, help="Seed for stochastic methods (default 0).")
+@click.option("--dtype", default=None, help="Output dtype (default: the base's): float32, bfloat16, float16.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (only once the merge succeeded).")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt checkpoints (loaded with weights_only=True).")
+@click.option("--max-shard-size", default=None, help="Largest output shard, e.g. 5GB (default), 500MB, 2GiB.")
+@click.option("--device", default="cpu", show_default=True, help="Where the maths runs: cpu or cuda[:N].")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], params: tuple[str, ...],
+          weights: tuple[float, ...], seed: int | None, dtype: str | None, output: Path | None, force: bool,
+          allow_pickle: bool, max_shard_size: str | None, device: str, threads: int | None, quiet: bool) -> None:
+    """Merge experts with METHOD, or as a RECIPE (.yaml, or a merged model's README.md) says.
+
+    \b
+    mergebench merge ties --base base/ -e math/ -e code/ -p density=0.2 -p lambda=0.8 -o merged/
+    mergebench merge recipe.yaml -o merged/
+    """
+    from mergebench.core.engine import run
+    from mergebench.core.recipe import ModelInput, Recipe, load_recipe
+
+    recipe_path = Path(method_or_recipe)
+    if recipe_path.suffix.lower() in (".yaml", ".yml", ".md"):
+        if base or experts or weights:
+            raise ParameterError("give the models either in the recipe or with --base/--expert, not both")
+        recipe = load_recipe(recipe_path)
+        recipe.parameters.update(_parse_params(params))
+    else:
+        if weights and len(weights) != len(experts):
+            raise ParameterError(f"{len(weights)} --weight value(s) for {len(experts)} --expert(s); give one per expert")
+        recipe = Recipe(
+            method=method_or_recipe,
+            experts=[ModelInput(e, w) for e, w in zip(experts, weights or [1.0] * len(experts))],
+            base=ModelInput(base) if base else None,
+            parameters=_parse_params(params),
+        )
+    if seed is not None:
+        recipe.seed = seed
+    if dtype is not None:
+        recipe.dtype = dtype
+    if max_shard_size is not None:
+        recipe.max_shard_size = max_shard_size
+    target = output or (Path(recipe.output) if recipe.output else None)
+    if target is None:
+        raise ParameterError("no output directory: pass -o OUT")
+    if quiet:
+        result = run(recipe, target, force=force, allow_pickle=allow_pickle, device=device, threads=threads)
+    else:
+        with make_progress() as progress:
+            result = run(recipe, target, force=force, allow_pickle=allow_pickle, device=device, threads=threads,
+                         progress=_RichProgress(progress))
+    params_text = ", ".join(f"{k}={v}" for k, v in result.parameters.items()) or "no parameters"
+    stdout.print(
+        f"Merged {len(recipe.experts)} expert(s) with [bold]{result.method}[/] ({params_text}, seed {result.seed}): "
+        f"{result.tensors_merged} tensors merged, {result.tensors_copied} copied, {result.seconds:.2f} s -> {result.output}"
+    )
+
+
+def _method_record(m) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "description": m.description,
+        "reference": m.reference,
+        "plugin": m.plugin,
+        "needs_base": m.needs_base,
+        "stochastic": m.stochastic,
+        "parameters": [
+            {"name": p.name, "type": p.type.__name__, "default": p.default, "range": p.describe_range(),
+             "description": p.description}
+            for p in m.params
+        ],
+        "search_space": {k: list(v) for k, v in m.search_space.items()},
+    }
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods(as_json: bool) -> None:
+    """List the registered merge methods with their parameters."""
+    records = [_method_record(m) for m in get_plugin_manager().merge_methods()]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    table = Table(title="Merge methods", show_lines=True)
+    for col in ("method", "parameters (default, range)", "reference", "plugin"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        params = "\n".join(f"[bold]{p['name']}[/]={p['default']} {p['range']}: {p['description']}"
+                           for p in r["parameters"]) or "-"
+        flags = [f for f, on in (("needs base", r["needs_base"]), ("stochastic", r["stochastic"])) if on]
+        name = f"[bold]{r['name']}[/]\n{r['description']}" + (f"\n[dim]{', '.join(flags)}[/]" if flags else "")
+        table.add_row(name, params, r["reference"], r["plugin"])
+    stdout.print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List the loaded plugins and the hooks each implements."""
+    rows = get_plugin_manager().describe_plugins()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Plugins")
+    for col in ("plugin", "source", "hooks"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        source = "built in" if r.get("builtin") else f"{r['distribution']} {r['version']}"
+        table.add_row(r["name"], source, ", ".join(r["hooks"]))
+    stdout.print(table)
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("mergebench-demo"),
+              show_default=True, help="Where the demo's models go.")
+@click.option("--steps", type=int, default=30, show_default=True, help="Training steps per expert.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(directory: Path, steps: int, seed: int) -> None:
+    """Build a tiny base and two experts, merge them with every method, and compare them (offline)."""
+    from mergebench.demo import run_demo
+
+    run_demo(directory, steps=steps, seed=seed, console=stdout)
+
+
+def main() -> None:
+    cli(prog_name="mergebench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
