@@ -78,16 +78,28 @@ def _parse_params(items: tuple[str, ...]) -> dict[str, str]:
 
 
 class _RichProgress:
-    """Adapts the engine's progress callback to a rich progress bar, one task per stage."""
+    """Adapts the engine's progress callback to a rich progress bar, one task per stage.
+
+    The display starts with the first report, so errors found before any work print no empty bar.
+    """
 
     def __init__(self, progress: Progress):
         self.progress = progress
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int, name: str) -> None:
+        if not self.tasks:
+            self.progress.start()
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, tensor="")
         self.progress.update(self.tasks[stage], completed=done, tensor=name)
+
+    def __enter__(self) -> "_RichProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tasks:
+            self.progress.stop()
 
 
 def make_progress(console: Console = stderr) -> Progress:
@@ -157,9 +169,9 @@ def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], par
     if quiet:
         result = run(recipe, target, force=force, allow_pickle=allow_pickle, device=device, threads=threads)
     else:
-        with make_progress() as progress:
+        with _RichProgress(make_progress()) as progress:
             result = run(recipe, target, force=force, allow_pickle=allow_pickle, device=device, threads=threads,
-                         progress=_RichProgress(progress))
+                         progress=progress)
     params_text = ", ".join(f"{k}={v}" for k, v in result.parameters.items()) or "no parameters"
     stdout.print(
         f"Merged {len(recipe.experts)} expert(s) with [bold]{result.method}[/] ({params_text}, seed {result.seed}): "

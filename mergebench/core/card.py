@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mergebench.core.registry import MergeMethod
 
 
-def _pinned_recipe(recipe: Recipe, result: MergeResult, dtype: torch.dtype) -> Recipe:
-    """The recipe with resolved parameters, the output dtype and every input's sha256 filled in."""
+def _pinned_recipe(recipe: Recipe, result: MergeResult) -> Recipe:
+    """The recipe with resolved parameters and every input's sha256 filled in."""
     by_role = {i["role"]: i for i in result.inputs}
     base = None
     if recipe.base is not None:
@@ -30,13 +30,14 @@ def _pinned_recipe(recipe: Recipe, result: MergeResult, dtype: torch.dtype) -> R
     experts = [ModelInput(by_role[f"expert {i + 1}"]["path"], e.weight, by_role[f"expert {i + 1}"]["sha256"])
                for i, e in enumerate(recipe.experts)]
     return Recipe(recipe.method, experts, base, dict(result.parameters), recipe.seed,
-                  str(dtype).removeprefix("torch."), None, recipe.max_shard_size)
+                  recipe.dtype, None, recipe.max_shard_size)
 
 
-def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: MergeResult, dtype: torch.dtype) -> None:
+def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: MergeResult, dtype: str) -> None:
+    """``dtype`` describes the output's floating-point dtype(s) in words."""
     from mergebench import __version__
 
-    pinned = _pinned_recipe(recipe, result, dtype)
+    pinned = _pinned_recipe(recipe, result)
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     record = {
         "mergebench_version": __version__,
@@ -47,7 +48,7 @@ def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: Mer
                    "stochastic": method.stochastic},
         "parameters": result.parameters,
         "seed": result.seed,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype,
         "inputs": result.inputs,
         "tensors_merged": result.tensors_merged,
         "tensors_copied": result.tensors_copied,
@@ -71,7 +72,7 @@ tags:
 - Method: **{method.name}** ({method.reference or 'no reference given'}), from plugin `{method.plugin}`
 - Parameters: {params}
 - Seed: {result.seed}{' (the method is stochastic: the seed determines the output)' if method.stochastic else ''}
-- Output dtype: {str(dtype).removeprefix('torch.')}
+- Output dtype: {dtype}
 - Tensors merged: {result.tensors_merged}; copied unchanged from the base: {result.tensors_copied}
 - mergebench {__version__}, torch {torch.__version__}, created {when}
 

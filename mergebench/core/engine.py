@@ -335,12 +335,19 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
             inputs = _verify_hashes(recipe, hash_jobs)
             result = MergeResult(output, plan.method.name, plan.params, recipe.seed, merged_count,
                                  len(order) - merged_count, time.perf_counter() - started, inputs)
-            write_card(tmp, recipe, plan.method, result, plan.out_dtype or plan.template.tensors[order[0]].dtype)
+            write_card(tmp, recipe, plan.method, result, _dtype_words(plan))
     finally:
         torch.set_num_threads(old_threads)
         for source in ([plan.base] if plan.base else []) + plan.experts:
             source.close()
     return result
+
+
+def _dtype_words(plan: _Plan) -> str:
+    if plan.out_dtype is not None:
+        return DTYPE_CONFIG_NAMES.get(plan.out_dtype, str(plan.out_dtype))
+    floats = sorted({str(i.dtype).removeprefix("torch.") for i in plan.template.tensors.values() if i.is_float})
+    return f"as the {'base' if plan.base is not None else 'first expert'} ({', '.join(floats) or 'no floats'})"
 
 
 def _verify_hashes(recipe: Recipe, hash_jobs) -> list[dict[str, Any]]:

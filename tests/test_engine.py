@@ -1,0 +1,219 @@
+"""The streaming engine end to end: files in, files out, through the public API and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergebench
+from mergebench.core.context import TensorContext
+from mergebench.core.errors import InputError
+
+from conftest import load_dir, toy_tensors, write_model
+
+METHODS = ["average", "task_arithmetic", "ties", "dare_ties"]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights_digest(directory: Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(directory.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_engine_output_equals_the_method_maths(toy_models, tmp_path, pm, method):
+    """What lands on disk is exactly the method applied to each tensor; int tensors are copied."""
+    experts = [toy_models[f"e{i}"] for i in range(3)]
+    result = mergebench.merge(method, base=toy_models["base"], experts=experts, output=tmp_path / "out",
+                              weights=[1.0, 2.0, 1.0], seed=3, plugin_manager=pm)
+    assert result.tensors_merged == 3 and result.tensors_copied == 1
+    out = load_dir(tmp_path / "out")
+    base, exps = load_dir(toy_models["base"]), [load_dir(e) for e in experts]
+    m = pm.merge_methods().get(method)
+    params = m.resolve_params({})
+    for name in ("layer.0.weight", "layer.0.bias", "layer.1.weight"):
+        ctx = TensorContext(name, (1.0, 2.0, 1.0), seed=3)
+        want = m.merge(base[name].clone(), [e[name].clone() for e in exps], params, ctx)
+        assert torch.equal(out[name], want), name
+    assert torch.equal(out["position_ids"], base["position_ids"])
+
+
+def test_identical_tensors_are_copied_from_the_base(tmp_path, pm):
+    base = toy_tensors(0)
+    expert = dict(base, **{"layer.0.bias": base["layer.0.bias"] + 1})
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "e", expert)
+    r = mergebench.merge("ties", base=tmp_path / "b", experts=[tmp_path / "e"], output=tmp_path / "o", plugin_manager=pm)
+    assert (r.tensors_merged, r.tensors_copied) == (1, 3)
+    out = load_dir(tmp_path / "o")
+    assert torch.equal(out["layer.0.weight"], base["layer.0.weight"])
+
+
+def test_sharded_and_reordered_inputs_give_bit_identical_output(tmp_path, pm):
+    base = toy_tensors(0, dtype=torch.bfloat16)
+    experts = [{n: (t + toy_tensors(10 + i, scale=0.1)[n].to(t.dtype) if t.is_floating_point() else t)
+                for n, t in base.items()} for i in range(2)]
+    write_model(tmp_path / "b1", base)
+    write_model(tmp_path / "b2", dict(reversed(list(base.items()))), shards=2)
+    for i, e in enumerate(experts):
+        write_model(tmp_path / f"e{i}-single", e)
+        write_model(tmp_path / f"e{i}-sharded", dict(reversed(list(e.items()))), shards=3)
+    for method in ("dare_ties", "ties"):
+        a = mergebench.merge(method, base=tmp_path / "b1", experts=[tmp_path / "e0-single", tmp_path / "e1-single"],
+                             output=tmp_path / f"{method}-a", seed=5, density=0.5, plugin_manager=pm)
+        b = mergebench.merge(method, base=tmp_path / "b2", experts=[tmp_path / "e0-sharded", tmp_path / "e1-sharded"],
+                             output=tmp_path / f"{method}-b", seed=5, density=0.5, plugin_manager=pm)
+        ta, tb = load_dir(a.output), load_dir(b.output)
+        assert ta.keys() == tb.keys()
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), (method, name)
+            assert ta[name].dtype == torch.bfloat16 or not ta[name].is_floating_point()
+
+
+def test_one_and_two_threads_give_bit_identical_files(tiny_llamas, tmp_path):
+    digests = {}
+    for threads in (1, 2):
+        for method in ("dare_ties", "ties"):
+            out = tmp_path / f"{method}-{threads}"
+            cmd = [sys.executable, "-m", "mergebench.cli.main", "merge", method, "--base", str(tiny_llamas["base"]),
+                   "-e", str(tiny_llamas["e0"]), "-e", str(tiny_llamas["e1"]), "--seed", "11", "--threads",
+                   str(threads), "-q", "-o", str(out)]
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "MERGEBENCH_LOAD_PLUGINS": ""})
+            digests[(method, threads)] = weights_digest(out)
+    assert digests[("dare_ties", 1)] == digests[("dare_ties", 2)]
+    assert digests[("ties", 1)] == digests[("ties", 2)]
+    assert digests[("ties", 1)] != digests[("dare_ties", 1)]
+
+
+def test_merged_tiny_llama_loads_in_transformers_with_small_shards(tiny_llamas, tmp_path, pm):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    mergebench.merge("ties", base=tiny_llamas["base"], experts=[tiny_llamas["e0"], tiny_llamas["e1"]], output=out,
+                     max_shard_size="6KB", plugin_manager=pm)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    for s in shards:  # each shard's data within the limit unless a single tensor is larger
+        tensors = load_dir_file(s)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 6000
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()
+    for name in ("config.json", "generation_config.json", "README.md", "mergebench.json"):
+        assert (out / name).is_file()
+
+
+def load_dir_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_dtype_option_casts_output_and_updates_config(tiny_llamas, tmp_path, pm):
+    out = tmp_path / "f32"
+    mergebench.merge("average", experts=[tiny_llamas["e0"], tiny_llamas["e1"]], output=out, dtype="float32",
+                     plugin_manager=pm)
+    tensors = load_dir(out)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_global_trim_keeps_exactly_k_entries_of_the_whole_task_vector(tmp_path, pm):
+    base = toy_tensors(0)
+    expert = {n: (t + toy_tensors(9, scale=0.1)[n] if t.is_floating_point() else t) for n, t in base.items()}
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "e", expert)
+    results = {}
+    for scope in ("tensor", "global"):
+        out = tmp_path / scope
+        mergebench.merge("ties", base=tmp_path / "b", experts=[tmp_path / "e"], output=out, density=0.3,
+                         trim_scope=scope, plugin_manager=pm)
+        merged = load_dir(out)
+        results[scope] = {n: (merged[n] != base[n]) for n in base if base[n].is_floating_point()}
+    total = sum(t.numel() for n, t in base.items() if t.is_floating_point())
+    assert sum(int(m.sum()) for m in results["global"].values()) == round(0.3 * total)
+    per_tensor = [int(m.sum()) for m in results["global"].values()]
+    assert per_tensor != [int(m.sum()) for m in results["tensor"].values()]  # global moves the budget around
+    for n, m in results["tensor"].items():
+        assert int(m.sum()) == int(0.3 * base[n].numel() + 0.5)
+
+
+def test_card_redoes_the_merge_and_refuses_changed_inputs(toy_models, tmp_path):
+    from click.testing import CliRunner
+
+    from mergebench.cli.main import cli
+
+    first = tmp_path / "first"
+    mergebench.merge("dare_ties", base=toy_models["base"], experts=[toy_models["e0"], toy_models["e1"]],
+                     output=first, seed=4, density=0.4)
+    card = (first / "README.md").read_text()
+    assert "dare_ties" in card and "density: 0.4" in card and "seed: 4" in card
+    record = json.loads((first / "mergebench.json").read_text())
+    assert record["inputs"][0]["sha256"] == hashlib.sha256(
+        f"model.safetensors:{sha(toy_models['base'] / 'model.safetensors')}\n".encode()).hexdigest()
+    runner = CliRunner()
+    redo = runner.invoke(cli, ["merge", str(first / "README.md"), "-o", str(tmp_path / "redo"), "-q"])
+    assert redo.exit_code == 0, redo.output
+    assert weights_digest(first) == weights_digest(tmp_path / "redo")
+    # change an expert: the recipe's hash no longer matches, nothing is written
+    tensors = load_dir(toy_models["e1"])
+    tensors["layer.0.bias"] = tensors["layer.0.bias"] + 1
+    write_model(toy_models["e1"], tensors)
+    again = runner.invoke(cli, ["merge", str(first / "README.md"), "-o", str(tmp_path / "again"), "-q"])
+    assert again.exit_code == 2 and "differs from the recipe" in again.output
+    assert not (tmp_path / "again").exists()
+
+
+def test_hub_id_resolves_through_the_local_hf_cache(toy_models, tmp_path, monkeypatch, pm):
+    """A fake hub cache laid out as huggingface_hub does (blobs named by sha256, snapshot symlinks)."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--toy-expert"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in toy_models["e0"].iterdir():
+        digest = sha(f)
+        (repo / "blobs" / digest).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    result = mergebench.merge("average", experts=["acme/toy-expert", toy_models["e1"]], output=tmp_path / "o",
+                              plugin_manager=pm)
+    assert result.inputs[0]["files"]["model.safetensors"] == sha(toy_models["e0"] / "model.safetensors")
+    with pytest.raises(InputError, match="not in the local Hugging Face cache"):
+        mergebench.merge("average", experts=["acme/missing-model"], output=tmp_path / "o2", plugin_manager=pm)
+
+
+def test_allow_pickle_loads_weights_only_and_matches_safetensors(toy_models, tmp_path, pm):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((toy_models["e0"] / "config.json").read_text())
+    torch.save(load_dir(toy_models["e0"]), pickled / "pytorch_model.bin")
+    a = mergebench.merge("task_arithmetic", base=toy_models["base"], experts=[pickled], output=tmp_path / "a",
+                         allow_pickle=True, plugin_manager=pm)
+    b = mergebench.merge("task_arithmetic", base=toy_models["base"], experts=[toy_models["e0"]],
+                         output=tmp_path / "b", plugin_manager=pm)
+    assert weights_digest(a.output) == weights_digest(b.output)
+
+
+def test_force_replaces_an_existing_output_only_on_success(toy_models, tmp_path, pm):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    mergebench.merge("average", experts=[toy_models["e0"]], output=out, force=True, plugin_manager=pm)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,218 @@
+"""The four paper methods and the shared helpers, on hand-computed tensors and against a naive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergebench.core.analysis import GlobalMagnitudeThreshold
+from mergebench.core.context import TensorContext
+from mergebench.core.plugin_manager import make_plugin_manager
+from mergebench.core.merge_ops import (disjoint_mean, drop_and_rescale_, elect_sign, keep_count, magnitude_mask,
+                                       threshold_mask)
+
+T = torch.tensor
+
+
+@pytest.fixture(scope="module")
+def pm():
+    """Module-scoped (hypothesis re-runs a test body many times with one fixture value)."""
+    return make_plugin_manager(entry_points=False)
+
+
+def run(pm, method, base, experts, weights=None, seed=0, analysis=None, **params):
+    m = pm.merge_methods().get(method)
+    ctx = TensorContext("w", tuple(weights or [1.0] * len(experts)), seed, analysis)
+    return m.merge(None if base is None else base.clone(), [e.clone() for e in experts], m.resolve_params(params), ctx)
+
+
+# ---- shared helpers, by hand -------------------------------------------------------------------
+
+def test_keep_count_rounds_half_up():
+    assert keep_count(0.2, 10) == 2
+    assert keep_count(0.25, 10) == 3  # 2.5 rounds up (Python's round() would give 2)
+    assert keep_count(0.2, 2) == 0
+    assert keep_count(1.0, 7) == 7 and keep_count(0.0, 7) == 0
+
+
+def test_magnitude_mask_keeps_top_k_and_breaks_ties_by_index():
+    x = T([0.5, -3.0, 1.0, -1.0, 1.0, 0.0])
+    assert magnitude_mask(x, 1).tolist() == [False, True, False, False, False, False]
+    # |1.0| appears three times at the threshold; the first two by index win
+    assert magnitude_mask(x, 3).tolist() == [False, True, True, True, False, False]
+    assert magnitude_mask(x, 0).sum() == 0 and magnitude_mask(x, 6).all()
+
+
+def test_threshold_mask_keeps_above_and_first_ties():
+    x = T([[2.0, 1.0], [-1.0, 0.5]])
+    assert threshold_mask(x, 1.0, 1).tolist() == [[True, True], [False, False]]
+    assert threshold_mask(x, 1.0, 0).tolist() == [[True, False], [False, False]]
+
+
+def test_elect_sign_and_disjoint_mean_by_hand():
+    a, b, c = T([1.0, -2.0, 0.0, 3.0]), T([2.0, 1.0, 0.0, -3.0]), T([-4.0, -1.0, 0.0, 0.0])
+    sign = elect_sign([a, b, c], [1.0, 1.0, 1.0])
+    # sums: -1, -2, 0, 0
+    assert sign.tolist() == [-1.0, -1.0, 0.0, 0.0]
+    merged = disjoint_mean([a, b, c], [1.0, 1.0, 1.0], sign)
+    # elem 0: only c agrees (-4); elem 1: a and c agree (-2, -1) -> -1.5; elems 2, 3: nobody agrees with 0
+    assert merged.tolist() == [-4.0, -1.5, 0.0, 0.0]
+
+
+def test_weighted_disjoint_mean_divides_by_agreeing_weights():
+    a, b = T([1.0, 2.0]), T([3.0, -1.0])
+    sign = elect_sign([a, b], [1.0, 3.0])  # 1+9=10 -> +; 2-3=-1 -> -
+    assert sign.tolist() == [1.0, -1.0]
+    assert disjoint_mean([a, b], [1.0, 3.0], sign).tolist() == [(1 * 1 + 3 * 3) / 4, -1.0]
+
+
+def test_drop_and_rescale_keeps_expected_fraction_and_rescales():
+    x = torch.ones(100_000)
+    g = torch.Generator().manual_seed(0)
+    out = drop_and_rescale_(x, 0.3, g)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))
+    assert abs(out.mean().item() - 1.0) < 0.03  # unbiased in expectation
+
+
+# ---- the methods, by hand ------------------------------------------------------------------------
+
+def test_average_by_hand(pm):
+    out = run(pm, "average", None, [T([1.0, 2.0]), T([3.0, 6.0])], weights=[1.0, 3.0])
+    assert out.tolist() == [2.5, 5.0]
+
+
+def test_task_arithmetic_by_hand(pm):
+    base = T([1.0, 1.0])
+    out = run(pm, "task_arithmetic", base, [T([2.0, 0.0]), T([3.0, 1.0])], weights=[1.0, 2.0], **{"lambda": 0.5})
+    # tau = [1,-1], [2,0]; weighted sum = [5,-1]; base + 0.5*that
+    assert out.tolist() == [3.5, 0.5]
+
+
+def test_ties_by_hand(pm):
+    base = T([0.0, 0.0, 0.0, 0.0, 0.0])
+    e1 = T([4.0, -1.0, 0.5, 2.0, -3.0])
+    e2 = T([-5.0, 2.0, 0.2, 1.0, 3.0])
+    out = run(pm, "ties", base, [e1, e2], density=0.6, **{"lambda": 1.0})
+    # k = 3: e1 keeps 4, 2, -3; e2 keeps -5, 2, 3 -> trimmed e1=[4,0,0,2,-3], e2=[-5,2,0,0,3]
+    # signs: sum=[-1,2,0,2,0] -> [-,+,0,+,0]; agreeing means: [-5, 2, 0, 2, 0]
+    assert out.tolist() == [-5.0, 2.0, 0.0, 2.0, 0.0]
+    half = run(pm, "ties", base + 1, [e1 + 1, e2 + 1], density=0.6, **{"lambda": 0.5})
+    assert half.tolist() == [-1.5, 2.0, 1.0, 2.0, 1.0]
+
+
+def test_dare_ties_by_hand_with_known_mask(pm):
+    base = torch.zeros(6)
+    e1, e2 = T([1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), T([-1.0, 2.0, -1.0, 2.0, -1.0, 2.0])
+    ctx = TensorContext("w", (1.0, 1.0), seed=7)
+    draws = torch.rand(6, generator=ctx.generator), torch.rand(6, generator=ctx.generator)
+    keep1, keep2 = (draws[0] < 0.5).float(), (draws[1] < 0.5).float()
+    t1, t2 = e1 * keep1 / 0.5, e2 * keep2 / 0.5
+    expected = disjoint_mean([t1, t2], [1.0, 1.0], torch.sign(t1 + t2))
+    out = run(pm, "dare_ties", base, [e1, e2], seed=7, density=0.5)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, run(pm, "dare_ties", base, [e1, e2], seed=8, density=0.5))
+
+
+# ---- invariants ----------------------------------------------------------------------------------
+
+vectors = st.lists(st.integers(-8, 8), min_size=1, max_size=12).map(lambda v: torch.tensor(v, dtype=torch.float32) / 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(e=vectors, n=st.integers(1, 4))
+def test_average_of_identical_experts_is_that_expert(pm, e, n):
+    assert torch.equal(run(pm, "average", None, [e] * n), e)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=vectors, data=st.data())
+def test_task_arithmetic_lambda_zero_is_base(pm, b, data):
+    e = data.draw(st.lists(st.integers(-8, 8), min_size=len(b), max_size=len(b)))
+    assert torch.equal(run(pm, "task_arithmetic", b, [T(e, dtype=torch.float32)], **{"lambda": 0.0}), b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=vectors, data=st.data())
+def test_ties_density_one_single_expert_is_that_expert(pm, b, data):
+    e = T(data.draw(st.lists(st.integers(-8, 8), min_size=len(b), max_size=len(b))), dtype=torch.float32) / 4
+    assert torch.equal(run(pm, "ties", b, [e], density=1.0), e)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=vectors, data=st.data(), seed=st.integers(0, 2**31))
+def test_dare_ties_density_one_equals_ties_density_one(pm, b, data, seed):
+    n = data.draw(st.integers(1, 4))
+    es = [T(data.draw(st.lists(st.integers(-8, 8), min_size=len(b), max_size=len(b))), dtype=torch.float32) / 4
+          for _ in range(n)]
+    assert torch.equal(run(pm, "dare_ties", b, es, seed=seed, density=1.0), run(pm, "ties", b, es, density=1.0))
+
+
+# ---- TIES against a naive element-by-element reference -------------------------------------------
+
+def naive_ties(base, experts, weights, density, lam, global_k=None):
+    """Straight from the definition, in plain Python (no shared code with the implementation)."""
+    n = len(base)
+    taus = [[e[i] - base[i] for i in range(n)] for e in experts]
+    trimmed = []
+    for t_idx, tau in enumerate(taus):
+        k = int(density * n + 0.5) if global_k is None else global_k[t_idx]
+        order = sorted(range(n), key=lambda i: (-abs(tau[i]), i))
+        keep = set(order[:k])
+        trimmed.append([tau[i] if i in keep else 0.0 for i in range(n)])
+    out = []
+    for i in range(n):
+        s = sum(w * tr[i] for w, tr in zip(weights, trimmed))
+        sign = (s > 0) - (s < 0)
+        agree = [(w, tr[i]) for w, tr in zip(weights, trimmed) if tr[i] != 0 and ((tr[i] > 0) - (tr[i] < 0)) == sign]
+        mean = sum(w * v for w, v in agree) / sum(w for w, _ in agree) if agree and sign else 0.0
+        out.append(base[i] + lam * mean)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_ties_matches_naive_reference(pm, data):
+    size = data.draw(st.integers(1, 16))
+    n = data.draw(st.integers(1, 5))
+    ints = st.lists(st.integers(-6, 6), min_size=size, max_size=size)
+    base = [v / 2 for v in data.draw(ints)]
+    experts = [[v / 2 for v in data.draw(ints)] for _ in range(n)]
+    weights = [float(data.draw(st.sampled_from([1, 2, 4]))) for _ in range(n)]
+    density = data.draw(st.sampled_from([0.1, 0.2, 0.25, 0.5, 0.8, 1.0]))
+    lam = data.draw(st.sampled_from([0.0, 0.5, 1.0]))
+    got = run(pm, "ties", T(base), [T(e) for e in experts], weights=weights, density=density, **{"lambda": lam})
+    want = naive_ties(base, experts, weights, density, lam)
+    assert torch.allclose(got, T(want), atol=1e-6), (got.tolist(), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_global_trim_matches_naive_whole_model_top_k(pm, data):
+    """trim_scope=global over two tensors equals per-element TIES with a whole-model top-k."""
+    sizes = [data.draw(st.integers(1, 10)), data.draw(st.integers(1, 10))]
+    n = data.draw(st.integers(1, 3))
+    density = data.draw(st.sampled_from([0.1, 0.3, 0.5, 1.0]))
+
+    def draw(size):
+        return [v / 2 for v in data.draw(st.lists(st.integers(-6, 6), min_size=size, max_size=size))]
+
+    bases = [draw(s) for s in sizes]
+    experts = [[draw(s) for s in sizes] for _ in range(n)]  # experts[t][tensor]
+    names = ["a", "b"]
+    analysis = GlobalMagnitudeThreshold(density, n)
+    for p in range(analysis.passes):
+        for j, name in enumerate(names):
+            analysis.observe(p, name, T(bases[j]), [T(experts[t][j]) for t in range(n)])
+        analysis.end_pass(p)
+    got = [run(pm, "ties", T(bases[j]), [T(experts[t][j]) for t in range(n)], analysis=analysis.result_for(name),
+               density=density, trim_scope="global").tolist() for j, name in enumerate(names)]
+    # naive: concatenate the two tensors (in name order) and trim the whole vector at once
+    flat_base = bases[0] + bases[1]
+    flat_experts = [experts[t][0] + experts[t][1] for t in range(n)]
+    k = int(density * len(flat_base) + 0.5)
+    want = naive_ties(flat_base, flat_experts, [1.0] * n, density, 1.0, global_k=[k] * n)
+    assert torch.allclose(T(got[0] + got[1]), T(want), atol=1e-6), (got, want)
