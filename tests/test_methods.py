@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergebench.core.analysis import GlobalMagnitudeThreshold
+from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.context import TensorContext
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.core.merge_ops import (disjoint_mean, drop_and_rescale_, elect_sign, keep_count, magnitude_mask,
@@ -47,8 +47,11 @@ def test_magnitude_mask_keeps_top_k_and_breaks_ties_by_index():
 
 def test_threshold_mask_keeps_above_and_first_ties():
     x = T([[2.0, 1.0], [-1.0, 0.5]])
-    assert threshold_mask(x, 1.0, 1).tolist() == [[True, True], [False, False]]
-    assert threshold_mask(x, 1.0, 0).tolist() == [[True, False], [False, False]]
+    mask, used = threshold_mask(x, 1.0, 1)
+    assert mask.tolist() == [[True, True], [False, False]] and used == 1
+    mask, used = threshold_mask(x, 1.0, 5)
+    assert mask.tolist() == [[True, True], [True, False]] and used == 2
+    assert threshold_mask(x, 1.0, 0)[0].tolist() == [[True, False], [False, False]]
 
 
 def test_elect_sign_and_disjoint_mean_by_hand():
@@ -66,6 +69,17 @@ def test_weighted_disjoint_mean_divides_by_agreeing_weights():
     sign = elect_sign([a, b], [1.0, 3.0])  # 1+9=10 -> +; 2-3=-1 -> -
     assert sign.tolist() == [1.0, -1.0]
     assert disjoint_mean([a, b], [1.0, 3.0], sign).tolist() == [(1 * 1 + 3 * 3) / 4, -1.0]
+
+
+def test_magnitude_threshold_radix_select_equals_sorting():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(10_000, generator=g) * 8).round() / 8  # many exact ties
+    for k in (1, 37, 2_000, 9_999):
+        analysis = MagnitudeThreshold(k / 10_000, 1)
+        (threshold, ties), = run_analysis(analysis, "x", None, [x])
+        kth = x.abs().sort(descending=True).values[k - 1]
+        assert threshold == float(kth)
+        assert int((x.abs() > kth).sum()) + ties == k
 
 
 def test_drop_and_rescale_keeps_expected_fraction_and_rescales():
@@ -108,7 +122,7 @@ def test_dare_ties_by_hand_with_known_mask(pm):
     base = torch.zeros(6)
     e1, e2 = T([1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), T([-1.0, 2.0, -1.0, 2.0, -1.0, 2.0])
     ctx = TensorContext("w", (1.0, 1.0), seed=7)
-    draws = torch.rand(6, generator=ctx.generator), torch.rand(6, generator=ctx.generator)
+    draws = torch.rand(6, generator=ctx.generator_for(0)), torch.rand(6, generator=ctx.generator_for(1))
     keep1, keep2 = (draws[0] < 0.5).float(), (draws[1] < 0.5).float()
     t1, t2 = e1 * keep1 / 0.5, e2 * keep2 / 0.5
     expected = disjoint_mean([t1, t2], [1.0, 1.0], torch.sign(t1 + t2))
@@ -203,7 +217,7 @@ def test_global_trim_matches_naive_whole_model_top_k(pm, data):
     bases = [draw(s) for s in sizes]
     experts = [[draw(s) for s in sizes] for _ in range(n)]  # experts[t][tensor]
     names = ["a", "b"]
-    analysis = GlobalMagnitudeThreshold(density, n)
+    analysis = MagnitudeThreshold(density, n)
     for p in range(analysis.passes):
         for j, name in enumerate(names):
             analysis.observe(p, name, T(bases[j]), [T(experts[t][j]) for t in range(n)])

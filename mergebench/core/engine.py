@@ -209,65 +209,141 @@ class _Writer:
         self.writer.abort()
 
 
+CHUNK = 1 << 18  # elements per chunk: a few chunks of every input fit in the L2 cache
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``; one reduction pass without temporaries (NaN propagates through aminmax)."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _finite_or_fail(x: torch.Tensor, what: str, name: str) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not _finite(x):
         raise InputError(f"{what}: tensor '{name}' contains NaN or Inf values")
 
 
+def _sources(plan: _Plan) -> list[ModelSource]:
+    return ([plan.base] if plan.base is not None else []) + plan.experts
+
+
 def _inputs(plan: _Plan, name: str) -> tuple[list[torch.Tensor], list[str]]:
-    sources = ([plan.base] if plan.base is not None else []) + plan.experts
+    sources = _sources(plan)
     roles = (["base"] if plan.base is not None else []) + [f"expert {i + 1}" for i in range(len(plan.experts))]
     return [s.load(name) for s in sources], [_describe(r, s) for r, s in zip(roles, sources)]
 
 
-def _run_analysis(plan: _Plan, progress: ProgressCallback | None):
+def _split(plan: _Plan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    return (tensors[0], tensors[1:]) if plan.base is not None else (None, tensors)
+
+
+class _Chunks:
+    """Reads one tensor of every input as float32 chunks into reused buffers, checking each for NaN/Inf."""
+
+    def __init__(self, plan: _Plan, buffers: list[torch.Tensor], name: str):
+        raws, self.roles = _inputs(plan, name)
+        self.flat = [r.reshape(-1) for r in raws]
+        self.buffers, self.name, self.plan = buffers, name, plan
+        self.numel = self.flat[0].numel()
+
+    def __iter__(self):
+        for offset in range(0, self.numel, CHUNK):
+            n = min(CHUNK, self.numel - offset)
+            chunk = []
+            for raw, buf, role in zip(self.flat, self.buffers, self.roles):
+                x = buf[:n]
+                x.copy_(raw[offset:offset + n])
+                _finite_or_fail(x, role, self.name)
+                chunk.append(x)
+            yield offset, n, _split(self.plan, chunk)
+
+
+def _identical(raws: list[torch.Tensor]) -> bool:
+    """All inputs hold the same bytes; a short prefix comparison rejects the usual case cheaply."""
+    first = raws[0].reshape(-1)
+    others = [r.reshape(-1) for r in raws[1:]]
+    if any(r.dtype != first.dtype for r in others):
+        return False
+    if not all(torch.equal(r[:4096], first[:4096]) for r in others):
+        return False
+    return all(torch.equal(r, first) for r in others)
+
+
+def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], names: list[str]) -> None:
+    for p in range(analysis.passes):
+        for name in names:
+            for _, _, (base, experts) in _Chunks(plan, buffers, name):
+                analysis.observe(p, name, base, experts)
+        analysis.end_pass(p)
+
+
+def _run_analysis(plan: _Plan, buffers: list[torch.Tensor], progress: ProgressCallback | None):
     analysis = plan.method.analysis(plan.params, len(plan.experts)) if plan.method.analysis else None
     if analysis is None:
         return None
     floats = [n for n in plan.names if plan.template.tensors[n].is_float]
-    total = sum(plan.template.tensors[n].nbytes for n in floats)
-    for p in range(analysis.passes):
-        done = 0
-        for name in floats:
-            raws, _ = _inputs(plan, name)
-            f32 = [r.to(plan.device, torch.float32) for r in raws]
-            base = f32[0] if plan.base is not None else None
-            analysis.observe(p, name, base, f32[1:] if plan.base is not None else f32)
-            done += plan.template.tensors[name].nbytes
-            if progress:
-                progress(f"analysis pass {p + 1}/{analysis.passes}", done, total, name)
-        analysis.end_pass(p)
+    if progress:
+        progress("whole-model analysis", 0, 1, "")
+    _observe(analysis, plan, buffers, floats)
+    if progress:
+        progress("whole-model analysis", 1, 1, "")
     return analysis
 
 
-def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int) -> tuple[torch.Tensor, bool]:
+def _check_output(plan: _Plan, merged: Any, name: str, shape: tuple[int, ...]) -> None:
+    if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != shape:
+        got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
+        raise MergebenchError(f"merge method '{plan.method.name}' returned {got} for tensor '{name}', expected {shape}")
+
+
+def _check_finite_output(plan: _Plan, out: torch.Tensor, name: str) -> None:
+    if not _finite(out):
+        hint = " (too large for float16? try --dtype bfloat16)" if out.dtype == torch.float16 else ""
+        raise MergebenchError(f"merge method '{plan.method.name}' produced NaN or Inf in tensor '{name}'{hint}")
+
+
+def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
+               buffers: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """The output tensor for ``name`` and whether it went through the method's maths."""
     raws, roles = _inputs(plan, name)
     out_dtype = plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
     template_raw = raws[0]  # the base, or expert 1 when there is none
     if not info.is_float:
         return template_raw.clone(), False
-    if all(r.dtype == template_raw.dtype and torch.equal(r, template_raw) for r in raws):
+    if _identical(raws):
         _finite_or_fail(template_raw, roles[0], name)
         return template_raw.to(out_dtype, copy=True), False
-    f32 = []
-    for raw, role in zip(raws, roles):
-        x = raw.to(plan.device, torch.float32, copy=True)
-        _finite_or_fail(x, role, name)
-        f32.append(x)
-    base = f32[0] if plan.base is not None else None
-    experts = f32[1:] if plan.base is not None else f32
     ctx = TensorContext(name=name, weights=plan.weights, seed=seed,
                         analysis=analysis.result_for(name) if analysis is not None else None)
-    merged = plan.method.merge(base, experts, plan.params, ctx)
-    if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != info.shape:
-        got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
-        raise MergebenchError(f"merge method '{plan.method.name}' returned {got} for tensor '{name}', expected {info.shape}")
-    out = merged.to("cpu", out_dtype)
-    if not bool(torch.isfinite(out).all()):
-        hint = " (too large for float16? try --dtype bfloat16)" if out_dtype == torch.float16 else ""
-        raise MergebenchError(f"merge method '{plan.method.name}' produced NaN or Inf in tensor '{name}'{hint}")
-    return out, True
+    method = plan.method
+    if not method.elementwise:  # whole tensors in float32: (N + 2) copies of this tensor at most
+        f32 = []
+        for raw, role in zip(raws, roles):
+            x = raw.to(plan.device, torch.float32, copy=True)
+            _finite_or_fail(x, role, name)
+            f32.append(x)
+        base, experts = _split(plan, f32)
+        merged = method.merge(base, experts, plan.params, ctx)
+        _check_output(plan, merged, name, info.shape)
+        out = merged.to("cpu", out_dtype)
+        _check_finite_output(plan, out, name)
+        return out, True
+    if method.tensor_analysis is not None and ctx.analysis is None:
+        per_tensor = method.tensor_analysis(plan.params, len(plan.experts))
+        if per_tensor is not None:
+            _observe(per_tensor, plan, buffers, [name])
+            ctx.analysis = per_tensor.result_for(name)
+    out = torch.empty(info.numel, dtype=out_dtype)
+    for offset, n, (base, experts) in _Chunks(plan, buffers, name):
+        ctx.offset = offset
+        merged = method.merge(base, experts, plan.params, ctx)
+        _check_output(plan, merged, name, (n,))
+        piece = out[offset:offset + n]
+        piece.copy_(merged)
+        _check_finite_output(plan, piece if out_dtype == torch.float16 else merged, name)
+    return out.view(info.shape), True
 
 
 def _copy_config_files(plan: _Plan, directory: Path) -> None:
@@ -308,7 +384,8 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     try:
         with AtomicDirectory(output, force) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             hash_jobs = _hash_inputs(plan, hasher)
-            analysis = _run_analysis(plan, progress)
+            buffers = [torch.empty(CHUNK, dtype=torch.float32, device=plan.device) for _ in _sources(plan)]
+            analysis = _run_analysis(plan, buffers, progress)
             infos = plan.template.tensors
             out_dtype = lambda i: plan.out_dtype if (plan.out_dtype is not None and i.is_float) else i.dtype  # noqa: E731
             shards = plan_shards([OutputTensor(n, out_dtype(infos[n]), infos[n].shape) for n in plan.names],
@@ -319,9 +396,11 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
             try:
                 for i, name in enumerate(order):
                     if i + 1 < len(order):
-                        for source in ([plan.base] if plan.base else []) + plan.experts:
+                        for source in _sources(plan):
                             source.prefetch(order[i + 1])
-                    tensor, merged = _merge_one(plan, name, infos[name], analysis, recipe.seed)
+                    tensor, merged = _merge_one(plan, name, infos[name], analysis, recipe.seed, buffers)
+                    for source in _sources(plan):
+                        source.release(name)
                     merged_count += merged
                     writer.put(name, tensor)
                     done += infos[name].nbytes
@@ -338,7 +417,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
             write_card(tmp, recipe, plan.method, result, _dtype_words(plan))
     finally:
         torch.set_num_threads(old_threads)
-        for source in ([plan.base] if plan.base else []) + plan.experts:
+        for source in _sources(plan):
             source.close()
     return result
 

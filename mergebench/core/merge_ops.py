@@ -40,29 +40,30 @@ def magnitude_mask(x: Tensor, k: int) -> Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     a = x.abs().reshape(-1)
     threshold = a.kthvalue(n - k + 1).values  # the k-th largest magnitude
-    return threshold_mask(x, float(threshold), k - int((a > threshold).sum()))
+    return threshold_mask(x, float(threshold), k - int((a > threshold).sum()))[0]
 
 
-def threshold_mask(x: Tensor, threshold: float, ties: int) -> Tensor:
-    """Keep |x| > threshold, plus the first ``ties`` elements (by flat index) with |x| == threshold."""
+def threshold_mask(x: Tensor, threshold: float, ties: int) -> tuple[Tensor, int]:
+    """Keep |x| > threshold, plus the first ``ties`` entries (by flat index) with |x| == threshold.
+
+    Returns the mask and how many tied entries it kept, so a caller walking a tensor chunk by chunk
+    can carry the remaining allowance to the next chunk.
+    """
     a = x.abs().reshape(-1)
     mask = a > threshold
+    used = 0
     if ties > 0:
         equal = (a == threshold).nonzero().reshape(-1)[:ties]
         mask[equal] = True
-    return mask.view(x.shape)
-
-
-def trim_(tau: Tensor, k: int) -> Tensor:
-    """Zero all but the ``k`` largest-magnitude entries of ``tau``, in place (TIES step 1)."""
-    return tau.mul_(magnitude_mask(tau, k))
+        used = equal.numel()
+    return mask.view(x.shape), used
 
 
 def drop_and_rescale_(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
     """DARE: drop each entry with probability 1 - density, rescale survivors by 1/density, in place.
 
-    The uniform draws are made on the CPU from the tensor's own generator so the result does not
-    depend on the device, the thread count or the order in which tensors are merged.
+    The uniform draws are made on the CPU from ``generator`` (one stream per expert and tensor), so
+    the result does not depend on the device, the thread count, the chunking or the tensor order.
     """
     if density >= 1.0:
         return tau

@@ -133,8 +133,13 @@ class MergeMethod(Component):
     check: Callable[[dict[str, Any], tuple[float, ...]], None] | None = None
     needs_base: bool = True
     stochastic: bool = False
-    # Optional whole-model pre-pass (e.g. a global magnitude threshold): called with the resolved
-    # params and the number of experts; returns a TensorAnalysis, or None when not needed.
+    # True when each output entry depends only on the same entry of the inputs (plus ctx.analysis):
+    # the engine then streams the tensor through ``merge`` in cache-sized flat chunks.
+    elementwise: bool = False
+    # Optional pre-passes, each a factory (params, n_experts) -> TensorAnalysis | None:
+    # ``tensor_analysis`` runs over one tensor's chunks before that tensor is merged (e.g. its top-k
+    # magnitude threshold); ``analysis`` runs over the whole model before any tensor is merged.
+    tensor_analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
     analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
     # Hyperparameter grid a sweep should try, e.g. {"lambda": [0.0, 0.1, ...], "density": [0.1, 0.2]}.
     search_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)

@@ -178,6 +178,24 @@ class ModelSource:
             except OSError:
                 pass
 
+    def release(self, name: str) -> None:
+        """Drop a finished tensor's pages from this process's memory map (they stay in the page cache).
+
+        Keeps resident memory flat while streaming through models larger than RAM. Safe because
+        mapped pages are only ever read: a later access simply faults them in again.
+        """
+        info = self.tensors[name]
+        m = self._maps.get(info.file)
+        if m is None or not info.nbytes or not hasattr(m, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
+        try:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
+
     def close(self) -> None:
         for m in self._maps.values():
             try:
@@ -220,6 +238,9 @@ class PickleSource(ModelSource):
         return self._state_dict(self.tensors[name].file)[name]
 
     def prefetch(self, name: str) -> None:
+        pass
+
+    def release(self, name: str) -> None:
         pass
 
 

@@ -34,5 +34,6 @@ def register_merge_methods(register):
             merge=average,
             check=_check,
             needs_base=False,
+            elementwise=True,
         )
     )

@@ -3,8 +3,8 @@
     tau^_t = tau_t * m_t / density,  m_t ~ Bernoulli(density) per element
     theta  = theta_0 + lambda * disjoint_mean(tau^, elected sign)      (as in ``ties``)
 
-Randomness: one CPU generator per tensor, seeded from (seed, tensor name), drawn for experts in
-order; the output is the same whatever the tensor order, sharding, thread count or device. mergekit's
+Randomness: one CPU stream per (seed, tensor name, expert), consumed in order; the output is the
+same whatever the tensor order, sharding, chunking, thread count or device. mergekit's
 ``dare_ties`` and peft's ``dare_ties`` do the same maths with other random streams, so outputs agree
 in distribution, not bit for bit. The drop is per element, so there is no trim scope to choose.
 """
@@ -22,8 +22,8 @@ from mergebench.plugins.ties import DENSITY, DENSITY_GRID, LAMBDA, positive_weig
 def dare_ties_delta(base, experts, params, ctx):
     """DARE-TIES merged task vector: drop-and-rescale, elect sign, disjoint mean"""
     taus = task_vectors_(base, experts)
-    for tau in taus:
-        drop_and_rescale_(tau, params["density"], ctx.generator)
+    for t, tau in enumerate(taus):
+        drop_and_rescale_(tau, params["density"], ctx.generator_for(t))
     return ties_merge_(taus, ctx.weights)
 
 
@@ -44,6 +44,7 @@ def register_merge_methods(register):
             delta=dare_ties_delta,
             scale_param="lambda",
             stochastic=True,
+            elementwise=True,
             check=_check,
             search_space={"lambda": LAMBDA_GRID, "density": DENSITY_GRID},
         )

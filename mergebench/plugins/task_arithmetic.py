@@ -31,6 +31,7 @@ def register_merge_methods(register):
             ),
             delta=summed_task_vectors,
             scale_param="lambda",
+            elementwise=True,
             search_space={"lambda": LAMBDA_GRID},
         )
     )

@@ -15,16 +15,17 @@ Conventions, and where others differ:
 - ``trim_scope=tensor`` (default) trims each tensor on its own, as mergekit and peft do (both keep
   ``int(density * numel)``, i.e. round down, and break ties at the threshold arbitrarily; we round
   half up and break ties by index, so results can differ in at most a handful of entries per tensor).
-  ``trim_scope=global`` trims over the whole task vector, as the original TIES paper does; it costs two
-  extra streaming passes over the inputs (an exact radix select of the threshold).
+  ``trim_scope=global`` trims over the whole task vector, as the original TIES paper does.
+- Either way the k-th largest magnitude is found exactly by a streaming radix select
+  (:class:`~mergebench.core.analysis.MagnitudeThreshold`): two histogram passes, no sort, no copy.
 """
 
 from __future__ import annotations
 
-from mergebench.core.analysis import GlobalMagnitudeThreshold
+from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import keep_count, task_vectors_, threshold_mask, ties_merge_, trim_
+from mergebench.core.merge_ops import task_vectors_, threshold_mask, ties_merge_
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins import LAMBDA_GRID
 
@@ -33,20 +34,28 @@ DENSITY_GRID = (0.1, 0.2)  # the paper prunes 90% and 80% of each task vector
 
 def ties_delta(base, experts, params, ctx):
     """TIES merged task vector: trim, elect sign, disjoint mean"""
+    if ctx.analysis is None:  # called on a whole tensor without the engine's pre-pass
+        ctx.analysis = run_analysis(MagnitudeThreshold(params["density"], len(experts)), ctx.name, base, experts)
+    # ctx.analysis: per expert (threshold, tied entries to keep in this tensor); the tie allowance is
+    # carried across the chunks of the tensor so chunked and whole-tensor merges agree exactly.
+    remaining = ctx.state.setdefault("ties_left", [ties for _, ties in ctx.analysis])
     taus = task_vectors_(base, experts)
-    if ctx.analysis is None:
-        k = keep_count(params["density"], base.numel())
-        for tau in taus:
-            trim_(tau, k)
-    else:  # whole-model thresholds from GlobalMagnitudeThreshold: (threshold, ties kept here) per expert
-        for tau, (threshold, ties) in zip(taus, ctx.analysis):
-            tau.mul_(threshold_mask(tau, threshold, ties))
+    for t, (tau, (threshold, _)) in enumerate(zip(taus, ctx.analysis)):
+        mask, used = threshold_mask(tau, threshold, remaining[t])
+        remaining[t] -= used
+        tau.mul_(mask)
     return ties_merge_(taus, ctx.weights)
+
+
+def tensor_threshold(params, n_experts):
+    if params["trim_scope"] == "tensor":
+        return MagnitudeThreshold(params["density"], n_experts)
+    return None
 
 
 def global_threshold(params, n_experts):
     if params["trim_scope"] == "global":
-        return GlobalMagnitudeThreshold(params["density"], n_experts)
+        return MagnitudeThreshold(params["density"], n_experts)
     return None
 
 
@@ -75,6 +84,8 @@ def register_merge_methods(register):
             delta=ties_delta,
             scale_param="lambda",
             check=positive_weights,
+            elementwise=True,
+            tensor_analysis=tensor_threshold,
             analysis=global_threshold,
             search_space={"lambda": LAMBDA_GRID, "density": DENSITY_GRID},
         )

@@ -1,0 +1,113 @@
+"""Llama-shaped bf16 models for merge benchmarks, built locally and deterministically.
+
+A base of seeded N(0, 0.02) weights (norms at 1) and experts = base + seeded N(0, 0.002) perturbations,
+written as Hugging Face safetensors directories (sharded) with a Llama config.json. Generated once per
+(size, seed) and reused; a `.complete` marker makes interrupted builds start over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergebench.core.writer import OutputTensor, ShardWriter, plan_shards
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, i = self.hidden, self.intermediate
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for layer in range(self.layers):
+            p = f"model.layers.{layer}."
+            out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+            out += [(p + f"self_attn.{n}_proj.weight", (h, h)) for n in "qkvo"]
+            out += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "mlp.down_proj.weight", (h, i))]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    @property
+    def params(self) -> int:
+        total = 0
+        for _, shape in self.tensors():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def config(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab,
+                "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers, "num_attention_heads": max(1, self.hidden // 64),
+                "num_key_value_heads": max(1, self.hidden // 64), "max_position_embeddings": 2048,
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                "bos_token_id": 1, "eos_token_id": 2}
+
+
+SIZES = {
+    "smoke": Shape(vocab=2048, hidden=128, intermediate=512, layers=2),     # ~0.9M parameters
+    "0.1B": Shape(vocab=32000, hidden=768, intermediate=2048, layers=8),    # ~106M parameters
+    "0.5B": Shape(vocab=32000, hidden=1024, intermediate=4096, layers=24),  # ~469M parameters
+}
+
+
+def _write(directory: Path, shape: Shape, make, shard_bytes: int) -> None:
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    specs = shape.tensors()
+    shards = plan_shards([OutputTensor(n, torch.bfloat16, s) for n, s in specs], shard_bytes)
+    writer = ShardWriter(tmp, shards)
+    for shard in shards:
+        for t in shard.tensors:
+            writer.write(t.name, make(t.name, t.shape).to(torch.bfloat16))
+    writer.finish()
+    (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    (tmp / ".complete").write_text("ok")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    from mergebench.core.context import tensor_seed  # stable across runs, unlike hash()
+
+    return torch.Generator().manual_seed(tensor_seed(seed, name))
+
+
+def build(root: Path, size: str, n_experts: int, seed: int = 0) -> dict[str, Path]:
+    """Base and experts for ``size`` under root/size/, reusing complete ones."""
+    shape = SIZES[size]
+    out = root / size
+    shard_bytes = max(shape.params * 2 // 3 + 1, 1 << 20)  # three shards, as real checkpoints have
+
+    def base_tensor(name, dims):
+        if name.endswith("norm.weight"):
+            return torch.ones(dims)
+        return torch.randn(dims, generator=_generator(seed, name)) * 0.02
+
+    paths = {"base": out / "base"}
+    if not (paths["base"] / ".complete").exists():
+        _write(paths["base"], shape, base_tensor, shard_bytes)
+    for i in range(n_experts):
+        path = out / f"expert{i}"
+        paths[f"expert{i}"] = path
+        if (path / ".complete").exists():
+            continue
+
+        def expert_tensor(name, dims, i=i):
+            noise = torch.randn(dims, generator=_generator(seed + 1000 * (i + 1), name)) * 0.002
+            return base_tensor(name, dims).to(torch.bfloat16).float() + noise
+
+        _write(path, shape, expert_tensor, shard_bytes)
+    return paths
