@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+from collections import deque
 import shutil
 import threading
 import time
@@ -242,8 +243,9 @@ def _split(plan: _Plan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | Non
 class _Chunks:
     """Reads one tensor of every input as float32 chunks into reused buffers, checking each for NaN/Inf."""
 
-    def __init__(self, plan: _Plan, buffers: list[torch.Tensor], name: str):
+    def __init__(self, plan: _Plan, buffers: list[torch.Tensor], name: str, check: bool = True):
         raws, self.roles = _inputs(plan, name)
+        self.check = check
         self.flat = [r.reshape(-1) for r in raws]
         self.buffers, self.name, self.plan = buffers, name, plan
         self.numel = self.flat[0].numel()
@@ -255,7 +257,8 @@ class _Chunks:
             for raw, buf, role in zip(self.flat, self.buffers, self.roles):
                 x = buf[:n]
                 x.copy_(raw[offset:offset + n])
-                _finite_or_fail(x, role, self.name)
+                if self.check:
+                    _finite_or_fail(x, role, self.name)
                 chunk.append(x)
             yield offset, n, _split(self.plan, chunk)
 
@@ -272,9 +275,10 @@ def _identical(raws: list[torch.Tensor]) -> bool:
 
 
 def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], names: list[str]) -> None:
+    """Stream ``names`` through every pass of ``analysis``; the first pass also checks for NaN/Inf."""
     for p in range(analysis.passes):
         for name in names:
-            for _, _, (base, experts) in _Chunks(plan, buffers, name):
+            for _, _, (base, experts) in _Chunks(plan, buffers, name, check=p == 0):
                 analysis.observe(p, name, base, experts)
         analysis.end_pass(p)
 
@@ -330,13 +334,15 @@ def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
         out = merged.to("cpu", out_dtype)
         _check_finite_output(plan, out, name)
         return out, True
+    checked = analysis is not None and plan.method.analysis is not None  # the whole-model pass checked it
     if method.tensor_analysis is not None and ctx.analysis is None:
         per_tensor = method.tensor_analysis(plan.params, len(plan.experts))
         if per_tensor is not None:
             _observe(per_tensor, plan, buffers, [name])
             ctx.analysis = per_tensor.result_for(name)
+            checked = True
     out = torch.empty(info.numel, dtype=out_dtype)
-    for offset, n, (base, experts) in _Chunks(plan, buffers, name):
+    for offset, n, (base, experts) in _Chunks(plan, buffers, name, check=not checked):
         ctx.offset = offset
         merged = method.merge(base, experts, plan.params, ctx)
         _check_output(plan, merged, name, (n,))
@@ -370,42 +376,100 @@ def _hash_inputs(plan: _Plan, pool: ThreadPoolExecutor) -> list[tuple[str, Model
     return jobs
 
 
+def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: int, writer: "_Writer",
+                   progress: ProgressCallback | None) -> int:
+    """Merge every tensor in ``order`` on ``workers`` threads, handing results to the writer in order.
+
+    Each worker merges whole tensors with its own chunk buffers and one intra-op thread, so the cores
+    are used without synchronising inside small ops; results do not depend on which worker ran them.
+    """
+    infos = plan.template.tensors
+    free: queue.Queue = queue.Queue()
+    for _ in range(workers):
+        free.put([torch.empty(CHUNK, dtype=torch.float32, device=plan.device) for _ in _sources(plan)])
+
+    def task(name: str) -> tuple[torch.Tensor, bool]:
+        torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
+        buffers = free.get()
+        try:
+            return _merge_one(plan, name, infos[name], analysis, seed, buffers)
+        finally:
+            free.put(buffers)
+            for source in _sources(plan):
+                source.release(name)
+
+    def out_bytes(name: str) -> int:
+        info = infos[name]
+        dtype = plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
+        return info.numel * dtype.itemsize
+
+    # Finished-or-running outputs are held until written in order; a budget of twice the largest
+    # output lets one worker get through many small tensors while another merges the embedding.
+    budget = 2 * max(out_bytes(n) for n in order)
+    total, done, merged_count = sum(infos[n].nbytes for n in order), 0, 0
+    pending: deque[tuple[str, Future]] = deque()
+    pending_bytes = 0
+
+    def write_oldest() -> None:
+        nonlocal done, merged_count, pending_bytes
+        finished, future = pending.popleft()
+        tensor, merged = future.result()
+        pending_bytes -= out_bytes(finished)
+        merged_count += merged
+        writer.put(finished, tensor)
+        done += infos[finished].nbytes
+        if progress:
+            progress("merging", done, total, finished)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for name in order:
+                while pending and (pending_bytes + out_bytes(name) > budget or len(pending) >= 64):
+                    write_oldest()
+                for source in _sources(plan):
+                    source.prefetch(name)
+                pending.append((name, pool.submit(task, name)))
+                pending_bytes += out_bytes(name)
+            while pending:
+                write_oldest()
+        except BaseException:
+            for _, future in pending:
+                future.cancel()
+            raise
+    return merged_count
+
+
 def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool = False, device: str = "cpu",
         threads: int | None = None, pm: PluginManager | None = None,
         progress: ProgressCallback | None = None) -> MergeResult:
-    """Merge as ``recipe`` says into ``output``; raises MergebenchError subclasses for every user error."""
+    """Merge as ``recipe`` says into ``output``; raises MergebenchError subclasses for every user error.
+
+    ``threads`` (default: torch's thread count) is the number of tensors merged at once.
+    """
     started = time.perf_counter()
     pm = pm or get_plugin_manager()
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
     old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    workers = max(1, threads or old_threads)
+    if threads is not None and threads < 1:
+        raise ParameterError(f"--threads must be at least 1, got {threads}")
     try:
         with AtomicDirectory(output, force) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             hash_jobs = _hash_inputs(plan, hasher)
+            torch.set_num_threads(workers)  # the whole-model pre-pass runs on one thread, intra-op parallel
             buffers = [torch.empty(CHUNK, dtype=torch.float32, device=plan.device) for _ in _sources(plan)]
             analysis = _run_analysis(plan, buffers, progress)
+            del buffers
             infos = plan.template.tensors
             out_dtype = lambda i: plan.out_dtype if (plan.out_dtype is not None and i.is_float) else i.dtype  # noqa: E731
             shards = plan_shards([OutputTensor(n, out_dtype(infos[n]), infos[n].shape) for n in plan.names],
                                  parse_size(recipe.max_shard_size))
             writer = _Writer(ShardWriter(tmp, shards, {"merged_with": "mergebench", "method": plan.method.name}))
             order = [t.name for s in shards for t in s.tensors]
-            total, done, merged_count = sum(infos[n].nbytes for n in order), 0, 0
+            torch.set_num_threads(1)
             try:
-                for i, name in enumerate(order):
-                    if i + 1 < len(order):
-                        for source in _sources(plan):
-                            source.prefetch(order[i + 1])
-                    tensor, merged = _merge_one(plan, name, infos[name], analysis, recipe.seed, buffers)
-                    for source in _sources(plan):
-                        source.release(name)
-                    merged_count += merged
-                    writer.put(name, tensor)
-                    done += infos[name].nbytes
-                    if progress:
-                        progress("merging", done, total, name)
+                merged_count = _merge_tensors(plan, order, analysis, recipe.seed, workers, writer, progress)
             except BaseException:
                 writer.abort()
                 raise

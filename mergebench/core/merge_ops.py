@@ -80,16 +80,17 @@ def elect_sign(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 def disjoint_mean(trimmed: Sequence[Tensor], weights: Sequence[float], sign: Tensor) -> Tensor:
     """TIES step 3: weighted mean over experts whose entry is non-zero and agrees with ``sign`` (0 if none).
 
-    sum_t w_t * tau_hat_t * [agree_t] / sum_t w_t * [agree_t]; with unit weights this is the plain
-    mean over agreeing experts.
+    sum_t w_t * tau_hat_t * [agree_t] / sum_t w_t * [agree_t]; with unit weights this is the plain mean
+    over agreeing experts. Weights must be positive (sign election needs them so), hence a zero
+    denominator means a zero numerator and the division can use a clamped denominator.
     """
     numerator = torch.zeros_like(sign)
     denominator = torch.zeros_like(sign)
     for tau, w in zip(trimmed, weights):
-        agree = (torch.sign(tau) == sign) & (tau != 0)
-        numerator.add_(torch.where(agree, tau, 0.0), alpha=w)
+        agree = (tau * sign) > 0  # non-zero and the elected sign
+        numerator.add_(tau * agree, alpha=w)
         denominator.add_(agree.to(denominator.dtype), alpha=w)
-    return torch.where(denominator != 0, numerator / denominator.where(denominator != 0, 1.0), 0.0)
+    return numerator.div_(denominator.clamp_(min=torch.finfo(denominator.dtype).tiny))
 
 
 def ties_merge_(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
