@@ -74,11 +74,11 @@ class MagnitudeThreshold:
             magnitude = expert.abs() if base is None else (expert - base).abs_()
             bits = magnitude.reshape(-1).view(torch.int32)
             if pass_index == 0:
-                self.hi[t] += torch.bincount(bits >> 16, minlength=_HI_BINS)[:_HI_BINS]
+                self.hi[t] += torch.bincount(bits >> 16, minlength=_HI_BINS)[:_HI_BINS].cpu()
             elif self.bucket[t] >= 0:
                 low = bits[(bits >> 16) == self.bucket[t]] & 0xFFFF
                 if low.numel():
-                    self.lo[t] += torch.bincount(low, minlength=_LO_BINS)
+                    self.lo[t] += torch.bincount(low, minlength=_LO_BINS).cpu()
                     lows[t].append(low)
 
     @staticmethod

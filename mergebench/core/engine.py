@@ -210,7 +210,12 @@ class _Writer:
         self.writer.abort()
 
 
-CHUNK = 1 << 18  # elements per chunk: a few chunks of every input fit in the L2 cache
+CHUNK = 1 << 18  # elements per chunk on the CPU: a few chunks of every input fit in the L2 cache
+CUDA_CHUNK = 1 << 24  # on a GPU, large chunks amortise the host-to-device copies and kernel launches
+
+
+def _chunk_size(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else CUDA_CHUNK
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -251,8 +256,9 @@ class _Chunks:
         self.numel = self.flat[0].numel()
 
     def __iter__(self):
-        for offset in range(0, self.numel, CHUNK):
-            n = min(CHUNK, self.numel - offset)
+        step = _chunk_size(self.plan.device)
+        for offset in range(0, self.numel, step):
+            n = min(step, self.numel - offset)
             chunk = []
             for raw, buf, role in zip(self.flat, self.buffers, self.roles):
                 x = buf[:n]
@@ -386,7 +392,8 @@ def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: 
     infos = plan.template.tensors
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
-        free.put([torch.empty(CHUNK, dtype=torch.float32, device=plan.device) for _ in _sources(plan)])
+        free.put([torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device)
+                  for _ in _sources(plan)])
 
     def task(name: str) -> tuple[torch.Tensor, bool]:
         torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
@@ -451,14 +458,16 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
     old_threads = torch.get_num_threads()
-    workers = max(1, threads or old_threads)
+    # On a GPU one host thread feeds the device; on the CPU, one worker per core.
+    workers = max(1, threads or (1 if plan.device.type == "cuda" else old_threads))
     if threads is not None and threads < 1:
         raise ParameterError(f"--threads must be at least 1, got {threads}")
     try:
         with AtomicDirectory(output, force) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             hash_jobs = _hash_inputs(plan, hasher)
             torch.set_num_threads(workers)  # the whole-model pre-pass runs on one thread, intra-op parallel
-            buffers = [torch.empty(CHUNK, dtype=torch.float32, device=plan.device) for _ in _sources(plan)]
+            buffers = [torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device)
+                       for _ in _sources(plan)]
             analysis = _run_analysis(plan, buffers, progress)
             del buffers
             infos = plan.template.tensors
