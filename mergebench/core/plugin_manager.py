@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = (
     "mergebench.plugins.task_arithmetic",
     "mergebench.plugins.ties",
     "mergebench.plugins.dare_ties",
+    "mergebench.evaluators.lm_eval_adapter",
 )
 
 # hook name -> (registry kind, component class)

@@ -1,0 +1,179 @@
+"""lm-evaluation-harness, in-process and offline: task configs written once, many models evaluated.
+
+Indexing tasks and building the task dictionary cost far more than evaluating a tiny model, so a
+:class:`LMEvalSession` does them once and then evaluates each model by loading its weights into one
+wrapped ``HFLM`` (``load_state_dict``), instead of calling ``simple_evaluate`` per model.
+
+Multiple-choice tasks are scored by log-likelihood accuracy (``acc``); generation tasks by exact match
+or ROUGE-L, computed in the task's own ``process_results`` (ROUGE variants not registered in lm-eval
+would otherwise be fetched from the hub). Bootstrap standard errors are off by default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from mergebench.core.errors import InputError, MergebenchError
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.registry import Evaluator, Param
+
+METRICS = {"multiple_choice": ("acc",), "generate_until": ("exact_match", "rouge_l")}
+_UTILS = Path(__file__).with_name("lm_eval_task_utils.py")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One dataset as an lm-eval task: where its JSONL splits are and how it is scored.
+
+    JSONL fields: ``query`` (the prompt), then ``choices`` (list of strings) and ``label`` (index) for
+    multiple choice, or ``answer`` (string) for generation.
+    """
+
+    name: str
+    output_type: str  # "multiple_choice" or "generate_until"
+    metric: str  # "acc", "exact_match" or "rouge_l"
+    data_files: Mapping[str, str]  # split -> absolute JSONL path
+    max_gen_toks: int = 24
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS.get(self.output_type, ()):
+            raise MergebenchError(f"task '{self.name}': metric '{self.metric}' does not suit '{self.output_type}'")
+
+
+def task_config(spec: TaskSpec, split: str) -> dict[str, Any]:
+    """The lm-eval YAML config (as a dict) that evaluates ``spec`` on ``split``."""
+    if split not in spec.data_files:
+        raise InputError(f"task '{spec.name}' has no '{split}' split (it has {sorted(spec.data_files)})")
+    path = Path(spec.data_files[split])
+    if not path.is_absolute():
+        raise InputError(f"task '{spec.name}': data file {path} must be an absolute path")
+    config: dict[str, Any] = {
+        "task": spec.name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": spec.output_type,
+        "doc_to_text": "{{query}}",
+    }
+    if spec.output_type == "multiple_choice":
+        config |= {"doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "target_delimiter": "",
+                   "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    else:
+        config |= {"doc_to_target": "{{answer}}", "target_delimiter": "",
+                   "generation_kwargs": {"until": ["\n"], "max_gen_toks": spec.max_gen_toks, "do_sample": False},
+                   "process_results": f"lm_eval_task_utils.process_{spec.metric}",
+                   "metric_list": [{"metric": spec.metric, "aggregation": "mean", "higher_is_better": True}]}
+    return config
+
+
+def write_task_configs(directory: Path, specs: Iterable[TaskSpec], split: str) -> list[str]:
+    """Write one YAML per task (plus the shared scoring module) into ``directory``; returns task names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(_UTILS, directory / _UTILS.name)
+    names = []
+    for spec in specs:
+        config = task_config(spec, split)
+        function = config.pop("process_results", None)
+        text = yaml.safe_dump(config, sort_keys=False)
+        if function:  # a YAML tag that lm-eval resolves to a function in the YAML's directory
+            text += f"process_results: !function {function}\n"
+        (directory / f"{spec.name}.yaml").write_text(text)
+        names.append(spec.name)
+    return names
+
+
+class LMEvalSession:
+    """Tasks indexed once and one HFLM wrapper; ``evaluate`` swaps a model's weights in and scores it."""
+
+    def __init__(self, task_dir: Path, task_names: list[str], model, tokenizer, batch_size: int = 64,
+                 max_length: int | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        try:
+            from lm_eval.models.huggingface import HFLM
+            from lm_eval.tasks import TaskManager, get_task_dict
+        except ImportError:
+            raise MergebenchError("the lm-eval evaluator needs lm-eval and accelerate: pip install 'mergebench[eval]'") from None
+        manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=False)
+        self.task_dict = get_task_dict(task_names, manager)
+        self.task_names = task_names
+        self.model = model.eval()
+        kwargs = {"max_length": max_length} if max_length else {}
+        self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+    def evaluate(self, state_dict: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Scores per task (the task's one metric) of the wrapped model, after loading ``state_dict``."""
+        import torch
+        from lm_eval import evaluator
+
+        if state_dict is not None:
+            missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+            if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+                raise InputError(f"weights do not fit the evaluated architecture (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            out = evaluator.evaluate(self.lm, self.task_dict, bootstrap_iters=0, verbosity="ERROR")
+        scores = {}
+        for name in self.task_names:
+            result = out["results"][name]
+            metric = next(k for k in result if k.endswith(",none") and not k.endswith("_stderr,none"))
+            scores[name] = float(result[metric])
+        return scores
+
+
+def load_state_dict(model_dir: Path) -> dict[str, Any]:
+    """All tensors of a model directory (safetensors), for swapping into a session's model."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{model_dir}: no safetensors weights to evaluate")
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def evaluate_models(models: list[Path], tasks: list[TaskSpec], split: str = "test", batch_size: int = 64,
+                    workdir: Path | None = None) -> list[dict[str, float]]:
+    """Evaluate several same-architecture model directories on ``tasks`` with one session."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not models:
+        return []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        names = write_task_configs(Path(tmp), tasks, split)
+        tokenizer = AutoTokenizer.from_pretrained(models[0])
+        model = AutoModelForCausalLM.from_pretrained(models[0])
+        session = LMEvalSession(Path(tmp), names, model, tokenizer, batch_size=batch_size)
+        results = [session.evaluate()]
+        for path in models[1:]:
+            results.append(session.evaluate(load_state_dict(path)))
+    return results
+
+
+def _evaluate(models, tasks, params):
+    return evaluate_models([Path(m) for m in models], tasks, split=params["split"], batch_size=params["batch_size"])
+
+
+@hookimpl
+def register_evaluators(register):
+    register(
+        Evaluator(
+            name="lm-eval",
+            description="lm-evaluation-harness in-process: tasks indexed once, models swapped into one HFLM.",
+            reference="Gao et al., The Language Model Evaluation Harness, doi:10.5281/zenodo.10256836",
+            params=(Param("split", str, "test", "which split to score", choices=("validation", "test")),
+                    Param("batch_size", int, 64, "examples per forward pass", min=1)),
+            evaluate=_evaluate,
+        )
+    )
+
