@@ -230,3 +230,41 @@ def test_bad_recipe_keys(env):
     recipe = tmp / "r.yaml"
     recipe.write_text(json.dumps({"method": "ties", "experts": [str(m["e0"])], "base": str(m["base"]), "lamda": 1}))
     assert_user_error(invoke(recipe, "-o", out), "unknown recipe key", "lamda")
+
+
+def test_sigkilled_merge_leaves_nothing_that_the_next_run_keeps(toy_models, tmp_path):
+    """A merge killed with SIGKILL cannot clean up; the next merge to that target removes its leftovers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    slow = tmp_path / "slow_plugin.py"
+    slow.write_text(
+        "import time\n"
+        "from mergebench import MergeMethod, hookimpl\n"
+        "def slow(base, experts, params, ctx):\n"
+        "    time.sleep(60)\n"
+        "    return experts[0]\n"
+        "@hookimpl\n"
+        "def register_merge_methods(register):\n"
+        "    register(MergeMethod(name='slow', description='sleeps', merge=slow, needs_base=False))\n")
+    code = ("import sys; sys.path.insert(0, %r); import slow_plugin; "
+            "from mergebench.core.plugin_manager import get_plugin_manager; "
+            "get_plugin_manager().register(slow_plugin, name='slow'); "
+            "from mergebench.cli.main import main; sys.argv = ['mergebench', 'merge', 'slow', '-e', %r, '-o', %r, '-q']; "
+            "main()") % (str(tmp_path), str(toy_models["e0"]), str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "MERGEBENCH_LOAD_PLUGINS": ""})
+    deadline = time.time() + 30
+    while time.time() < deadline and not [p for p in tmp_path.iterdir() if ".mergebench-tmp-" in p.name]:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    leftovers = [p for p in tmp_path.iterdir() if ".mergebench-tmp-" in p.name]
+    assert leftovers and not out.exists()  # killed mid-merge: a temporary directory, no output
+    result = invoke("average", "-e", toy_models["e0"], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert not [p for p in tmp_path.iterdir() if ".mergebench-tmp-" in p.name]
+    assert (out / "model.safetensors").is_file()

@@ -144,6 +144,16 @@ class ShardWriter:
             self._file = None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AtomicDirectory:
     """A temporary directory beside ``target`` that replaces it only when the work succeeded.
 
@@ -154,7 +164,20 @@ class AtomicDirectory:
     def __init__(self, target: Path, force: bool):
         self.target = target
         self.force = force
-        self.tmp = target.parent / f".{target.name}.mergebench-tmp-{uuid.uuid4().hex[:8]}"
+        # The pid in the name lets a later run recognise (and remove) what a killed run left behind.
+        self.tmp = target.parent / f".{target.name}.mergebench-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def _remove_stale(self) -> None:
+        """Delete temporary directories for this target left by processes that no longer exist (SIGKILL)."""
+        prefix = f".{self.target.name}.mergebench-tmp-"
+        if not self.target.parent.is_dir():
+            return
+        for path in self.target.parent.iterdir():
+            if not path.name.startswith(prefix):
+                continue
+            pid = path.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
     def check(self) -> None:
         if self.target.exists() and not self.force:
@@ -164,6 +187,7 @@ class AtomicDirectory:
 
     def __enter__(self) -> Path:
         self.check()
+        self._remove_stale()
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
