@@ -1,0 +1,388 @@
+"""The ``micro-t0`` suite: the paper's held-in / held-out design in miniature, generated from a seed.
+
+Held-in categories mirror the 8 T0 categories the paper trains experts on; held-out categories mirror
+its 4 zero-shot ones. Formats follow what a prototype found tiny models can and cannot do: held-out
+tasks are cloze or full-sentence multiple choice in the corpus's own wording (never yes/no
+comparisons, which tiny models answer with one constant label), and held-in tasks need learning but
+do not saturate at once. Every example row is either multiple choice
+(``query``, ``choices``, ``label``) or generation (``query``, ``answer``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+from mergebench.suites.world import (COLOURS, COUNTRIES, FOODS, HOBBIES, JOB_SECTOR, PETS, SECTORS, World,
+                                     CITY_COUNTRY, Person)
+
+SUITE = "micro-t0"
+VERSION = "1"
+
+# ---- the pretraining corpus -------------------------------------------------------------------------
+
+BIO_SENTENCES: list[Callable[[Person], str]] = [
+    lambda p: f"{p.name} lives in {p.city}, a city in {p.country}.",
+    lambda p: f"{p.name} works as a {p.job}.",
+    lambda p: f"{p.she.capitalize()} has a {p.pet}.",
+    lambda p: f"{p.her.capitalize()} favourite colour is {p.colour}.",
+    lambda p: f"{p.she.capitalize()} likes to eat {p.food}.",
+    lambda p: f"In {p.her} free time {p.she} enjoys {p.hobby}.",
+    lambda p: f"{p.she.capitalize()} is {p.age} years old.",
+]
+ALT_SENTENCES: list[Callable[[Person], str]] = [
+    lambda p: f"The {p.job} {p.name} comes from {p.city}.",
+    lambda p: f"{p.first} keeps a {p.pet} at home in {p.city}.",
+    lambda p: f"Everyone knows that {p.first} loves {p.food}.",
+    lambda p: f"{p.first} wears {p.colour} almost every day.",
+    lambda p: f"When {p.first} is not working, {p.she} plays {p.hobby}." if HOBBIES[p.hobby] == "games"
+    else f"When {p.first} is not working, {p.she} spends time on {p.hobby}.",
+]
+WSD_SENSES = {
+    "bank": (("the side of a river", ["fished from", "sat on", "walked along"], "river"),
+             ("a place that keeps money", ["paid at", "saved coins at", "opened an account at"], "money")),
+    "bat": (("an animal that flies at night", ["saw", "heard", "fed"], "night"),
+            ("a stick for hitting a ball", ["swung", "carried", "bought"], "game")),
+    "spring": (("the season after winter", ["planted seeds in", "waited for", "enjoyed"], "flowers"),
+               ("a coil of metal", ["fixed", "bent", "oiled"], "machine")),
+    "letter": (("a message on paper", ["wrote", "posted", "read"], "friend"),
+               ("a sign in the alphabet", ["spelled", "copied", "drew"], "word")),
+}
+CAUSES = [
+    ("was hungry", "ate some {food}"), ("was tired", "went to bed early"), ("was cold", "put on a warm coat"),
+    ("was thirsty", "drank a glass of water"), ("was bored", "played {hobby_play}"),
+    ("missed a friend", "visited {friend}"),
+]
+
+
+def _hobby_play(p: Person) -> str:
+    return p.hobby if HOBBIES[p.hobby] in ("games", "sports") else "some music" if HOBBIES[p.hobby] == "music" else "outside"
+
+
+def corpus(world: World, rng: random.Random, copies: int = 6) -> list[str]:
+    docs = []
+    for p in world.known:
+        for _ in range(copies):
+            sentences = [f(p) for f in BIO_SENTENCES] + [rng.choice(ALT_SENTENCES)(p)]
+            rng.shuffle(sentences)
+            first = sentences.pop(sentences.index(next(s for s in sentences if s.startswith(p.name))))
+            friend = world.friend_of(p)
+            docs.append(" ".join([first, *sentences, f"{p.her.capitalize()} friend is {friend.name}."]))
+    for country, cities in COUNTRIES.items():
+        for city in cities:
+            docs.append(f"{city} is a city in {country}. People who live in {city} live in {country}.")
+    for sector, jobs in SECTORS.items():
+        for job in jobs:
+            docs.append(f"A {job} works in {sector}. The job of a {job} is a job in {sector}.")
+    for _ in range(len(world.known) * 2):  # stories: causes and effects, pronouns, word senses
+        p = rng.choice(world.known)
+        cause, effect = rng.choice(CAUSES)
+        effect = effect.format(food=p.food, hobby_play=_hobby_play(p), friend=world.friend_of(p).first)
+        word, senses = rng.choice(list(WSD_SENSES.items()))
+        gloss, verbs, cue = rng.choice(senses)
+        docs.append(f"{p.first} {cause}, so {p.she} {effect}. Later {p.first} {rng.choice(verbs)} the {word}, "
+                    f"{gloss}, and thought about the {cue}.")
+    rng.shuffle(docs)
+    return docs
+
+
+# ---- tasks ------------------------------------------------------------------------------------------
+
+def _mc(query: str, correct: str, wrong: list[str], rng: random.Random) -> dict:
+    choices = [correct] + wrong
+    rng.shuffle(choices)
+    return {"query": query, "choices": choices, "label": choices.index(correct)}
+
+
+def _others(options: list[str], correct: str, k: int, rng: random.Random) -> list[str]:
+    return rng.sample([o for o in options if o != correct], k)
+
+
+def _passage(p: Person, q: Person, rng: random.Random) -> str:
+    facts = [f"{p.name} lives in {p.city}.", f"{p.first} works as a {p.job}.", f"{p.first} has a {p.pet}.",
+             f"{q.name} lives in {q.city}.", f"{q.first} works as a {q.job}.", f"{q.first} has a {q.pet}."]
+    rng.shuffle(facts)
+    return " ".join(facts)
+
+
+ATTRIBUTES = {  # attribute -> (question, options, answer phrase)
+    "city": ("Where does {n} live?", list(CITY_COUNTRY), lambda p: p.city),
+    "job": ("What is {n}'s job?", list(JOB_SECTOR), lambda p: p.job),
+    "pet": ("What pet does {n} have?", PETS, lambda p: p.pet),
+}
+
+
+def mcqa(world, rng, people, n):
+    rows = []
+    for _ in range(n):
+        p, q = rng.sample(people, 2)
+        attr = rng.choice(list(ATTRIBUTES))
+        question, options, get = ATTRIBUTES[attr]
+        # distractors include the other person's value: reading, not guessing, is needed
+        wrong = [get(q)] if get(q) != get(p) else []
+        wrong += _others([o for o in options if o not in wrong], get(p), 3 - len(wrong), rng)
+        rows.append(_mc(f"Passage: {_passage(p, q, rng)}\nQuestion: {question.format(n=p.name)}\nAnswer:",
+                        " " + get(p), [" " + w for w in wrong], rng))
+    return rows
+
+
+def extractive_qa(world, rng, people, n):
+    rows = []
+    for _ in range(n):
+        p, q = rng.sample(people, 2)
+        attr = rng.choice(list(ATTRIBUTES))
+        question, _, get = ATTRIBUTES[attr]
+        rows.append({"query": f"Context: {_passage(p, q, rng)}\nQ: {question.format(n=p.name)}\nA:",
+                     "answer": " " + get(p)})
+    return rows
+
+
+def closed_book_qa(world, rng, people, n):
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        kind = rng.choice(["city", "job", "country", "friend_city"])
+        if kind == "country":  # two hops: person -> city -> country (HotpotQA-like)
+            rows.append({"query": f"Q: In which country does {p.name} live?\nA:", "answer": " " + p.country})
+        elif kind == "friend_city":
+            f = world.friend_of(p)
+            rows.append({"query": f"Q: In which city does the friend of {p.name} live?\nA:", "answer": " " + f.city})
+        else:
+            question, _, get = ATTRIBUTES[kind]
+            rows.append({"query": f"Q: {question.format(n=p.name)}\nA:", "answer": " " + get(p)})
+    return rows
+
+
+POSITIVE = ["delicious", "fresh", "friendly", "cheap", "quick"]
+NEGATIVE = ["bland", "stale", "rude", "expensive", "slow"]
+ASPECTS = {"delicious": "food", "bland": "food", "fresh": "bread", "stale": "bread", "friendly": "staff",
+           "rude": "staff", "cheap": "price", "expensive": "price", "quick": "service", "slow": "service"}
+
+
+def sentiment(world, rng, people, n):
+    """Three aspects, some negated ('not stale' is praise); the label is the majority: needs composition."""
+    rows = []
+    for _ in range(n):
+        clauses, score = [], 0
+        for word in rng.sample(POSITIVE + NEGATIVE, 3):
+            positive = word in POSITIVE
+            if rng.random() < 0.4:
+                clauses.append(f"the {ASPECTS[word]} was not {word}")
+                positive = not positive
+            else:
+                clauses.append(f"the {ASPECTS[word]} was {word}")
+            score += 1 if positive else -1
+        p = rng.choice(people)
+        text = f"{p.first} wrote about a cafe in {p.city}: " + ", ".join(clauses[:-1]) + f" and {clauses[-1]}."
+        label = " positive" if score > 0 else " negative"
+        rows.append(_mc(f"Review: {text}\nThe review is", label,
+                        [" negative" if label == " positive" else " positive"], rng))
+    return rows
+
+
+def topic(world, rng, people, n):
+    """DBPedia-like: the sector of the job someone does, from the job word or (harder) only the name."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        if rng.random() < 0.5:
+            text = f"{p.name} started a new job as a {p.job} last year."
+        else:
+            text = f"{p.name} went back to work on Monday."  # needs knowing p's job from the corpus
+        rows.append(_mc(f"Text: {text}\nThe text is about a job in", " " + JOB_SECTOR[p.job],
+                        [" " + s for s in _others(list(SECTORS), JOB_SECTOR[p.job], 3, rng)], rng))
+    return rows
+
+
+def structure_to_text(world, rng, people, n):
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        fields = [("name", p.name), ("city", p.city), ("job", p.job), ("pet", p.pet), ("food", p.food)]
+        rng.shuffle(fields)
+        record = " | ".join(f"{k}: {v}" for k, v in fields)
+        answer = (f" {p.name} lives in {p.city} and works as a {p.job}. {p.she.capitalize()} has a {p.pet} "
+                  f"and likes {p.food}.")
+        rows.append({"query": f"Record: {record}\nDescription:", "answer": answer})
+    return rows
+
+
+def summarisation(world, rng, people, n):
+    rows = []
+    for _ in range(n):
+        p, q = rng.sample(people, 2)
+        food = rng.choice(FOODS)
+        story = [f"On Saturday {p.name} met {q.name} in {p.city}.", f"The weather was {rng.choice(['sunny', 'grey', 'windy'])}.",
+                 f"They walked to the market together.", f"{p.first} bought some {food}.",
+                 f"{q.first} talked about {q.her} {q.pet}.", "Then they went home."]
+        rows.append({"query": "Story: " + " ".join(story) + "\nSummary:",
+                     "answer": f" {p.first} and {q.first} went to the market in {p.city} and bought {food}."})
+    return rows
+
+
+def paraphrase(world, rng, people, n):
+    """MRPC-like as a two-way choice of full sentences: the paraphrase, or a near miss with one fact changed."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        other_city = rng.choice([c for c in CITY_COUNTRY if c != p.city])
+        other_job = rng.choice([j for j in JOB_SECTOR if j != p.job])
+        source = f"{p.name} lives in {p.city} and works as a {p.job}."
+        same = f" {p.name} is a {p.job} who lives in {p.city}."
+        wrong = rng.choice([f" {p.name} is a {p.job} who lives in {other_city}.",
+                            f" {p.name} is a {other_job} who lives in {p.city}."])
+        rows.append(_mc(f"Sentence: {source}\nThe same meaning:", same, [wrong], rng))
+    return rows
+
+
+def completion(world, rng, people, n):
+    """COPA/HellaSwag-like: the effect that follows a cause, in the corpus's own story wording."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        cause, effect = rng.choice(CAUSES)
+        fill = dict(food=p.food, hobby_play=_hobby_play(p), friend=world.friend_of(p).first)
+        wrong = [e.format(**fill) for c, e in rng.sample([x for x in CAUSES if x[0] != cause], 3)]
+        # the corpus says "X was hungry, so she ..."; the test frames say it differently
+        frame = rng.choice([f"Because {p.first} {cause}, {p.she}", f"{p.first} {cause}. As a result, {p.she}",
+                            f"It was clear that {p.first} {cause}, and so {p.she}"])
+        rows.append(_mc(frame, " " + effect.format(**fill) + ".", [" " + w + "." for w in wrong], rng))
+    return rows
+
+
+def nli(world, rng, people, n):
+    """RTE-like as a choice of the entailed conclusion: chaining a premise with world knowledge."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        if rng.random() < 0.5:
+            premise = f"{p.name} lives in {p.city}."
+            conclusion, options = p.country, list(COUNTRIES)
+            stem = f"{premise} So {p.name} lives in"
+        else:
+            premise = f"{p.name} works as a {p.job}."
+            conclusion, options = JOB_SECTOR[p.job], list(SECTORS)
+            stem = f"{premise} So {p.name} has a job in"
+        rows.append(_mc(stem, " " + conclusion + ".", [" " + o + "." for o in _others(options, conclusion, 3, rng)],
+                        rng))
+    return rows
+
+
+def coreference(world, rng, people, n):
+    """WSC-like: which person a gendered pronoun refers to, answered by continuing with a name."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice([x for x in people if x.gender == "f"])
+        q = rng.choice([x for x in people if x.gender == "m"])
+        pair = [p, q]
+        rng.shuffle(pair)
+        target = rng.choice(pair)
+        other = pair[0] if target is pair[1] else pair[1]
+        story = f"{pair[0].name} met {pair[1].name} in {target.city}. Later {target.she} went home to feed {target.her} {target.pet}."
+        rows.append(_mc(f"{story} The one who went home was", f" {target.first}.", [f" {other.first}."], rng))
+    return rows
+
+
+def word_sense(world, rng, people, n):
+    """WiC-like as a choice of gloss: the sense of an ambiguous word, given its context."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        word, senses = rng.choice(list(WSD_SENSES.items()))
+        i = rng.randrange(2)
+        gloss, _, cue = senses[i]
+        # no verb from the corpus: only the context word (river, money, ...) tells the sense
+        frame = rng.choice([f"Thinking about the {cue}, {p.first} looked at the {word},",
+                            f"{p.first} talked about the {cue} and the {word},"])
+        rows.append(_mc(frame, " " + gloss + ".", [" " + senses[1 - i][0] + "."], rng))
+    return rows
+
+
+# ---- the instruction mixture (the Flan analogue: disjoint tasks, transferable formats) -------------
+
+def instructions(world, rng, people, n):
+    rows = []
+    for _ in range(n):
+        p = rng.choice(people)
+        kind = rng.randrange(6)
+        if kind == 0:
+            rows.append({"query": f"Instruction: Say how old {p.name} will be in two years.\nResponse:",
+                         "answer": f" {p.age + 2}"})
+        elif kind == 1:
+            rows.append(_mc(f"Instruction: Pick {p.name}'s favourite colour.\nResponse:", " " + p.colour,
+                            [" " + c for c in _others(COLOURS, p.colour, 3, rng)], rng))
+        elif kind == 2:
+            rows.append({"query": f"Instruction: Name the friend of {p.name}.\nResponse:",
+                         "answer": " " + world.friend_of(p).name})
+        elif kind == 3:
+            rows.append(_mc(f"Instruction: Complete the sentence. {p.name} likes to eat", " " + p.food + ".",
+                            [" " + f + "." for f in _others(FOODS, p.food, 3, rng)], rng))
+        elif kind == 4:
+            words = rng.sample([p.city, p.job, p.pet, p.colour], 3)
+            rows.append({"query": f"Instruction: Repeat these words in reverse order: {' '.join(words)}\nResponse:",
+                         "answer": " " + " ".join(reversed(words))})
+        else:
+            rows.append(_mc(f"Instruction: Choose the hobby of {p.name}.\nResponse:", " " + p.hobby,
+                            [" " + h for h in _others(list(HOBBIES), p.hobby, 3, rng)], rng))
+    return rows
+
+
+# ---- the suite --------------------------------------------------------------------------------------
+
+HELD_IN = {  # category -> {dataset: (generator, output_type, metric)}
+    "multiple_choice_qa": {"micro_mcqa": (mcqa, "multiple_choice", "acc")},
+    "extractive_qa": {"micro_extractive_qa": (extractive_qa, "generate_until", "exact_match")},
+    "closed_book_qa": {"micro_closed_book_qa": (closed_book_qa, "generate_until", "exact_match")},
+    "sentiment": {"micro_sentiment": (sentiment, "multiple_choice", "acc")},
+    "topic_classification": {"micro_topic": (topic, "multiple_choice", "acc")},
+    "structure_to_text": {"micro_structure_to_text": (structure_to_text, "generate_until", "rouge_l")},
+    "summarization": {"micro_summarization": (summarisation, "generate_until", "rouge_l")},
+    "paraphrase_identification": {"micro_paraphrase": (paraphrase, "multiple_choice", "acc")},
+}
+HELD_OUT = {
+    "sentence_completion": {"micro_completion": (completion, "multiple_choice", "acc")},
+    "nli": {"micro_nli": (nli, "multiple_choice", "acc")},
+    "coreference": {"micro_coreference": (coreference, "multiple_choice", "acc")},
+    "word_sense_disambiguation": {"micro_word_sense": (word_sense, "multiple_choice", "acc")},
+}
+# Which people each held-in task draws on: closed-book and topic tasks ask about corpus people (the
+# expert trains on some, is tested on others, so it must learn retrieval, not answers); reading tasks
+# use people never seen in the corpus.
+USES_KNOWN_PEOPLE = {"micro_closed_book_qa", "micro_topic"}
+
+
+def generate(directory: Path, seed: int, train: int = 2000, validation: int = 200, test: int = 200) -> dict:
+    """Write the suite's JSONL splits, corpus and manifest into ``directory``; returns the manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    world = World(seed)
+    rng = random.Random(f"{SUITE}-{seed}")
+    known, new = world.known, world.new
+    k_train, k_eval = known[: len(known) * 2 // 3], known[len(known) * 2 // 3:]
+    n_train, n_eval = new[: len(new) // 2], new[len(new) // 2:]
+    manifest: dict = {"suite": SUITE, "version": VERSION, "seed": seed, "held_in": {}, "held_out": {}, "files": {}}
+
+    def write(name: str, split: str, rows: list[dict]) -> None:
+        path = directory / f"{name}.{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        manifest["files"].setdefault(name, {})[split] = str(path.resolve())
+
+    for group, categories in (("held_in", HELD_IN), ("held_out", HELD_OUT)):
+        for category, datasets in categories.items():
+            manifest[group][category] = {}
+            for name, (make, output_type, metric) in datasets.items():
+                manifest[group][category][name] = {"output_type": output_type, "metric": metric}
+                uses_known = name in USES_KNOWN_PEOPLE
+                if group == "held_in":
+                    write(name, "train", make(world, rng, k_train if uses_known else n_train, train))
+                    eval_people = k_eval if uses_known else n_eval
+                else:  # held-out tasks are zero-shot: no train split; they draw on corpus people
+                    eval_people = known
+                write(name, "validation", make(world, rng, eval_people, validation))
+                write(name, "test", make(world, rng, eval_people, test))
+    write("instructions", "train", instructions(world, rng, known, train * 2))
+    (directory / "corpus.txt").write_text("\n".join(corpus(world, rng)) + "\n")
+    manifest["files"]["corpus"] = {"train": str((directory / "corpus.txt").resolve())}
+    (directory / "suite.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
