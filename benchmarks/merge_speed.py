@@ -463,7 +463,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-thread-check", dest="thread_check", action="store_false")
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--plot", default=None, help="write the PNG plot here")
+    parser.add_argument("--from-json", default=None, help="only render tables (and --plot) from saved results")
     args = parser.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        if args.plot:
+            plot(results, Path(args.plot))
+        print(markdown_tables(results))
+        return 0
     if args.quick:
         args.sizes, args.experts, args.runs = "smoke", "2", 1
     args.sizes = args.sizes.split(",")

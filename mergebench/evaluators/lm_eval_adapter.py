@@ -95,6 +95,7 @@ class LMEvalSession:
                  max_length: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; mergebench shows its own
         try:
             from lm_eval.models.huggingface import HFLM
             from lm_eval.tasks import TaskManager, get_task_dict
