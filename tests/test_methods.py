@@ -82,6 +82,15 @@ def test_magnitude_threshold_radix_select_equals_sorting():
         assert int((x.abs() > kth).sum()) + ties == k
 
 
+def test_random_keep_mask_is_chunk_invariant():
+    from mergebench.core.merge_ops import random_keep_mask
+
+    whole = random_keep_mask(1001, 0.3, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    parts = torch.cat([random_keep_mask(n, 0.3, g) for n in (100, 500, 401)])
+    assert torch.equal(whole, parts)
+
+
 def test_drop_and_rescale_keeps_expected_fraction_and_rescales():
     x = torch.ones(100_000)
     g = torch.Generator().manual_seed(0)
@@ -122,12 +131,14 @@ def test_dare_ties_by_hand_with_known_mask(pm):
     base = torch.zeros(6)
     e1, e2 = T([1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), T([-1.0, 2.0, -1.0, 2.0, -1.0, 2.0])
     ctx = TensorContext("w", (1.0, 1.0), seed=7)
-    draws = torch.rand(6, generator=ctx.generator_for(0)), torch.rand(6, generator=ctx.generator_for(1))
-    keep1, keep2 = (draws[0] < 0.5).float(), (draws[1] < 0.5).float()
+    # two 16-bit uniforms per 32-bit draw; keep when u < density * 65536
+    words = [torch.randint(-(2**31), 2**31, (3,), generator=ctx.generator_for(t), dtype=torch.int32) for t in (0, 1)]
+    uniforms = [(w.view(torch.int16).to(torch.int64) + 32768) for w in words]
+    keep1, keep2 = (uniforms[0] < 32768).float(), (uniforms[1] < 32768).float()
     t1, t2 = e1 * keep1 / 0.5, e2 * keep2 / 0.5
     expected = disjoint_mean([t1, t2], [1.0, 1.0], torch.sign(t1 + t2))
     out = run(pm, "dare_ties", base, [e1, e2], seed=7, density=0.5)
-    assert torch.equal(out, expected)
+    assert torch.allclose(out, expected, rtol=1e-6)
     assert not torch.equal(out, run(pm, "dare_ties", base, [e1, e2], seed=8, density=0.5))
 
 

@@ -210,6 +210,7 @@ class _Writer:
         self.writer.abort()
 
 
+# Chunk lengths must be even (random_keep_mask draws two entries per 32-bit word).
 CHUNK = 1 << 18  # elements per chunk on the CPU: a few chunks of every input fit in the L2 cache
 CUDA_CHUNK = 1 << 24  # on a GPU, large chunks amortise the host-to-device copies and kernel launches
 

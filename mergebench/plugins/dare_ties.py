@@ -3,8 +3,9 @@
     tau^_t = tau_t * m_t / density,  m_t ~ Bernoulli(density) per element
     theta  = theta_0 + lambda * disjoint_mean(tau^, elected sign)      (as in ``ties``)
 
-Randomness: one CPU stream per (seed, tensor name, expert), consumed in order; the output is the
-same whatever the tensor order, sharding, chunking, thread count or device. mergekit's
+Randomness: one CPU stream per (seed, tensor name, expert), consumed in order, two 16-bit uniforms
+per 32-bit draw (so density is effectively rounded to a multiple of 1/65536); the output is the same
+whatever the tensor order, sharding, chunking, thread count or device. mergekit's
 ``dare_ties`` and peft's ``dare_ties`` do the same maths with other random streams, so outputs agree
 in distribution, not bit for bit. The drop is per element, so there is no trim scope to choose.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import drop_and_rescale_, task_vectors_, ties_merge_
+from mergebench.core.merge_ops import random_drop_, task_vectors_, ties_merge_
 from mergebench.core.registry import MergeMethod
 from mergebench.plugins import LAMBDA_GRID
 from mergebench.plugins.ties import DENSITY, DENSITY_GRID, LAMBDA, positive_weights
@@ -21,10 +22,13 @@ from mergebench.plugins.ties import DENSITY, DENSITY_GRID, LAMBDA, positive_weig
 
 def dare_ties_delta(base, experts, params, ctx):
     """DARE-TIES merged task vector: drop-and-rescale, elect sign, disjoint mean"""
+    density = params["density"]
     taus = task_vectors_(base, experts)
     for t, tau in enumerate(taus):
-        drop_and_rescale_(tau, params["density"], ctx.generator_for(t))
-    return ties_merge_(taus, ctx.weights)
+        random_drop_(tau, density, ctx.generator_for(t))
+    # DARE rescales every kept entry by 1/density; a positive common factor changes neither the
+    # elected signs nor which entries agree, so it is applied once to the merged vector.
+    return ties_merge_(taus, ctx.weights).div_(density)
 
 
 def _check(params, weights):
