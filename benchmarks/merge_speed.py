@@ -316,6 +316,8 @@ def run(args) -> dict:
                                                                          METHODS["ties"][1]["density"]))
                 results["rows"].append(row)
                 print(_row_line(row), flush=True)
+                if args.json:  # after every row, so an interrupted run keeps what it measured
+                    Path(args.json).write_text(json.dumps(results, indent=2))
         if args.thread_check:
             results["threads"].append(thread_check(models, work, env, size))
     shutil.rmtree(work / "out-mergebench", ignore_errors=True)
