@@ -404,7 +404,8 @@ def plot(results: dict, path: Path) -> bool:
         axes[0][col].plot([n for n, _ in floors], [s for _, s in floors], "k:", label="I/O floor")
         axes[0][col].set_title(f"{size} ({SIZES[size].params / 1e6:.0f}M params): wall time")
         axes[1][col].set_title(f"{size}: peak resident memory (process tree)")
-        axes[0][col].set_ylabel("seconds")
+        axes[0][col].set_ylabel("seconds (log scale)")
+        axes[0][col].set_yscale("log")
         axes[1][col].set_ylabel("GiB")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xlabel("experts merged (N)")

@@ -254,8 +254,9 @@ def test_sigkilled_merge_leaves_nothing_that_the_next_run_keeps(toy_models, tmp_
     code = ("import sys; sys.path.insert(0, %r); import slow_plugin; "
             "from mergebench.core.plugin_manager import get_plugin_manager; "
             "get_plugin_manager().register(slow_plugin, name='slow'); "
-            "from mergebench.cli.main import main; sys.argv = ['mergebench', 'merge', 'slow', '-e', %r, '-o', %r, '-q']; "
-            "main()") % (str(tmp_path), str(toy_models["e0"]), str(out))
+            "from mergebench.cli.main import main; "
+            "sys.argv = ['mergebench', 'merge', 'slow', '-e', %r, '-e', %r, '-o', %r, '-q']; main()"
+            ) % (str(tmp_path), str(toy_models["e0"]), str(toy_models["e1"]), str(out))
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "MERGEBENCH_LOAD_PLUGINS": ""})
     deadline = time.time() + 30
     while time.time() < deadline and not [p for p in tmp_path.iterdir() if ".mergebench-tmp-" in p.name]:

@@ -232,6 +232,11 @@ def _finite_or_fail(x: torch.Tensor, what: str, name: str) -> None:
         raise InputError(f"{what}: tensor '{name}' contains NaN or Inf values")
 
 
+def _out_dtype(plan: _Plan, info: TensorInfo) -> torch.dtype:
+    """Floating-point tensors are written in --dtype when given, everything else as the template has it."""
+    return plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
+
+
 def _sources(plan: _Plan) -> list[ModelSource]:
     return ([plan.base] if plan.base is not None else []) + plan.experts
 
@@ -319,7 +324,7 @@ def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
                buffers: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """The output tensor for ``name`` and whether it went through the method's maths."""
     raws, roles = _inputs(plan, name)
-    out_dtype = plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
+    out_dtype = _out_dtype(plan, info)
     template_raw = raws[0]  # the base, or expert 1 when there is none
     if not info.is_float:
         return template_raw.clone(), False
@@ -407,9 +412,7 @@ def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: 
                 source.release(name)
 
     def out_bytes(name: str) -> int:
-        info = infos[name]
-        dtype = plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
-        return info.numel * dtype.itemsize
+        return infos[name].numel * _out_dtype(plan, infos[name]).itemsize
 
     # Finished-or-running outputs are held until written in order; a budget of twice the largest
     # output lets one worker get through many small tensors while another merges the embedding.
@@ -472,8 +475,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
             analysis = _run_analysis(plan, buffers, progress)
             del buffers
             infos = plan.template.tensors
-            out_dtype = lambda i: plan.out_dtype if (plan.out_dtype is not None and i.is_float) else i.dtype  # noqa: E731
-            shards = plan_shards([OutputTensor(n, out_dtype(infos[n]), infos[n].shape) for n in plan.names],
+            shards = plan_shards([OutputTensor(n, _out_dtype(plan, infos[n]), infos[n].shape) for n in plan.names],
                                  parse_size(recipe.max_shard_size))
             writer = _Writer(ShardWriter(tmp, shards, {"merged_with": "mergebench", "method": plan.method.name}))
             order = [t.name for s in shards for t in s.tensors]
