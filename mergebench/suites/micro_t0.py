@@ -114,45 +114,36 @@ ATTRIBUTES = {  # attribute -> (question, options, answer phrase)
 }
 
 
-def mcqa(world, rng, people, n):
-    rows = []
-    for _ in range(n):
-        p, q = rng.sample(people, 2)
-        attr = rng.choice(list(ATTRIBUTES))
-        question, options, get = ATTRIBUTES[attr]
-        # distractors include the other person's value: reading, not guessing, is needed
-        wrong = [get(q)] if get(q) != get(p) else []
-        wrong += _others([o for o in options if o not in wrong], get(p), 3 - len(wrong), rng)
-        rows.append(_mc(f"Passage: {_passage(p, q, rng)}\nQuestion: {question.format(n=p.name)}\nAnswer:",
-                        " " + get(p), [" " + w for w in wrong], rng))
-    return rows
+def mcqa(world, rng, people):
+    p, q = rng.sample(people, 2)
+    attr = rng.choice(list(ATTRIBUTES))
+    question, options, get = ATTRIBUTES[attr]
+    # distractors include the other person's value: reading, not guessing, is needed
+    wrong = [get(q)] if get(q) != get(p) else []
+    wrong += _others([o for o in options if o not in wrong], get(p), 3 - len(wrong), rng)
+    return _mc(f"Passage: {_passage(p, q, rng)}\nQuestion: {question.format(n=p.name)}\nAnswer:",
+               " " + get(p), [" " + w for w in wrong], rng)
 
 
-def extractive_qa(world, rng, people, n):
-    rows = []
-    for _ in range(n):
-        p, q = rng.sample(people, 2)
-        attr = rng.choice(list(ATTRIBUTES))
-        question, _, get = ATTRIBUTES[attr]
-        rows.append({"query": f"Context: {_passage(p, q, rng)}\nQ: {question.format(n=p.name)}\nA:",
-                     "answer": " " + get(p)})
-    return rows
+def extractive_qa(world, rng, people):
+    p, q = rng.sample(people, 2)
+    attr = rng.choice(list(ATTRIBUTES))
+    question, _, get = ATTRIBUTES[attr]
+    return {"query": f"Context: {_passage(p, q, rng)}\nQ: {question.format(n=p.name)}\nA:",
+            "answer": " " + get(p)}
 
 
-def closed_book_qa(world, rng, people, n):
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        kind = rng.choice(["city", "job", "country", "friend_city"])
-        if kind == "country":  # two hops: person -> city -> country (HotpotQA-like)
-            rows.append({"query": f"Q: In which country does {p.name} live?\nA:", "answer": " " + p.country})
-        elif kind == "friend_city":
-            f = world.friend_of(p)
-            rows.append({"query": f"Q: In which city does the friend of {p.name} live?\nA:", "answer": " " + f.city})
-        else:
-            question, _, get = ATTRIBUTES[kind]
-            rows.append({"query": f"Q: {question.format(n=p.name)}\nA:", "answer": " " + get(p)})
-    return rows
+def closed_book_qa(world, rng, people):
+    p = rng.choice(people)
+    kind = rng.choice(["city", "job", "country", "friend_city"])
+    if kind == "country":  # two hops: person -> city -> country (HotpotQA-like)
+        return {"query": f"Q: In which country does {p.name} live?\nA:", "answer": " " + p.country}
+    elif kind == "friend_city":
+        f = world.friend_of(p)
+        return {"query": f"Q: In which city does the friend of {p.name} live?\nA:", "answer": " " + f.city}
+    else:
+        question, _, get = ATTRIBUTES[kind]
+        return {"query": f"Q: {question.format(n=p.name)}\nA:", "answer": " " + get(p)}
 
 
 POSITIVE = ["delicious", "fresh", "friendly", "cheap", "quick"]
@@ -161,177 +152,148 @@ ASPECTS = {"delicious": "food", "bland": "food", "fresh": "bread", "stale": "bre
            "rude": "staff", "cheap": "price", "expensive": "price", "quick": "service", "slow": "service"}
 
 
-def sentiment(world, rng, people, n):
+def sentiment(world, rng, people):
     """Three aspects, some negated ('not stale' is praise); the label is the majority: needs composition."""
-    rows = []
-    for _ in range(n):
-        clauses, score = [], 0
-        for word in rng.sample(POSITIVE + NEGATIVE, 3):
-            positive = word in POSITIVE
-            if rng.random() < 0.4:
-                clauses.append(f"the {ASPECTS[word]} was not {word}")
-                positive = not positive
-            else:
-                clauses.append(f"the {ASPECTS[word]} was {word}")
-            score += 1 if positive else -1
-        p = rng.choice(people)
-        text = f"{p.first} wrote about a cafe in {p.city}: " + ", ".join(clauses[:-1]) + f" and {clauses[-1]}."
-        label = " positive" if score > 0 else " negative"
-        rows.append(_mc(f"Review: {text}\nThe review is", label,
-                        [" negative" if label == " positive" else " positive"], rng))
-    return rows
+    clauses, score = [], 0
+    for word in rng.sample(POSITIVE + NEGATIVE, 3):
+        positive = word in POSITIVE
+        if rng.random() < 0.4:
+            clauses.append(f"the {ASPECTS[word]} was not {word}")
+            positive = not positive
+        else:
+            clauses.append(f"the {ASPECTS[word]} was {word}")
+        score += 1 if positive else -1
+    p = rng.choice(people)
+    text = f"{p.first} wrote about a cafe in {p.city}: " + ", ".join(clauses[:-1]) + f" and {clauses[-1]}."
+    label = " positive" if score > 0 else " negative"
+    return _mc(f"Review: {text}\nThe review is", label,
+               [" negative" if label == " positive" else " positive"], rng)
 
 
-def topic(world, rng, people, n):
+def topic(world, rng, people):
     """DBPedia-like: the sector of the job someone does, from the job word or (harder) only the name."""
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        if rng.random() < 0.5:
-            text = f"{p.name} started a new job as a {p.job} last year."
-        else:
-            text = f"{p.name} went back to work on Monday."  # needs knowing p's job from the corpus
-        rows.append(_mc(f"Text: {text}\nThe text is about a job in", " " + JOB_SECTOR[p.job],
-                        [" " + s for s in _others(list(SECTORS), JOB_SECTOR[p.job], 3, rng)], rng))
-    return rows
+    p = rng.choice(people)
+    if rng.random() < 0.5:
+        text = f"{p.name} started a new job as a {p.job} last year."
+    else:
+        text = f"{p.name} went back to work on Monday."  # needs knowing p's job from the corpus
+    return _mc(f"Text: {text}\nThe text is about a job in", " " + JOB_SECTOR[p.job],
+               [" " + s for s in _others(list(SECTORS), JOB_SECTOR[p.job], 3, rng)], rng)
 
 
-def structure_to_text(world, rng, people, n):
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        fields = [("name", p.name), ("city", p.city), ("job", p.job), ("pet", p.pet), ("food", p.food)]
-        rng.shuffle(fields)
-        record = " | ".join(f"{k}: {v}" for k, v in fields)
-        answer = (f" {p.name} lives in {p.city} and works as a {p.job}. {p.she.capitalize()} has a {p.pet} "
-                  f"and likes {p.food}.")
-        rows.append({"query": f"Record: {record}\nDescription:", "answer": answer})
-    return rows
+def structure_to_text(world, rng, people):
+    p = rng.choice(people)
+    fields = [("name", p.name), ("city", p.city), ("job", p.job), ("pet", p.pet), ("food", p.food)]
+    rng.shuffle(fields)
+    record = " | ".join(f"{k}: {v}" for k, v in fields)
+    answer = (f" {p.name} lives in {p.city} and works as a {p.job}. {p.she.capitalize()} has a {p.pet} "
+              f"and likes {p.food}.")
+    return {"query": f"Record: {record}\nDescription:", "answer": answer}
 
 
-def summarisation(world, rng, people, n):
-    rows = []
-    for _ in range(n):
-        p, q = rng.sample(people, 2)
-        food = rng.choice(FOODS)
-        story = [f"On Saturday {p.name} met {q.name} in {p.city}.", f"The weather was {rng.choice(['sunny', 'grey', 'windy'])}.",
-                 f"They walked to the market together.", f"{p.first} bought some {food}.",
-                 f"{q.first} talked about {q.her} {q.pet}.", "Then they went home."]
-        rows.append({"query": "Story: " + " ".join(story) + "\nSummary:",
-                     "answer": f" {p.first} and {q.first} went to the market in {p.city} and bought {food}."})
-    return rows
+def summarisation(world, rng, people):
+    p, q = rng.sample(people, 2)
+    food = rng.choice(FOODS)
+    story = [f"On Saturday {p.name} met {q.name} in {p.city}.", f"The weather was {rng.choice(['sunny', 'grey', 'windy'])}.",
+             f"They walked to the market together.", f"{p.first} bought some {food}.",
+             f"{q.first} talked about {q.her} {q.pet}.", "Then they went home."]
+    return {"query": "Story: " + " ".join(story) + "\nSummary:",
+            "answer": f" {p.first} and {q.first} went to the market in {p.city} and bought {food}."}
 
 
-def paraphrase(world, rng, people, n):
+def paraphrase(world, rng, people):
     """MRPC-like as a two-way choice of full sentences: the paraphrase, or a near miss with one fact changed."""
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        other_city = rng.choice([c for c in CITY_COUNTRY if c != p.city])
-        other_job = rng.choice([j for j in JOB_SECTOR if j != p.job])
-        source = f"{p.name} lives in {p.city} and works as a {p.job}."
-        same = f" {p.name} is a {p.job} who lives in {p.city}."
-        wrong = rng.choice([f" {p.name} is a {p.job} who lives in {other_city}.",
-                            f" {p.name} is a {other_job} who lives in {p.city}."])
-        rows.append(_mc(f"Sentence: {source}\nThe same meaning:", same, [wrong], rng))
-    return rows
+    p = rng.choice(people)
+    other_city = rng.choice([c for c in CITY_COUNTRY if c != p.city])
+    other_job = rng.choice([j for j in JOB_SECTOR if j != p.job])
+    source = f"{p.name} lives in {p.city} and works as a {p.job}."
+    same = f" {p.name} is a {p.job} who lives in {p.city}."
+    wrong = rng.choice([f" {p.name} is a {p.job} who lives in {other_city}.",
+                        f" {p.name} is a {other_job} who lives in {p.city}."])
+    return _mc(f"Sentence: {source}\nThe same meaning:", same, [wrong], rng)
 
 
-def completion(world, rng, people, n):
+def completion(world, rng, people):
     """COPA/HellaSwag-like: the effect that follows a cause, in the corpus's own story wording."""
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        cause, effect = rng.choice(CAUSES)
-        fill = dict(food=p.food, hobby_play=_hobby_play(p), friend=world.friend_of(p).first)
-        wrong = [e.format(**fill) for c, e in rng.sample([x for x in CAUSES if x[0] != cause], 3)]
-        # the corpus says "X was hungry, so she ..."; the test frames say it differently
-        frame = rng.choice([f"Because {p.first} {cause}, {p.she}", f"{p.first} {cause}. As a result, {p.she}",
-                            f"It was clear that {p.first} {cause}, and so {p.she}"])
-        rows.append(_mc(frame, " " + effect.format(**fill) + ".", [" " + w + "." for w in wrong], rng))
-    return rows
+    p = rng.choice(people)
+    cause, effect = rng.choice(CAUSES)
+    fill = dict(food=p.food, hobby_play=_hobby_play(p), friend=world.friend_of(p).first)
+    wrong = [e.format(**fill) for c, e in rng.sample([x for x in CAUSES if x[0] != cause], 3)]
+    # the corpus says "X was hungry, so she ..."; the test frames say it differently
+    frame = rng.choice([f"Because {p.first} {cause}, {p.she}", f"{p.first} {cause}. As a result, {p.she}",
+                        f"It was clear that {p.first} {cause}, and so {p.she}"])
+    return _mc(frame, " " + effect.format(**fill) + ".", [" " + w + "." for w in wrong], rng)
 
 
-def nli(world, rng, people, n):
+def nli(world, rng, people):
     """RTE-like as a choice of the entailed conclusion: chaining a premise with world knowledge."""
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        if rng.random() < 0.5:
-            premise = f"{p.name} lives in {p.city}."
-            conclusion, options = p.country, list(COUNTRIES)
-            stem = f"{premise} So {p.name} lives in"
-        else:
-            premise = f"{p.name} works as a {p.job}."
-            conclusion, options = JOB_SECTOR[p.job], list(SECTORS)
-            stem = f"{premise} So {p.name} has a job in"
-        rows.append(_mc(stem, " " + conclusion + ".", [" " + o + "." for o in _others(options, conclusion, 3, rng)],
-                        rng))
-    return rows
+    p = rng.choice(people)
+    if rng.random() < 0.5:
+        premise = f"{p.name} lives in {p.city}."
+        conclusion, options = p.country, list(COUNTRIES)
+        stem = f"{premise} So {p.name} lives in"
+    else:
+        premise = f"{p.name} works as a {p.job}."
+        conclusion, options = JOB_SECTOR[p.job], list(SECTORS)
+        stem = f"{premise} So {p.name} has a job in"
+    return _mc(stem, " " + conclusion + ".", [" " + o + "." for o in _others(options, conclusion, 3, rng)],
+               rng)
 
 
-def coreference(world, rng, people, n):
+def coreference(world, rng, people):
     """WSC-like: which person a gendered pronoun refers to, answered by continuing with a name."""
-    rows = []
-    for _ in range(n):
-        p = rng.choice([x for x in people if x.gender == "f"])
-        q = rng.choice([x for x in people if x.gender == "m"])
-        pair = [p, q]
-        rng.shuffle(pair)
-        target = rng.choice(pair)
-        other = pair[0] if target is pair[1] else pair[1]
-        story = f"{pair[0].name} met {pair[1].name} in {target.city}. Later {target.she} went home to feed {target.her} {target.pet}."
-        rows.append(_mc(f"{story} The one who went home was", f" {target.first}.", [f" {other.first}."], rng))
-    return rows
+    p = rng.choice([x for x in people if x.gender == "f"])
+    q = rng.choice([x for x in people if x.gender == "m"])
+    pair = [p, q]
+    rng.shuffle(pair)
+    target = rng.choice(pair)
+    other = pair[0] if target is pair[1] else pair[1]
+    story = f"{pair[0].name} met {pair[1].name} in {target.city}. Later {target.she} went home to feed {target.her} {target.pet}."
+    return _mc(f"{story} The one who went home was", f" {target.first}.", [f" {other.first}."], rng)
 
 
-def word_sense(world, rng, people, n):
+def word_sense(world, rng, people):
     """WiC-like as a choice of gloss: the sense of an ambiguous word, given its context."""
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        word, senses = rng.choice(list(WSD_SENSES.items()))
-        i = rng.randrange(2)
-        gloss, _, cue = senses[i]
-        # no verb from the corpus: only the context word (river, money, ...) tells the sense
-        frame = rng.choice([f"Thinking about the {cue}, {p.first} looked at the {word},",
-                            f"{p.first} talked about the {cue} and the {word},"])
-        rows.append(_mc(frame, " " + gloss + ".", [" " + senses[1 - i][0] + "."], rng))
-    return rows
+    p = rng.choice(people)
+    word, senses = rng.choice(list(WSD_SENSES.items()))
+    i = rng.randrange(2)
+    gloss, _, cue = senses[i]
+    # no verb from the corpus: only the context word (river, money, ...) tells the sense
+    frame = rng.choice([f"Thinking about the {cue}, {p.first} looked at the {word},",
+                        f"{p.first} talked about the {cue} and the {word},"])
+    return _mc(frame, " " + gloss + ".", [" " + senses[1 - i][0] + "."], rng)
 
 
 # ---- the instruction mixture (the Flan analogue: disjoint tasks, transferable formats) -------------
 
-def instructions(world, rng, people, n):
-    rows = []
-    for _ in range(n):
-        p = rng.choice(people)
-        kind = rng.randrange(6)
-        if kind == 0:
-            rows.append({"query": f"Instruction: Say how old {p.name} will be in two years.\nResponse:",
-                         "answer": f" {p.age + 2}"})
-        elif kind == 1:
-            rows.append(_mc(f"Instruction: Pick {p.name}'s favourite colour.\nResponse:", " " + p.colour,
-                            [" " + c for c in _others(COLOURS, p.colour, 3, rng)], rng))
-        elif kind == 2:
-            rows.append({"query": f"Instruction: Name the friend of {p.name}.\nResponse:",
-                         "answer": " " + world.friend_of(p).name})
-        elif kind == 3:
-            rows.append(_mc(f"Instruction: Complete the sentence. {p.name} likes to eat", " " + p.food + ".",
-                            [" " + f + "." for f in _others(FOODS, p.food, 3, rng)], rng))
-        elif kind == 4:
-            words = rng.sample([p.city, p.job, p.pet, p.colour], 3)
-            rows.append({"query": f"Instruction: Repeat these words in reverse order: {' '.join(words)}\nResponse:",
-                         "answer": " " + " ".join(reversed(words))})
-        else:
-            rows.append(_mc(f"Instruction: Choose the hobby of {p.name}.\nResponse:", " " + p.hobby,
-                            [" " + h for h in _others(list(HOBBIES), p.hobby, 3, rng)], rng))
-    return rows
+def instructions(world, rng, people):
+    p = rng.choice(people)
+    kind = rng.randrange(6)
+    if kind == 0:
+        return {"query": f"Instruction: Say how old {p.name} will be in two years.\nResponse:",
+                "answer": f" {p.age + 2}"}
+    elif kind == 1:
+        return _mc(f"Instruction: Pick {p.name}'s favourite colour.\nResponse:", " " + p.colour,
+                   [" " + c for c in _others(COLOURS, p.colour, 3, rng)], rng)
+    elif kind == 2:
+        return {"query": f"Instruction: Name the friend of {p.name}.\nResponse:",
+                "answer": " " + world.friend_of(p).name}
+    elif kind == 3:
+        return _mc(f"Instruction: Complete the sentence. {p.name} likes to eat", " " + p.food + ".",
+                   [" " + f + "." for f in _others(FOODS, p.food, 3, rng)], rng)
+    elif kind == 4:
+        words = rng.sample([p.city, p.job, p.pet, p.colour], 3)
+        return {"query": f"Instruction: Repeat these words in reverse order: {' '.join(words)}\nResponse:",
+                "answer": " " + " ".join(reversed(words))}
+    else:
+        return _mc(f"Instruction: Choose the hobby of {p.name}.\nResponse:", " " + p.hobby,
+                   [" " + h for h in _others(list(HOBBIES), p.hobby, 3, rng)], rng)
 
 
 # ---- the suite --------------------------------------------------------------------------------------
 
-HELD_IN = {  # category -> {dataset: (generator, output_type, metric)}
+# Each task function returns one example row drawn with ``rng``; ``generate`` repeats it.
+HELD_IN = {  # category -> {dataset: (one-row generator, output_type, metric)}
     "multiple_choice_qa": {"micro_mcqa": (mcqa, "multiple_choice", "acc")},
     "extractive_qa": {"micro_extractive_qa": (extractive_qa, "generate_until", "exact_match")},
     "closed_book_qa": {"micro_closed_book_qa": (closed_book_qa, "generate_until", "exact_match")},
@@ -363,6 +325,9 @@ def generate(directory: Path, seed: int, train: int = 2000, validation: int = 20
     n_train, n_eval = new[: len(new) // 2], new[len(new) // 2:]
     manifest: dict = {"suite": SUITE, "version": VERSION, "seed": seed, "held_in": {}, "held_out": {}, "files": {}}
 
+    def many(make: Callable, people: list[Person], n: int) -> list[dict]:
+        return [make(world, rng, people) for _ in range(n)]
+
     def write(name: str, split: str, rows: list[dict]) -> None:
         path = directory / f"{name}.{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -375,13 +340,13 @@ def generate(directory: Path, seed: int, train: int = 2000, validation: int = 20
                 manifest[group][category][name] = {"output_type": output_type, "metric": metric}
                 uses_known = name in USES_KNOWN_PEOPLE
                 if group == "held_in":
-                    write(name, "train", make(world, rng, k_train if uses_known else n_train, train))
+                    write(name, "train", many(make, k_train if uses_known else n_train, train))
                     eval_people = k_eval if uses_known else n_eval
                 else:  # held-out tasks are zero-shot: no train split; they draw on corpus people
                     eval_people = known
-                write(name, "validation", make(world, rng, eval_people, validation))
-                write(name, "test", make(world, rng, eval_people, test))
-    write("instructions", "train", instructions(world, rng, known, train * 2))
+                write(name, "validation", many(make, eval_people, validation))
+                write(name, "test", many(make, eval_people, test))
+    write("instructions", "train", many(instructions, known, train * 2))
     (directory / "corpus.txt").write_text("\n".join(corpus(world, rng)) + "\n")
     manifest["files"]["corpus"] = {"train": str((directory / "corpus.txt").resolve())}
     (directory / "suite.json").write_text(json.dumps(manifest, indent=2))
