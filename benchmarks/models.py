@@ -89,7 +89,7 @@ def build(root: Path, size: str, n_experts: int, seed: int = 0) -> dict[str, Pat
     """Base and experts for ``size`` under root/size/, reusing complete ones."""
     shape = SIZES[size]
     out = root / size
-    shard_bytes = max(shape.params * 2 // 3 + 1, 1 << 20)  # three shards, as real checkpoints have
+    shard_bytes = max(shape.params * 2 // 3 + 1, 1 << 20)  # several shards (3-4), as real checkpoints have
 
     def base_tensor(name, dims):
         if name.endswith("norm.weight"):
