@@ -286,25 +286,33 @@ def _identical(raws: list[torch.Tensor]) -> bool:
     return all(torch.equal(r, first) for r in others)
 
 
-def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], names: list[str]) -> None:
+def _chunk_buffers(plan: _Plan) -> list[torch.Tensor]:
+    """One float32 chunk buffer per input, on the merge device."""
+    return [torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device) for _ in _sources(plan)]
+
+
+def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], names: list[str],
+             progress: ProgressCallback | None = None) -> None:
     """Stream ``names`` through every pass of ``analysis``; the first pass also checks for NaN/Inf."""
+    infos = plan.template.tensors
+    total = sum(infos[n].nbytes for n in names)
     for p in range(analysis.passes):
+        done = 0
         for name in names:
             for _, _, (base, experts) in _Chunks(plan, buffers, name, check=p == 0):
                 analysis.observe(p, name, base, experts)
+            done += infos[name].nbytes
+            if progress:
+                progress(f"whole-model analysis, pass {p + 1}/{analysis.passes}", done, total, name)
         analysis.end_pass(p)
 
 
-def _run_analysis(plan: _Plan, buffers: list[torch.Tensor], progress: ProgressCallback | None):
+def _run_analysis(plan: _Plan, progress: ProgressCallback | None):
     analysis = plan.method.analysis(plan.params, len(plan.experts)) if plan.method.analysis else None
     if analysis is None:
         return None
     floats = [n for n in plan.names if plan.template.tensors[n].is_float]
-    if progress:
-        progress("whole-model analysis", 0, 1, "")
-    _observe(analysis, plan, buffers, floats)
-    if progress:
-        progress("whole-model analysis", 1, 1, "")
+    _observe(analysis, plan, _chunk_buffers(plan), floats, progress)
     return analysis
 
 
@@ -346,7 +354,7 @@ def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
         out = merged.to("cpu", out_dtype)
         _check_finite_output(plan, out, name)
         return out, True
-    checked = analysis is not None and plan.method.analysis is not None  # the whole-model pass checked it
+    checked = analysis is not None  # the whole-model pre-pass already checked every input
     if method.tensor_analysis is not None and ctx.analysis is None:
         per_tensor = method.tensor_analysis(plan.params, len(plan.experts))
         if per_tensor is not None:
@@ -398,8 +406,7 @@ def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: 
     infos = plan.template.tensors
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
-        free.put([torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device)
-                  for _ in _sources(plan)])
+        free.put(_chunk_buffers(plan))
 
     def task(name: str) -> tuple[torch.Tensor, bool]:
         torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
@@ -458,28 +465,24 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     ``threads`` (default: torch's thread count) is the number of tensors merged at once.
     """
     started = time.perf_counter()
+    if threads is not None and threads < 1:
+        raise ParameterError(f"--threads must be at least 1, got {threads}")
     pm = pm or get_plugin_manager()
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
     old_threads = torch.get_num_threads()
     # On a GPU one host thread feeds the device; on the CPU, one worker per core.
-    workers = max(1, threads or (1 if plan.device.type == "cuda" else old_threads))
-    if threads is not None and threads < 1:
-        raise ParameterError(f"--threads must be at least 1, got {threads}")
+    workers = threads or (1 if plan.device.type == "cuda" else old_threads)
     try:
         with AtomicDirectory(output, force) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             hash_jobs = _hash_inputs(plan, hasher)
             torch.set_num_threads(workers)  # the whole-model pre-pass runs on one thread, intra-op parallel
-            buffers = [torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device)
-                       for _ in _sources(plan)]
-            analysis = _run_analysis(plan, buffers, progress)
-            del buffers
+            analysis = _run_analysis(plan, progress)
             infos = plan.template.tensors
             shards = plan_shards([OutputTensor(n, _out_dtype(plan, infos[n]), infos[n].shape) for n in plan.names],
                                  parse_size(recipe.max_shard_size))
             writer = _Writer(ShardWriter(tmp, shards, {"merged_with": "mergebench", "method": plan.method.name}))
             order = [t.name for s in shards for t in s.tensors]
-            torch.set_num_threads(1)
             try:
                 merged_count = _merge_tensors(plan, order, analysis, recipe.seed, workers, writer, progress)
             except BaseException:
