@@ -48,13 +48,15 @@ class MagnitudeThreshold:
     streaming passes instead of a sort; memory: two histograms per expert.
 
     ``result_for(name)`` is, per expert, ``(threshold, ties)``: keep |tau| > threshold, plus the first
-    ``ties`` entries of this tensor with |tau| == threshold.
+    ``ties`` entries of this tensor with |tau| == threshold. ``k`` overrides the count derived from
+    ``density``.
     """
 
     passes = 2
 
-    def __init__(self, density: float, n_experts: int):
+    def __init__(self, density: float, n_experts: int, k: int | None = None):
         self.density = density
+        self.k = k
         self.n = n_experts
         self.total = 0
         self.hi = torch.zeros(n_experts, _HI_BINS, dtype=torch.int64)
@@ -89,7 +91,7 @@ class MagnitudeThreshold:
         return b, k - int(above[b])
 
     def end_pass(self, pass_index: int) -> None:
-        k = keep_count(self.density, self.total)
+        k = self.k if self.k is not None else keep_count(self.density, self.total)
         if pass_index == 0:
             for t in range(self.n):
                 b, need = self._select(self.hi[t], k) if k > 0 else (-1, 0)

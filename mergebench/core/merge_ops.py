@@ -32,15 +32,19 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 
 
 def magnitude_mask(x: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest |x|; ties at the threshold are broken by flat index (first wins)."""
+    """Boolean mask of the ``k`` largest |x|; ties at the threshold are broken by flat index (first wins).
+
+    Uses the same exact selection as TIES trimming (:class:`~mergebench.core.analysis.MagnitudeThreshold`).
+    """
+    from mergebench.core.analysis import MagnitudeThreshold, run_analysis  # analysis imports this module
+
     n = x.numel()
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    a = x.abs().reshape(-1)
-    threshold = a.kthvalue(n - k + 1).values  # the k-th largest magnitude
-    return threshold_mask(x, float(threshold), k - int((a > threshold).sum()))[0]
+    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x])
+    return threshold_mask(x, threshold, ties)[0]
 
 
 def threshold_mask(x: Tensor, threshold: float, ties: int) -> tuple[Tensor, int]:
