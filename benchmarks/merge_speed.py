@@ -149,25 +149,33 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path, runs: int) -> di
 
 # ---- output agreement --------------------------------------------------------------------------------
 
-def compare_outputs(a: Path, b: Path) -> dict:
-    """Max abs difference and the share of entries further apart than one bf16 rounding step."""
+def _index(d: Path) -> dict[str, Path]:
+    """Which safetensors file of a model directory holds each tensor."""
     from safetensors import safe_open
 
-    def tensors(d: Path):
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as fh:
-                for k in fh.keys():
-                    out[k] = f
-        return out
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            out.update({k: f for k in fh.keys()})
+    return out
 
-    ta, tb = tensors(a), tensors(b)
+
+def _get(index: dict[str, Path], name: str) -> torch.Tensor:
+    """One tensor, as flat float32."""
+    from safetensors import safe_open
+
+    with safe_open(index[name], framework="pt") as fh:
+        return fh.get_tensor(name).float().reshape(-1)
+
+
+def compare_outputs(a: Path, b: Path) -> dict:
+    """Max abs difference and the share of entries further apart than one bf16 rounding step."""
+    ta, tb = _index(a), _index(b)
     if set(ta) != set(tb):
         return {"same_names": False}
     max_abs, beyond, total = 0.0, 0, 0
     for name in ta:
-        with safe_open(ta[name], framework="pt") as fa, safe_open(tb[name], framework="pt") as fb:
-            x, y = fa.get_tensor(name).float(), fb.get_tensor(name).float()
+        x, y = _get(ta, name), _get(tb, name)
         diff = (x - y).abs()
         max_abs = max(max_abs, float(diff.max()))
         ulp = torch.maximum(x.abs(), y.abs()) * 2.0**-7  # one bf16 step at that magnitude
@@ -183,31 +191,18 @@ def explain_ties_differences(a: Path, b: Path, models: dict, n: int, density: fl
     break such ties differently (index order vs argsort order); (2) the weighted sum of trimmed task
     vectors is exactly 0: mergebench elects no sign there, mergekit elects "+".
     """
-    from safetensors import safe_open
-
-    def index(d: Path) -> dict:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as fh:
-                out.update({k: f for k in fh.keys()})
-        return out
-
-    def get(idx: dict, name: str) -> torch.Tensor:
-        with safe_open(idx[name], framework="pt") as fh:
-            return fh.get_tensor(name).float().reshape(-1)
-
-    ia, ib = index(a), index(b)
-    ibase, iexp = index(models["base"]), [index(models[f"expert{i}"]) for i in range(n)]
+    ia, ib = _index(a), _index(b)
+    ibase, iexp = _index(models["base"]), [_index(models[f"expert{i}"]) for i in range(n)]
     differing = explained = 0
     for name in ia:
-        diff = get(ia, name) != get(ib, name)
+        diff = _get(ia, name) != _get(ib, name)
         if not diff.any():
             continue
-        base = get(ibase, name)
+        base = _get(ibase, name)
         at_threshold = torch.zeros_like(diff)
         trimmed_sum = torch.zeros_like(base)
         for idx in iexp:
-            mag = (get(idx, name) - base).abs()
+            mag = (_get(idx, name) - base).abs()
             m = mag.numel()
             for k in {max(1, int(density * m)), min(m, int(density * m + 0.5))}:
                 if k > 0:
@@ -215,7 +210,7 @@ def explain_ties_differences(a: Path, b: Path, models: dict, n: int, density: fl
                     at_threshold |= mag == kth
             k = min(m, int(density * m + 0.5))
             kth = mag.kthvalue(m - k + 1).values if k else float("inf")
-            trimmed_sum += torch.where(mag > kth, get(idx, name) - base, 0.0)
+            trimmed_sum += torch.where(mag > kth, _get(idx, name) - base, 0.0)
         explained += int((diff & (at_threshold | (trimmed_sum == 0))).sum())
         differing += int(diff.sum())
     return {"differing_entries": differing, "explained_by_conventions": explained}
