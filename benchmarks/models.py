@@ -8,6 +8,7 @@ written as Hugging Face safetensors directories (sharded) with a Llama config.js
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,7 @@ class Shape:
 
     @property
     def params(self) -> int:
-        total = 0
-        for _, shape in self.tensors():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(shape) for _, shape in self.tensors())
 
     def config(self) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab,

@@ -8,6 +8,7 @@ minutes of merging. Tensors are then read zero-copy from a private memory map.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -55,10 +56,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
