@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 size = sys.argv[1] if len(sys.argv) > 1 else "tiny"
 pre_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
 exp_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 150
+exp_lr = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-3
 root = Path(f"/tmp/feas-{size}"); root.mkdir(exist_ok=True)
 t0 = time.time()
 m = generate(root / "suite", seed=0)
@@ -42,7 +43,7 @@ scores["it"] = sess.evaluate(it.state_dict())
 for cat, ds in HELD_IN.items():
     e = copy.deepcopy(base)
     t = time.time()
-    train(e, tok, TrainConfig(steps=exp_steps, lr=1e-3, seed=2), pairs=[p for d in ds for p in pairs_from_rows(rows(d, "train"))])
+    train(e, tok, TrainConfig(steps=exp_steps, lr=exp_lr, seed=2), pairs=[p for d in ds for p in pairs_from_rows(rows(d, "train"))])
     scores[cat] = sess.evaluate(e.state_dict())
     print("expert", cat, round(time.time() - t, 1), {d: round(scores[cat][d], 3) for d in ds}, flush=True)
 print("total", round(time.time() - t0, 1))

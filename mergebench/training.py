@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     lm_fraction: float = 0.0  # share of each batch drawn from plain text when training on pairs
+    dropout: float = 0.0  # attention dropout while training (restored to the model's own value after)
 
 
 def _encode_pair(tok, prompt: str, target: str, seq_len: int) -> tuple[list[int], list[int]]:
@@ -93,7 +94,7 @@ def _collate(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.
 
 
 def train(model, tok, cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = (), texts: Sequence[str] = (),
-          on_step: Callable[[int, float], None] | None = None) -> list[float]:
+          on_step: Callable[[int, int, float], None] | None = None) -> list[float]:
     """Train ``model`` in place with AdamW, linear warm-up and cosine decay; returns the loss per step."""
     if not pairs and not texts:
         raise ValueError("nothing to train on")
@@ -109,6 +110,10 @@ def train(model, tok, cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = (), t
 
     n_text = round(cfg.batch_size * (cfg.lm_fraction if pairs else 1.0)) if texts else 0
     losses = []
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    saved = [m.attention_dropout for m in attention]
+    for m in attention:
+        m.attention_dropout = cfg.dropout
     model.train()
     for step in range(cfg.steps):
         items = [_encode_pair(tok, *rng.choice(pairs), cfg.seq_len) for _ in range(cfg.batch_size - n_text)]
@@ -123,11 +128,59 @@ def train(model, tok, cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = (), t
         optimizer.step()
         losses.append(loss.item())
         if on_step:
-            on_step(step, losses[-1])
+            on_step(step + 1, cfg.steps, losses[-1])
     model.eval()
+    for m, value in zip(attention, saved):
+        m.attention_dropout = value
     return losses
 
 
 def pairs_from_rows(rows: Sequence[dict]) -> list[tuple[str, str]]:
     """(prompt, target) pairs from suite rows: the correct choice or the reference answer."""
     return [(r["query"], r["choices"][r["label"]] if "choices" in r else r["answer"]) for r in rows]
+
+
+def read_texts(path: Path) -> list[str]:
+    """A corpus file: one document per line."""
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_pairs(paths: Sequence[Path]) -> list[tuple[str, str]]:
+    """(prompt, target) pairs from suite-format JSONL files (``query`` + ``answer`` or ``choices``/``label``)."""
+    import json
+
+    from mergebench.core.errors import InputError
+
+    rows = []
+    for path in paths:
+        try:
+            with open(path) as fh:
+                rows += [json.loads(line) for line in fh if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read training data ({exc})") from None
+    try:
+        return pairs_from_rows(rows)
+    except (KeyError, IndexError, TypeError):
+        raise InputError(f"{', '.join(map(str, paths))}: rows need 'query' and 'answer', or 'choices' and 'label'") from None
+
+
+def load_model(directory: Path):
+    """A causal LM and its tokenizer from a Hugging Face directory, in float32 on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergebench.core.errors import InputError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def save_model(model, tok, directory: Path) -> None:
+    """Weights (safetensors), config and tokenizer in the Hugging Face layout."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)

@@ -13,7 +13,7 @@ from pluggy import HookimplMarker, HookspecMarker
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-    from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod
+    from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod, Suite
     from mergebench.core.tensor_io import ModelSource
 
 hookspec = HookspecMarker("mergebench")
@@ -38,6 +38,11 @@ def register_expert_trainers(register: Callable[[ExpertTrainer], None]) -> None:
 @hookspec
 def register_evaluators(register: Callable[[Evaluator], None]) -> None:
     """Register model evaluators by calling ``register(Evaluator(...))``."""
+
+
+@hookspec
+def register_suites(register: Callable[[Suite], None]) -> None:
+    """Register benchmark suites (held-in/held-out categories and their datasets) with ``register(Suite(...))``."""
 
 
 @hookspec

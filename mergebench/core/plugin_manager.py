@@ -11,7 +11,7 @@ import pluggy
 
 from mergebench.core import hookspecs
 from mergebench.core.errors import InputError, PluginError
-from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod, Registry
+from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod, Registry, Suite
 
 ENTRY_POINT_GROUP = "mergebench"
 LOAD_PLUGINS_ENV = "MERGEBENCH_LOAD_PLUGINS"
@@ -22,7 +22,11 @@ BUILTIN_PLUGINS = (
     "mergebench.plugins.task_arithmetic",
     "mergebench.plugins.ties",
     "mergebench.plugins.dare_ties",
+    "mergebench.plugins.base_preparers",
+    "mergebench.plugins.expert_trainers",
     "mergebench.evaluators.lm_eval_adapter",
+    "mergebench.suites.micro_t0",
+    "mergebench.suites.t0_paper",
 )
 
 # hook name -> (registry kind, component class)
@@ -31,6 +35,7 @@ REGISTRATION_HOOKS: dict[str, tuple[str, type]] = {
     "register_base_preparers": ("base preparer", BasePreparer),
     "register_expert_trainers": ("expert trainer", ExpertTrainer),
     "register_evaluators": ("evaluator", Evaluator),
+    "register_suites": ("suite", Suite),
 }
 
 
@@ -73,6 +78,9 @@ class PluginManager(pluggy.PluginManager):
 
     def evaluators(self) -> Registry[Evaluator]:
         return self.registry("register_evaluators")
+
+    def suites(self) -> Registry[Suite]:
+        return self.registry("register_suites")
 
     def resolve_model(self, reference: str, allow_pickle: bool = False):
         source = self.hook.resolve_model(reference=str(reference), allow_pickle=allow_pickle)

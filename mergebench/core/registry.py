@@ -194,6 +194,46 @@ class Evaluator(Component):
         return "evaluator"
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a suite: its task format and the metric its category is scored by."""
+
+    name: str
+    output_type: str  # "multiple_choice" or "generate_until"
+    metric: str  # "acc", "exact_match" or "rouge_l"
+
+
+@dataclass(frozen=True)
+class Suite(Component):
+    """A benchmark suite as data: held-in and held-out categories -> datasets, and how to get them.
+
+    ``build(directory, seed, params) -> manifest`` writes a generated suite (JSONL splits, corpus,
+    tokenizer) and returns its manifest (``files[dataset][split]`` absolute paths); suites of hub
+    datasets have ``task_dir`` instead: lm-eval YAML configs that resolve their data themselves.
+    """
+
+    held_in: Mapping[str, tuple[DatasetSpec, ...]] = field(default_factory=dict)
+    held_out: Mapping[str, tuple[DatasetSpec, ...]] = field(default_factory=dict)
+    build: Callable[..., dict] | None = None
+    task_dir: str | None = None
+    version: str = "1"
+
+    @property
+    def kind(self) -> str:
+        return "suite"
+
+    def datasets(self, group: str | None = None) -> dict[str, DatasetSpec]:
+        groups = [self.held_in, self.held_out] if group is None else [getattr(self, group)]
+        return {d.name: d for g in groups for specs in g.values() for d in specs}
+
+    def category_of(self, dataset: str) -> str:
+        for group in (self.held_in, self.held_out):
+            for category, specs in group.items():
+                if any(d.name == dataset for d in specs):
+                    return category
+        raise KeyError(dataset)
+
+
 def _scaled_merge(delta: Callable[..., "torch.Tensor"], scale_param: str) -> Callable[..., "torch.Tensor"]:
     """merge = theta_0 + params[scale_param] * delta(theta_0, experts, params, ctx)."""
 

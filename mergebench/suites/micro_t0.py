@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.registry import DatasetSpec, Param, Suite
 from mergebench.suites.world import (COLOURS, COUNTRIES, FOODS, HOBBIES, JOB_SECTOR, PETS, SECTORS, World,
                                      CITY_COUNTRY, Person)
 
@@ -40,15 +42,19 @@ ALT_SENTENCES: list[Callable[[Person], str]] = [
     lambda p: f"When {p.first} is not working, {p.she} plays {p.hobby}." if HOBBIES[p.hobby] == "games"
     else f"When {p.first} is not working, {p.she} spends time on {p.hobby}.",
 ]
-WSD_SENSES = {
-    "bank": (("the side of a river", ["fished from", "sat on", "walked along"], "river"),
-             ("a place that keeps money", ["paid at", "saved coins at", "opened an account at"], "money")),
-    "bat": (("an animal that flies at night", ["saw", "heard", "fed"], "night"),
-            ("a stick for hitting a ball", ["swung", "carried", "bought"], "game")),
-    "spring": (("the season after winter", ["planted seeds in", "waited for", "enjoyed"], "flowers"),
-               ("a coil of metal", ["fixed", "bent", "oiled"], "machine")),
-    "letter": (("a message on paper", ["wrote", "posted", "read"], "friend"),
-               ("a sign in the alphabet", ["spelled", "copied", "drew"], "word")),
+WSD_SENSES = {  # word -> two (gloss, verbs that select this sense)
+    "bank": (("the side of a river", ["fished from", "sat on", "walked along"]),
+             ("a place that keeps money", ["paid at", "saved coins at", "opened an account at"])),
+    "bat": (("an animal that flies at night", ["saw", "heard", "fed"]),
+            ("a stick for hitting a ball", ["swung", "carried", "bought"])),
+    "spring": (("the season after winter", ["planted seeds in", "waited for", "enjoyed"]),
+               ("a coil of metal", ["fixed", "bent", "oiled"])),
+    "letter": (("a message on paper", ["wrote", "posted", "read"]),
+               ("a sign in the alphabet", ["spelled", "copied", "drew"])),
+    "note": (("a short written message", ["left", "signed", "found"]),
+             ("a single musical sound", ["sang", "played", "held"])),
+    "ring": (("a band worn on a finger", ["wore", "polished", "lost"]),
+             ("the sound of a bell", ["answered", "ignored", "waited for"])),
 }
 CAUSES = [
     ("was hungry", "ate some {food}"), ("was tired", "went to bed early"), ("was cold", "put on a warm coat"),
@@ -61,7 +67,7 @@ def _hobby_play(p: Person) -> str:
     return p.hobby if HOBBIES[p.hobby] in ("games", "sports") else "some music" if HOBBIES[p.hobby] == "music" else "outside"
 
 
-def corpus(world: World, rng: random.Random, copies: int = 6) -> list[str]:
+def corpus(world: World, rng: random.Random, copies: int = 4) -> list[str]:
     docs = []
     for p in world.known:
         for _ in range(copies):
@@ -72,18 +78,24 @@ def corpus(world: World, rng: random.Random, copies: int = 6) -> list[str]:
             docs.append(" ".join([first, *sentences, f"{p.her.capitalize()} friend is {friend.name}."]))
     for country, cities in COUNTRIES.items():
         for city in cities:
-            docs.append(f"{city} is a city in {country}. People who live in {city} live in {country}.")
+            for _ in range(copies):
+                docs.append(rng.choice([f"{city} is a city in {country}. People who live in {city} live in {country}.",
+                                        f"The city of {city} lies in {country}.",
+                                        f"If you live in {city}, you live in {country}."]))
     for sector, jobs in SECTORS.items():
         for job in jobs:
-            docs.append(f"A {job} works in {sector}. The job of a {job} is a job in {sector}.")
+            for _ in range(copies):
+                docs.append(rng.choice([f"A {job} works in {sector}. The job of a {job} is a job in {sector}.",
+                                        f"Being a {job} is a job in {sector}.",
+                                        f"Every {job} has a job in {sector}."]))
     for _ in range(len(world.known) * 2):  # stories: causes and effects, pronouns, word senses
         p = rng.choice(world.known)
         cause, effect = rng.choice(CAUSES)
         effect = effect.format(food=p.food, hobby_play=_hobby_play(p), friend=world.friend_of(p).first)
         word, senses = rng.choice(list(WSD_SENSES.items()))
-        gloss, verbs, cue = rng.choice(senses)
+        gloss, verbs = rng.choice(senses)
         docs.append(f"{p.first} {cause}, so {p.she} {effect}. Later {p.first} {rng.choice(verbs)} the {word}, "
-                    f"{gloss}, and thought about the {cue}.")
+                    f"{gloss}.")
     rng.shuffle(docs)
     return docs
 
@@ -115,14 +127,15 @@ ATTRIBUTES = {  # attribute -> (question, options, answer phrase)
 
 
 def mcqa(world, rng, people):
-    p, q = rng.sample(people, 2)
-    attr = rng.choice(list(ATTRIBUTES))
-    question, options, get = ATTRIBUTES[attr]
-    # distractors include the other person's value: reading, not guessing, is needed
-    wrong = [get(q)] if get(q) != get(p) else []
-    wrong += _others([o for o in options if o not in wrong], get(p), 3 - len(wrong), rng)
-    return _mc(f"Passage: {_passage(p, q, rng)}\nQuestion: {question.format(n=p.name)}\nAnswer:",
-               " " + get(p), [" " + w for w in wrong], rng)
+    """DREAM/Cosmos-like: a short passage about one new person, a question, four options of its kind."""
+    p = rng.choice(people)
+    facts = [f"{p.name} lives in {p.city}.", f"{p.first} works as a {p.job}.", f"{p.first} has a {p.pet}.",
+             f"{p.first} likes to eat {p.food}."]
+    rng.shuffle(facts)
+    attr = rng.choice(["city", "job", "pet", "food"])
+    question, options, get = {**ATTRIBUTES, "food": ("What does {n} like to eat?", FOODS, lambda x: x.food)}[attr]
+    return _mc(f"Passage: {' '.join(facts)}\nQuestion: {question.format(n=p.first)}\nAnswer:", " " + get(p),
+               [" " + w for w in _others(options, get(p), 3, rng)], rng)
 
 
 def extractive_qa(world, rng, people):
@@ -153,21 +166,21 @@ ASPECTS = {"delicious": "food", "bland": "food", "fresh": "bread", "stale": "bre
 
 
 def sentiment(world, rng, people):
-    """Three aspects, some negated ('not stale' is praise); the label is the majority: needs composition."""
-    clauses, score = [], 0
-    for word in rng.sample(POSITIVE + NEGATIVE, 3):
-        positive = word in POSITIVE
-        if rng.random() < 0.4:
-            clauses.append(f"the {ASPECTS[word]} was not {word}")
-            positive = not positive
+    """Two aspects that agree, each sometimes negated ('not stale' is praise): word polarity and negation."""
+    positive = rng.random() < 0.5
+    clauses = []
+    for aspect in rng.sample(sorted(set(ASPECTS.values())), 2):
+        good, bad = (w for w in POSITIVE + NEGATIVE if ASPECTS[w] == aspect)
+        good, bad = (good, bad) if good in POSITIVE else (bad, good)
+        if rng.random() < 0.35:
+            clauses.append(f"the {aspect} was not {bad if positive else good}")
         else:
-            clauses.append(f"the {ASPECTS[word]} was {word}")
-        score += 1 if positive else -1
+            clauses.append(f"the {aspect} was {good if positive else bad}")
     p = rng.choice(people)
-    text = f"{p.first} wrote about a cafe in {p.city}: " + ", ".join(clauses[:-1]) + f" and {clauses[-1]}."
-    label = " positive" if score > 0 else " negative"
+    text = f"{p.first} wrote about a cafe in {p.city}: {clauses[0]} and {clauses[1]}."
+    label = " positive" if positive else " negative"
     return _mc(f"Review: {text}\nThe review is", label,
-               [" negative" if label == " positive" else " positive"], rng)
+               [" negative" if positive else " positive"], rng)
 
 
 def topic(world, rng, people):
@@ -241,34 +254,45 @@ def nli(world, rng, people):
 
 
 def coreference(world, rng, people):
-    """WSC-like: which person a gendered pronoun refers to, answered by continuing with a name."""
-    p = rng.choice([x for x in people if x.gender == "f"])
-    q = rng.choice([x for x in people if x.gender == "m"])
+    """WSC/Winogrande-like: a gendered pronoun after two names; the continuation is a fact about its referent.
+
+    Both people are in the corpus and have different pets; the options are both pets and two others,
+    so a model must resolve the pronoun (from the names' gender) and recall the referent's pet.
+    (A prototype found two-way "which name" questions stay at chance for tiny models.)
+    """
+    while True:
+        p = rng.choice([x for x in people if x.gender == "f"])
+        q = rng.choice([x for x in people if x.gender == "m"])
+        if p.pet != q.pet:
+            break
     pair = [p, q]
     rng.shuffle(pair)
     target = rng.choice(pair)
-    other = pair[0] if target is pair[1] else pair[1]
-    story = f"{pair[0].name} met {pair[1].name} in {target.city}. Later {target.she} went home to feed {target.her} {target.pet}."
-    return _mc(f"{story} The one who went home was", f" {target.first}.", [f" {other.first}."], rng)
+    other = q if target is p else p
+    frame = rng.choice([f"{pair[0].name} met {pair[1].name}. {target.she.capitalize()} has a",
+                        f"{pair[0].name} talked to {pair[1].name} for a while. {target.she.capitalize()} has a"])
+    wrong = [other.pet] + _others([x for x in PETS if x != other.pet], target.pet, 2, rng)
+    return _mc(frame, f" {target.pet}.", [f" {w}." for w in wrong], rng)
 
 
 def word_sense(world, rng, people):
-    """WiC-like as a choice of gloss: the sense of an ambiguous word, given its context."""
+    """WiC-like as a choice of gloss: the sense of an ambiguous word, told by the verb in its context."""
     p = rng.choice(people)
     word, senses = rng.choice(list(WSD_SENSES.items()))
     i = rng.randrange(2)
-    gloss, _, cue = senses[i]
-    # no verb from the corpus: only the context word (river, money, ...) tells the sense
-    frame = rng.choice([f"Thinking about the {cue}, {p.first} looked at the {word},",
-                        f"{p.first} talked about the {cue} and the {word},"])
+    gloss, verbs = senses[i]
+    # one frame close to the corpus's stories, one that is not (a prototype measured ~0.93 and ~0.57)
+    frame = rng.choice([f"Then {p.first} {rng.choice(verbs)} the {word},",
+                        f"{p.first} {rng.choice(verbs)} the {word}, which is"])
     return _mc(frame, " " + gloss + ".", [" " + senses[1 - i][0] + "."], rng)
 
 
 # ---- the instruction mixture (the Flan analogue: disjoint tasks, transferable formats) -------------
 
 def instructions(world, rng, people):
+    """Templated tasks disjoint from held-in and held-out ones (other attributes, other relations)."""
     p = rng.choice(people)
-    kind = rng.randrange(6)
+    kind = rng.randrange(8)
     if kind == 0:
         return {"query": f"Instruction: Say how old {p.name} will be in two years.\nResponse:",
                 "answer": f" {p.age + 2}"}
@@ -285,9 +309,21 @@ def instructions(world, rng, people):
         words = rng.sample([p.city, p.job, p.pet, p.colour], 3)
         return {"query": f"Instruction: Repeat these words in reverse order: {' '.join(words)}\nResponse:",
                 "answer": " " + " ".join(reversed(words))}
-    else:
+    elif kind == 5:
         return _mc(f"Instruction: Choose the hobby of {p.name}.\nResponse:", " " + p.hobby,
                    [" " + h for h in _others(list(HOBBIES), p.hobby, 3, rng)], rng)
+    elif kind == 6:  # a relation chained through world knowledge (hobby -> kind of hobby)
+        kind_of = HOBBIES[p.hobby]
+        return _mc(f"Instruction: Complete the sentence. {p.name} enjoys {p.hobby}, so {p.she} likes",
+                   f" {kind_of}.", [f" {k}." for k in _others(sorted(set(HOBBIES.values())), kind_of, 3, rng)], rng)
+    else:  # a pronoun resolved by gender, then a fact about its referent (colours, not pets)
+        q = rng.choice([x for x in people if x.gender != p.gender and x.colour != p.colour])
+        pair = [p, q]
+        rng.shuffle(pair)
+        return _mc(f"Instruction: Complete the sentence. {pair[0].name} met {pair[1].name}. "
+                   f"{p.her.capitalize()} favourite colour is", f" {p.colour}.",
+                   [f" {q.colour}."] + [f" {c}." for c in _others([c for c in COLOURS if c != q.colour], p.colour, 2, rng)],
+                   rng)
 
 
 # ---- the suite --------------------------------------------------------------------------------------
@@ -351,3 +387,41 @@ def generate(directory: Path, seed: int, train: int = 2000, validation: int = 20
     manifest["files"]["corpus"] = {"train": str((directory / "corpus.txt").resolve())}
     (directory / "suite.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+# ---- registration -----------------------------------------------------------------------------------
+
+def build(directory: Path, seed: int, params: dict) -> dict:
+    """The suite's data (``generate``) plus a byte-level BPE tokenizer trained on its corpus and prompts."""
+    from mergebench.training import train_tokenizer
+
+    manifest = generate(directory, seed, params["train"], params["validation"], params["test"])
+    lines = (directory / "corpus.txt").read_text().splitlines()
+    for name in HELD_IN_NAMES:  # prompts too, so task words are not split into bytes
+        with open(manifest["files"][name]["train"]) as fh:
+            lines += [json.loads(line)["query"] for _, line in zip(range(300), fh)]
+    train_tokenizer(lines, directory / "tokenizer", vocab_size=params["vocab_size"])
+    manifest["tokenizer"] = str((directory / "tokenizer").resolve())
+    (directory / "suite.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+HELD_IN_NAMES = [name for datasets in HELD_IN.values() for name in datasets]
+
+
+def _specs(group: dict) -> dict[str, tuple[DatasetSpec, ...]]:
+    return {category: tuple(DatasetSpec(name, ot, metric) for name, (_, ot, metric) in datasets.items())
+            for category, datasets in group.items()}
+
+
+@hookimpl
+def register_suites(register):
+    register(Suite(
+        name=SUITE,
+        description="Built-in micro suite: 8 held-in and 4 held-out categories over one seeded synthetic world.",
+        reference="mirrors Yadav et al., What Matters for Model Merging at Scale?, arXiv:2410.03617",
+        params=(Param("train", int, 2000, "training examples per held-in dataset", min=1),
+                Param("validation", int, 60, "validation examples per dataset (hyperparameter choice)", min=1),
+                Param("test", int, 200, "test examples per dataset", min=1),
+                Param("vocab_size", int, 1024, "BPE vocabulary size", min=300)),
+        held_in=_specs(HELD_IN), held_out=_specs(HELD_OUT), build=build, version=VERSION))

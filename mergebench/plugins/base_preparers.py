@@ -1,0 +1,101 @@
+"""Base preparers: pretrain a Llama-architecture base, instruction-tune one, or load an existing model.
+
+Each returns a model directory in the Hugging Face layout (config, safetensors weights, tokenizer)
+that ``mergebench merge``, the expert trainers and the evaluator read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from mergebench.core.errors import InputError
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.registry import BasePreparer, Param
+from mergebench.training import SIZES, TrainConfig, load_model, read_pairs, read_texts, save_model, train
+
+OnStep = Callable[[int, int, float], None]
+
+
+def training_params(steps: int, lr: float, batch_size: int = 32, seed: int = 0) -> tuple[Param, ...]:
+    """The optimisation parameters every built-in trainer shares (paper defaults scaled down)."""
+    return (
+        Param("steps", int, steps, "optimiser steps", min=1),
+        Param("lr", float, lr, "peak learning rate (linear warm-up, cosine decay to 0)", min=0.0),
+        Param("batch_size", int, batch_size, "sequences per step", min=1),
+        Param("seq_len", int, 128, "maximum tokens per sequence (longer ones are cut from the left)", min=8),
+        Param("warmup", int, 20, "warm-up steps", min=0),
+        Param("weight_decay", float, 0.0, "AdamW weight decay", min=0.0),
+        Param("dropout", float, 0.05, "attention dropout while training (the paper's 0.05)", min=0.0, max=0.9),
+        Param("seed", int, seed, "seed for initialisation, batch order and dropout"),
+    )
+
+
+def train_config(params: dict[str, Any], lm_fraction: float = 0.0) -> TrainConfig:
+    return TrainConfig(steps=params["steps"], lr=params["lr"], batch_size=params["batch_size"],
+                       seq_len=params["seq_len"], warmup=params["warmup"], weight_decay=params["weight_decay"],
+                       seed=params["seed"], lm_fraction=lm_fraction, dropout=params["dropout"])
+
+
+def pretrain(params: dict[str, Any], workdir: Path, *, corpus: Path, tokenizer: Path,
+             on_step: OnStep | None = None) -> Path:
+    """Causal-LM pretraining from a fresh config on ``corpus`` (one document per line)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from mergebench.training import llama_config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(params["seed"])
+    model = LlamaForCausalLM(llama_config(params["size"], len(tok)))
+    train(model, tok, train_config(params), texts=read_texts(corpus), on_step=on_step)
+    save_model(model, tok, workdir)
+    return workdir
+
+
+def instruction_tune(params: dict[str, Any], workdir: Path, *, base: Path, data: list[Path],
+                     corpus: Path | None = None, on_step: OnStep | None = None) -> Path:
+    """Continue training ``base`` on instruction pairs (answer-only loss), mixing in corpus text."""
+    model, tok = load_model(base)
+    texts = read_texts(corpus) if corpus else []
+    train(model, tok, train_config(params, params["lm_fraction"] if texts else 0.0), pairs=read_pairs(data),
+          texts=texts, on_step=on_step)
+    save_model(model, tok, workdir)
+    return workdir
+
+
+def load(params: dict[str, Any], workdir: Path, **_: Any) -> Path:
+    """An existing model directory (or a hub id already in the local cache), used as it is."""
+    reference = params["model"]
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(reference, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means: not a directory, not in the cache
+        raise InputError(f"{reference}: neither a model directory nor a model in the local Hugging Face cache") from None
+
+
+@hookimpl
+def register_base_preparers(register):
+    register(BasePreparer(
+        name="pretrain",
+        description="Pretrain a Llama-architecture base with causal-LM loss on a corpus.",
+        params=(Param("size", str, "tiny", "model size", choices=tuple(SIZES)), *training_params(800, 3e-3)),
+        prepare=pretrain))
+    register(BasePreparer(
+        name="instruction_tune",
+        description="Continue training a base on an instruction mixture (the paper's Flan step, scaled down).",
+        params=(*training_params(150, 1e-3, seed=1),
+                Param("lm_fraction", float, 0.5, "share of each batch that is plain corpus text (against forgetting)",
+                      min=0.0, max=1.0)),
+        prepare=instruction_tune))
+    register(BasePreparer(
+        name="load",
+        description="Use an existing local model directory or a hub model already in the local cache.",
+        params=(Param("model", str, "", "model directory or hub id"),),
+        prepare=load))
