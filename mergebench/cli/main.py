@@ -251,3 +251,6 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+from mergebench.cli import study_commands  # noqa: E402,F401  (registers run, init, leaderboard, stages)

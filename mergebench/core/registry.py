@@ -185,9 +185,15 @@ class ExpertTrainer(Component):
 
 @dataclass(frozen=True)
 class Evaluator(Component):
-    """Scores models on a suite: ``evaluate(models, suite, params) -> per-dataset scores``."""
+    """Scores models on a suite: ``evaluate(models, suite, manifest, datasets, params) -> [per-dataset scores]``.
+
+    ``session(model_dir, suite, manifest, datasets, params)``, when given, returns an object whose
+    ``evaluate(state_dict=None)`` scores the loaded model, or another one's weights swapped in: what
+    sweeps use to evaluate many merges without reloading tasks or models.
+    """
 
     evaluate: Callable[..., Any] | None = None
+    session: Callable[..., Any] | None = None
 
     @property
     def kind(self) -> str:

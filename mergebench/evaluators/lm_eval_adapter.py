@@ -11,6 +11,8 @@ would otherwise be fetched from the hub). Bootstrap standard errors are off by d
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -88,11 +90,22 @@ def write_task_configs(directory: Path, specs: Iterable[TaskSpec], split: str) -
     return names
 
 
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval passes ``disable=`` to its tqdm bars, so TQDM_DISABLE cannot hide them: when it is set
+    (the CLI sets it; it draws its own progress), what lm-eval writes to stderr is dropped."""
+    if os.environ.get("TQDM_DISABLE") != "1":
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 class LMEvalSession:
     """Tasks indexed once and one HFLM wrapper; ``evaluate`` swaps a model's weights in and scores it."""
 
     def __init__(self, task_dir: Path, task_names: list[str], model, tokenizer, batch_size: int = 64,
-                 max_length: int | None = None):
+                 max_length: int | None = None, include_defaults: bool = False):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; mergebench shows its own
@@ -101,8 +114,9 @@ class LMEvalSession:
             from lm_eval.tasks import TaskManager, get_task_dict
         except ImportError:
             raise MergebenchError("the lm-eval evaluator needs lm-eval and accelerate: pip install 'mergebench[eval]'") from None
-        manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=False)
-        self.task_dict = get_task_dict(task_names, manager)
+        with _quiet():
+            manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=include_defaults)
+            self.task_dict = get_task_dict(task_names, manager)
         self.task_names = task_names
         self.model = model.eval()
         kwargs = {"max_length": max_length} if max_length else {}
@@ -118,7 +132,7 @@ class LMEvalSession:
             if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
                 raise InputError(f"weights do not fit the evaluated architecture (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             out = evaluator.evaluate(self.lm, self.task_dict, bootstrap_iters=0, verbosity="ERROR")
         scores = {}
         for name in self.task_names:
@@ -141,6 +155,48 @@ def load_state_dict(model_dir: Path) -> dict[str, Any]:
     return state
 
 
+def suite_tasks(suite, manifest: dict | None, datasets: Iterable[str], max_gen_toks: int = 32) -> list[TaskSpec]:
+    """TaskSpecs for a generated suite's ``datasets`` (data files from its manifest)."""
+    if manifest is None:
+        raise InputError(f"suite '{suite.name}' needs its built data (run `mergebench suite build {suite.name}`)")
+    specs = suite.datasets()
+    out = []
+    for name in datasets:
+        d = specs[name]
+        out.append(TaskSpec(name, d.output_type, d.metric, manifest["files"][name], max_gen_toks=max_gen_toks))
+    return out
+
+
+class SuiteSession(LMEvalSession):
+    """An LMEvalSession over some datasets of a suite, for one split, with its task configs in a temp dir."""
+
+    def __init__(self, model_dir: Path, suite, manifest: dict | None, datasets: list[str], params: dict):
+        import tempfile
+
+        from mergebench.training import load_model
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="mergebench-tasks-")
+        if suite.task_dir is not None:  # hub suite: its own YAMLs plus lm-eval's built-in tasks
+            task_dir, include_defaults = Path(suite.task_dir), True
+        else:
+            task_dir, include_defaults = Path(self._tmp.name), False
+            write_task_configs(task_dir, suite_tasks(suite, manifest, datasets), params["split"])
+        model, tokenizer = load_model(Path(model_dir))
+        super().__init__(task_dir, list(datasets), model, tokenizer, batch_size=params["batch_size"],
+                         include_defaults=include_defaults)
+
+
+def _session(model_dir, suite, manifest, datasets, params):
+    return SuiteSession(Path(model_dir), suite, manifest, list(datasets), params)
+
+
+def _evaluate_suite(models, suite, manifest, datasets, params):
+    if not models:
+        return []
+    session = SuiteSession(Path(models[0]), suite, manifest, list(datasets), params)
+    return [session.evaluate()] + [session.evaluate(load_state_dict(Path(m))) for m in models[1:]]
+
+
 def evaluate_models(models: list[Path], tasks: list[TaskSpec], split: str = "test", batch_size: int = 64,
                     workdir: Path | None = None) -> list[dict[str, float]]:
     """Evaluate several same-architecture model directories on ``tasks`` with one session."""
@@ -161,10 +217,6 @@ def evaluate_models(models: list[Path], tasks: list[TaskSpec], split: str = "tes
     return results
 
 
-def _evaluate(models, tasks, params):
-    return evaluate_models([Path(m) for m in models], tasks, split=params["split"], batch_size=params["batch_size"])
-
-
 @hookimpl
 def register_evaluators(register):
     register(
@@ -174,7 +226,8 @@ def register_evaluators(register):
             reference="Gao et al., The Language Model Evaluation Harness, doi:10.5281/zenodo.10256836",
             params=(Param("split", str, "test", "which split to score", choices=("validation", "test")),
                     Param("batch_size", int, 64, "examples per forward pass", min=1)),
-            evaluate=_evaluate,
+            evaluate=_evaluate_suite,
+            session=_session,
         )
     )
 

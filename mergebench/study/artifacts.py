@@ -1,0 +1,96 @@
+"""Cached builds of the study's artefacts: suite data, bases, instruction-tuned bases, experts, multitask.
+
+Each lives in the content-addressed :class:`~mergebench.core.cache.ArtifactCache` under a key made of
+everything that determines it: the plugin that builds it and its version, its parameters, its seed
+and the keys of its inputs (an expert's key contains its base's key, which contains the suite's).
+The same functions serve ``mergebench run`` (in worker processes) and the stage commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from mergebench.core.cache import ArtifactCache
+from mergebench.core.errors import InputError
+from mergebench.core.plugin_manager import PluginManager
+from mergebench.core.registry import Component
+
+OnStep = Callable[[int, int, float], None]
+
+
+def plugin_version(pm: PluginManager, component: Component) -> str:
+    """The version of the distribution that registered ``component`` (mergebench's for built-ins)."""
+    import mergebench
+
+    return pm.distributions.get(component.plugin, ("mergebench", mergebench.__version__))[1]
+
+
+def _ident(pm: PluginManager, component: Component) -> dict[str, str]:
+    return {"plugin": component.plugin, "name": component.name, "version": plugin_version(pm, component)}
+
+
+def load_manifest(directory: Path) -> dict:
+    """A generated suite's manifest with every path re-rooted at ``directory`` (entries move when built)."""
+    try:
+        manifest = json.loads((Path(directory) / "suite.json").read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{directory}: not a built suite (no readable suite.json); run `mergebench suite build`") from None
+    directory = Path(directory).resolve()
+    manifest["files"] = {name: {split: str(directory / Path(p).name) for split, p in splits.items()}
+                         for name, splits in manifest["files"].items()}
+    if "tokenizer" in manifest:
+        manifest["tokenizer"] = str(directory / "tokenizer")
+    manifest["directory"] = str(directory)
+    return manifest
+
+
+def suite(pm: PluginManager, cache: ArtifactCache, name: str, seed: int, params: dict[str, Any]) -> dict:
+    """The generated suite ``name`` for ``seed`` (built once), as a re-rooted manifest."""
+    component = pm.suites().get(name)
+    if component.build is None:
+        raise InputError(f"suite '{name}' is evaluated from its own task configs; it has nothing to build")
+    params = component.resolve_params(params)
+    spec = {**_ident(pm, component), "suite_version": component.version, "seed": seed, "params": params}
+    path = cache.get_or_build("suite", spec, lambda tmp: component.build(tmp, seed, params))
+    return load_manifest(path)
+
+
+def base(pm: PluginManager, cache: ArtifactCache, manifest: dict, size: str, params: dict[str, Any],
+         on_step: OnStep | None = None) -> Path:
+    """A pretrained base of ``size`` on the suite's corpus and tokenizer."""
+    preparer = pm.base_preparers().get("pretrain")
+    params = preparer.resolve_params({**params, "size": size})
+    spec = {**_ident(pm, preparer), "suite": Path(manifest["directory"]).name, "params": params}
+    return cache.get_or_build("base", spec, lambda tmp: preparer.prepare(
+        params, tmp, corpus=Path(manifest["files"]["corpus"]["train"]), tokenizer=Path(manifest["tokenizer"]),
+        on_step=on_step))
+
+
+def instruction_tuned(pm: PluginManager, cache: ArtifactCache, manifest: dict, base_dir: Path,
+                      params: dict[str, Any], on_step: OnStep | None = None) -> Path:
+    """``base_dir`` instruction-tuned on the suite's instruction mixture (with corpus text mixed in)."""
+    preparer = pm.base_preparers().get("instruction_tune")
+    params = preparer.resolve_params(params)
+    spec = {**_ident(pm, preparer), "base": base_dir.name, "suite": Path(manifest["directory"]).name,
+            "params": params}
+    return cache.get_or_build("instruction_tuned", spec, lambda tmp: preparer.prepare(
+        params, tmp, base=base_dir, data=[Path(manifest["files"]["instructions"]["train"])],
+        corpus=Path(manifest["files"]["corpus"]["train"]), on_step=on_step))
+
+
+def category_files(manifest: dict, suite_component, categories: list[str]) -> list[Path]:
+    return [Path(manifest["files"][d.name]["train"]) for c in categories for d in suite_component.held_in[c]]
+
+
+def expert(pm: PluginManager, cache: ArtifactCache, manifest: dict, base_dir: Path, categories: list[str],
+           trainer_name: str, params: dict[str, Any], on_step: OnStep | None = None) -> Path:
+    """``base_dir`` fine-tuned by ``trainer_name`` on the training data of ``categories``."""
+    trainer = pm.expert_trainers().get(trainer_name)
+    params = trainer.resolve_params(params)
+    component = pm.suites().get(manifest["suite"])
+    spec = {**_ident(pm, trainer), "base": base_dir.name, "suite": Path(manifest["directory"]).name,
+            "categories": sorted(categories), "params": params}
+    data = category_files(manifest, component, sorted(categories))
+    return cache.get_or_build("expert", spec, lambda tmp: trainer.train(base_dir, data, params, tmp, on_step=on_step))
