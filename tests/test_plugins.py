@@ -97,7 +97,8 @@ def test_other_component_registries(pm):
     assert pm.base_preparers().get("scratch").resolve_params({"width": "128"}) == {"width": 128}
     with pytest.raises(ParameterError, match=">= 8"):
         pm.base_preparers().get("scratch").resolve_params({"width": 4})
-    assert pm.expert_trainers().names() == ["sgd"]
+    assert pm.expert_trainers().names() == ["full_finetune", "multitask", "sgd"]
+    assert pm.expert_trainers().get("sgd").plugin == "components"
     assert pm.evaluators().get("perplexity").plugin == "components"
 
     class Wrong:

@@ -249,8 +249,4 @@ def main() -> None:
     cli(prog_name="mergebench")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 from mergebench.cli import study_commands  # noqa: E402,F401  (registers run, init, leaderboard, stages)

@@ -165,3 +165,254 @@ def leaderboard_command(run_dir: Path, fmt: str, output: Path | None, sizes, bas
                 stderr.print(f"[red]regression[/] {f}")
             raise SystemExit(1)
         stderr.print(f"[green]ok[/]: no row dropped more than {tolerance} below {check_path}")
+
+
+# ---- the stages, each usable alone ---------------------------------------------------------------
+
+@cli.group()
+def suite() -> None:
+    """Benchmark suites: list them, build a generated one."""
+
+
+@suite.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def suite_list(as_json: bool) -> None:
+    """The registered suites and their held-in / held-out categories."""
+    suites = get_plugin_manager().suites()
+    records = [{"name": s.name, "plugin": s.plugin, "description": s.description, "generated": s.build is not None,
+                "held_in": {c: [d.name for d in ds] for c, ds in s.held_in.items()},
+                "held_out": {c: [d.name for d in ds] for c, ds in s.held_out.items()}} for s in suites]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    table = Table(title="suites")
+    for c in ("name", "held-in datasets", "held-out datasets", "data", "description"):
+        table.add_column(c)
+    for r in records:
+        table.add_row(r["name"], str(sum(map(len, r["held_in"].values()))), str(sum(map(len, r["held_out"].values()))),
+                      "generated" if r["generated"] else "hub (lm-eval configs)", r["description"])
+    stdout.print(table)
+
+
+@suite.command("build")
+@click.argument("name")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A suite parameter, e.g. -p test=400.")
+def suite_build(name: str, seed: int, params: tuple[str, ...]) -> None:
+    """Generate a suite's data and tokenizer (cached: a second build is free); prints its directory."""
+    from mergebench.study import artifacts
+
+    manifest = artifacts.suite(get_plugin_manager(), _cache(), name, seed, _parse_params(params))
+    stderr.print(f"suite {name} (seed {seed}): {len(manifest['files'])} files")
+    click.echo(manifest["directory"])
+
+
+def _step_bar(progress: Progress, what: str):
+    task = progress.add_task(what, total=None, item="")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        progress.update(task, total=total, completed=step, item=f"loss {loss:.3f}")
+    return on_step
+
+
+def _publish(built: Path, output: Path | None, force: bool) -> Path:
+    """Copy a cached artefact to ``output`` (atomically) when asked; otherwise the cache path is the answer."""
+    import shutil
+
+    from mergebench.core.writer import AtomicDirectory
+
+    if output is None:
+        return built
+    with AtomicDirectory(Path(output), force) as tmp:
+        for f in Path(built).iterdir():
+            if f.is_file() and f.name != "mergebench-artifact.json":
+                shutil.copy2(f, tmp / f.name)
+    return Path(output)
+
+
+@cli.command("prepare-base")
+@click.option("--suite-param", "suite_params", multiple=True, metavar="NAME=VALUE",
+              help="A suite parameter, as given to `suite build` (e.g. test=400).")
+@click.option("--preparer", default="pretrain", show_default=True, help="pretrain, instruction_tune or load.")
+@click.option("--suite", "suite_name", default="micro-t0", show_default=True, help="Suite whose corpus/instructions to use.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The suite's seed.")
+@click.option("--base", type=click.Path(path_type=Path), help="The base to instruction-tune.")
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A preparer parameter (repeatable).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Copy the model here (default: print its cache path).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def prepare_base(suite_params: tuple[str, ...], preparer: str, suite_name: str, seed: int, base: Path | None,
+                 params: tuple[str, ...], output: Path | None, force: bool) -> None:
+    """Build a base model: pretrain one, instruction-tune one (--base), or load one (-p model=PATH)."""
+    from mergebench.study import artifacts
+
+    quiet_libraries()
+    pm, cache = get_plugin_manager(), _cache()
+    component = pm.base_preparers().get(preparer)
+    given = _parse_params(params)
+    component.resolve_params(given)  # unknown or bad parameters fail before any work
+    if preparer == "load":
+        built = component.prepare(component.resolve_params(given), None)
+    else:
+        if preparer == "instruction_tune" and base is None:
+            raise InputError("instruction_tune needs --base DIR (the model to continue training)")
+        if base is not None and not (base / "config.json").is_file():
+            raise InputError(f"{base}: not a model directory (no config.json)")
+        manifest = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
+        with _progress() as progress:
+            on_step = _step_bar(progress, preparer)
+            if preparer == "pretrain":
+                size = given.pop("size", "tiny")
+                built = artifacts.base(pm, cache, manifest, size, given, on_step=on_step)
+            elif preparer == "instruction_tune":
+                built = artifacts.instruction_tuned(pm, cache, manifest, base.resolve(), given, on_step=on_step)
+            else:
+                built = component.prepare(component.resolve_params(given), None, manifest=manifest)
+    click.echo(str(_publish(Path(built), output, force)))
+
+
+@cli.command("train-expert")
+@click.option("--suite-param", "suite_params", multiple=True, metavar="NAME=VALUE",
+              help="A suite parameter, as given to `suite build` (e.g. test=400).")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("--category", "categories", multiple=True, help="A held-in category of the suite (repeatable).")
+@click.option("--data", "data_files", multiple=True, type=click.Path(path_type=Path),
+              help="Your own training JSONL (query + answer, or query + choices + label) instead of a category.")
+@click.option("--trainer", default="full_finetune", show_default=True, help="full_finetune or multitask.")
+@click.option("--suite", "suite_name", default="micro-t0", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="The suite's seed.")
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A trainer parameter (repeatable).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Copy the expert here (default: print its cache path).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[str, ...], data_files: tuple[Path, ...], trainer: str, suite_name: str,
+                 seed: int, params: tuple[str, ...], output: Path | None, force: bool) -> None:
+    """Fine-tune BASE into an expert on suite categories (multitask: all of them) or your own data."""
+    from mergebench.study import artifacts
+
+    quiet_libraries()
+    pm, cache = get_plugin_manager(), _cache()
+    component = pm.expert_trainers().get(trainer)
+    given = component.resolve_params(_parse_params(params))
+    if not (base / "config.json").is_file():
+        raise InputError(f"{base}: not a model directory (no config.json)")
+    with _progress() as progress:
+        on_step = _step_bar(progress, f"{trainer}")
+        if data_files:
+            missing = [str(f) for f in data_files if not f.is_file()]
+            if missing:
+                raise InputError(f"training data not found: {', '.join(missing)}")
+            if output is None:
+                raise InputError("--data needs -o OUTPUT (only suite categories are cached)")
+            from mergebench.core.writer import AtomicDirectory
+
+            with AtomicDirectory(output, force) as tmp:
+                component.train(base.resolve(), list(data_files), given, tmp, on_step=on_step)
+            click.echo(str(output))
+            return
+        suite_component = pm.suites().get(suite_name)
+        chosen = list(suite_component.held_in) if trainer == "multitask" and not categories else list(categories)
+        if not chosen:
+            raise InputError(f"give --category (one of: {', '.join(suite_component.held_in)}) or --data FILE")
+        for c in chosen:
+            if c not in suite_component.held_in:
+                from mergebench.core.registry import _unknown_message
+
+                raise InputError(_unknown_message(f"category '{c}'", f"suite '{suite_name}'", suite_component.held_in))
+        manifest = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
+        built = artifacts.expert(pm, cache, manifest, base.resolve(), chosen, trainer, given, on_step=on_step)
+    click.echo(str(_publish(built, output, force)))
+
+
+@cli.command("eval")
+@click.option("--suite-param", "suite_params", multiple=True, metavar="NAME=VALUE",
+              help="A suite parameter, as given to `suite build` (e.g. test=400).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--suite", "suite_name", default="micro-t0", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="The suite's seed.")
+@click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True)
+@click.option("--dataset", "datasets", multiple=True, help="Only these datasets (default: all of the suite's).")
+@click.option("--base", "base_ref", help="Which MODEL is the base (held-out normaliser): its path.")
+@click.option("--expert", "expert_refs", multiple=True, metavar="CATEGORY=PATH",
+              help="Which MODEL is the expert of a category (held-in normaliser); repeatable.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_name: str, seed: int, split: str, datasets: tuple[str, ...],
+                 base_ref: str | None, expert_refs: tuple[str, ...], batch_size: int, as_json: bool) -> None:
+    """Evaluate MODELS with lm-eval on a suite: raw scores per dataset, normalised when --base/--expert are given."""
+    from mergebench.core.normalise import normalise
+    from mergebench.study import artifacts
+
+    quiet_libraries()
+    pm = get_plugin_manager()
+    suite_component = pm.suites().get(suite_name)
+    for m in models:
+        if not (m / "config.json").is_file():
+            raise InputError(f"{m}: not a model directory (no config.json)")
+    names = [str(m) for m in models]
+    experts = dict(_parse_params(expert_refs))
+    for ref in [base_ref, *experts.values()]:
+        if ref is not None and ref not in names:
+            raise InputError(f"{ref}: --base/--expert must name one of the MODELS being evaluated")
+    for c in experts:
+        if c not in suite_component.held_in:
+            raise InputError(f"--expert {c}=...: suite '{suite_name}' has no held-in category '{c}'")
+    all_datasets = list(suite_component.datasets())
+    chosen = list(datasets) or all_datasets
+    for d in chosen:
+        if d not in all_datasets:
+            from mergebench.core.registry import _unknown_message
+
+            raise InputError(_unknown_message(f"dataset '{d}'", f"suite '{suite_name}'", all_datasets))
+    manifest = (artifacts.suite(pm, _cache(), suite_name, seed, _parse_params(suite_params))
+                if suite_component.build else None)
+    evaluator = pm.evaluators().get("lm-eval")
+    params = evaluator.resolve_params({"split": split, "batch_size": batch_size})
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("evaluate", total=len(models), item="")
+        session = evaluator.session(models[0], suite_component, manifest, chosen, params)
+        from mergebench.evaluators.lm_eval_adapter import load_state_dict
+
+        results = {}
+        for m in models:
+            progress.update(task, item=str(m))
+            results[str(m)] = session.evaluate(load_state_dict(m))
+            progress.advance(task)
+    seconds = time.perf_counter() - started
+    normalised = {}
+    if base_ref or experts:
+        held_in = {c: [d.name for d in suite_component.held_in[c] if d.name in chosen] for c in experts}
+        held_out = {c: [d.name for d in ds if d.name in chosen] for c, ds in suite_component.held_out.items()} if base_ref else {}
+        for m, scores in results.items():
+            n = normalise(scores, held_in, held_out, {c: results[p] for c, p in experts.items()},
+                          results[base_ref] if base_ref else {}, on_zero="skip")
+            normalised[m] = {"held_in": n.held_in, "held_out": n.held_out, "per_dataset": n.per_dataset,
+                             "skipped": n.skipped}
+    if as_json:
+        click.echo(json.dumps({"suite": suite_name, "seed": seed, "split": split, "seconds": seconds,
+                               "scores": results, "normalised": normalised}, indent=2))
+        return
+    _print_eval(results, normalised, suite_component, chosen, split, seconds)
+
+
+def _print_eval(results, normalised, suite_component, chosen, split, seconds) -> None:
+    if not stdout.is_terminal:
+        stdout.width = max(stdout.width, 60 + 12 * len(results))
+    labels = {m: Path(m).name[:14] for m in results}
+    table = Table(title=f"raw scores on {split} ({seconds:.1f} s)")
+    table.add_column("category")
+    table.add_column("dataset")
+    table.add_column("metric")
+    for m in results:
+        table.add_column(labels[m], justify="right")
+    specs = suite_component.datasets()
+    for group in ("held_in", "held_out"):
+        for category, ds in getattr(suite_component, group).items():
+            for d in ds:
+                if d.name in chosen:
+                    table.add_row(category, d.name, d.metric, *[f"{results[m][d.name]:.3f}" for m in results])
+        table.add_section()
+    if normalised:
+        for key in ("held_in", "held_out"):
+            table.add_row(f"normalised {key.replace('_', '-')}", "", "",
+                          *["-" if normalised[m][key] is None else f"{normalised[m][key]:.3f}" for m in results])
+    stdout.print(table)

@@ -111,6 +111,9 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
         if not isinstance(space, dict):
             raise InputError(f"{where}: search.{m} must map parameter -> list of values")
         for p, values in space.items():
+            names = [q.name for q in method.params]
+            if p not in names:
+                raise ParameterError(_unknown_message(f"parameter '{p}'", f"search.{m}", names))
             param = method.param(p)
             for v in _list(values, f"search.{m}.{p}", object):
                 param.coerce(v, f"merge method '{m}'")

@@ -1,3 +1,137 @@
-"""Placeholder replaced below."""
-def render(rows, db):
-    return ""
+"""The leaderboard as one self-contained HTML page: the paper's plots as inline SVG, then the table.
+
+No scripts, fonts or images from elsewhere: the page works offline and as a CI artefact. For each
+(size, base kind): normalised held-in and held-out performance against the number of merged experts,
+one line per method (error bars: standard deviation over seeds), the multitask model as a dashed
+reference line.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from mergebench.study.leaderboard import COLUMNS, Row, table_rows
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f"]
+W, H, LEFT, RIGHT, TOP, BOTTOM = 420, 280, 52, 118, 30, 40
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def chart(title: str, xs: list[int], series: dict[str, list[tuple[int, float, float]]],
+          reference: list[tuple[int, float]] | None, ylabel: str) -> str:
+    """An SVG line chart; ``series``: name -> [(x, mean, std)], ``reference``: [(x, value)] drawn dashed."""
+    values = [m + s for pts in series.values() for _, m, s in pts] + [m - s for pts in series.values() for _, m, s in pts]
+    values += [v for _, v in reference or []]
+    if not values or not xs:
+        return ""
+    lo, hi = min(values), max(values)
+    pad = max(0.02, (hi - lo) * 0.1)
+    lo, hi = lo - pad, hi + pad
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+
+    def px(x: int) -> float:
+        return LEFT + (pw * (xs.index(x) / (len(xs) - 1)) if len(xs) > 1 else pw / 2)
+
+    def py(y: float) -> float:
+        return TOP + ph * (1 - (y - lo) / (hi - lo))
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" '
+           f'aria-label="{html.escape(title)}">',
+           f'<text x="{LEFT + pw / 2}" y="18" text-anchor="middle" class="t">{html.escape(title)}</text>']
+    for i in range(5):  # horizontal grid with labels
+        y = lo + (hi - lo) * i / 4
+        out.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="g"/>'
+                   f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end" class="a">{_fmt(y)}</text>')
+    for x in xs:
+        out.append(f'<text x="{px(x):.1f}" y="{TOP + ph + 16}" text-anchor="middle" class="a">{x}</text>')
+    out.append(f'<text x="{LEFT + pw / 2}" y="{H - 6}" text-anchor="middle" class="a">number of experts merged (N)</text>')
+    out.append(f'<text x="12" y="{TOP + ph / 2}" text-anchor="middle" class="a" '
+               f'transform="rotate(-90 12 {TOP + ph / 2})">{html.escape(ylabel)}</text>')
+    legend_y = TOP + 4
+    if reference:
+        pts = " ".join(f"{px(x):.1f},{py(v):.1f}" for x, v in reference)
+        out.append(f'<polyline points="{pts}" fill="none" stroke="#444" stroke-width="1.5" stroke-dasharray="5,4"/>')
+        out += [f'<rect x="{px(x) - 3:.1f}" y="{py(v) - 3:.1f}" width="6" height="6" fill="none" stroke="#444">'
+                f'<title>multitask, N={x}: {v:.3f}</title></rect>' for x, v in reference]
+        out.append(f'<line x1="{LEFT + pw + 10}" x2="{LEFT + pw + 28}" y1="{legend_y}" y2="{legend_y}" stroke="#444" '
+                   f'stroke-dasharray="5,4"/><text x="{LEFT + pw + 32}" y="{legend_y + 4}" class="l">multitask</text>')
+        legend_y += 16
+    for i, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = sorted(pts)
+        line = " ".join(f"{px(x):.1f},{py(m):.1f}" for x, m, _ in pts)
+        out.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, m, s in pts:
+            if s > 0:
+                out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{py(m - s):.1f}" y2="{py(m + s):.1f}" '
+                           f'stroke="{colour}" stroke-width="1"/>')
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(m):.1f}" r="3" fill="{colour}">'
+                       f'<title>{html.escape(name)}, N={x}: {m:.3f}{f" ± {s:.3f}" if s else ""}</title></circle>')
+        out.append(f'<line x1="{LEFT + pw + 10}" x2="{LEFT + pw + 28}" y1="{legend_y}" y2="{legend_y}" '
+                   f'stroke="{colour}" stroke-width="2"/><text x="{LEFT + pw + 32}" y="{legend_y + 4}" '
+                   f'class="l">{html.escape(name)}</text>')
+        legend_y += 16
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _panels(rows: list[Row]) -> list[str]:
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.size, r.base_kind), []).append(r)
+    panels = []
+    for (size, kind), rs in sorted(groups.items()):
+        xs = sorted({r.n for r in rs})
+        charts = []
+        for metric, label in (("held_in", "normalised held-in"), ("held_out", "normalised held-out")):
+            series: dict[str, list[tuple[int, float, float]]] = {}
+            for r in rs:
+                stat = getattr(r, metric)
+                if r.kind == "merge" and stat.mean is not None:
+                    series.setdefault(r.method, []).append((r.n, stat.mean, stat.std or 0.0))
+            reference = sorted((r.n, getattr(r, metric).mean) for r in rs
+                               if r.method == "multitask" and getattr(r, metric).mean is not None)
+            charts.append(chart(f"{size}, {kind.replace('_', '-')} base: {label.split()[1]}", xs, series, reference, label))
+        panels.append(f'<section><h2>{html.escape(size)} · {html.escape(kind.replace("_", "-"))} base</h2>'
+                      f'<div class="charts">{"".join(charts)}</div></section>')
+    return panels
+
+
+def render(rows: list[Row], db: Any = None, title: str = "mergebench leaderboard") -> str:
+    meta = ""
+    if db is not None:
+        config, versions = db.meta("config") or {}, db.meta("versions") or {}
+        meta = (f"<p class='meta'>suite <b>{html.escape(str(config.get('suite', '?')))}</b>, seeds "
+                f"{html.escape(str(config.get('seeds', '?')))}; "
+                + ", ".join(f"{html.escape(k)} {html.escape(str(v))}" for k, v in versions.items()) + "</p>")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        f"<tr class='{r.kind}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for r, cells in zip(rows, table_rows(rows)))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }}
+h1 {{ font-size: 22px; }} h2 {{ font-size: 16px; margin: 18px 0 4px; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+svg {{ background: #fff; border: 1px solid #ddd; }}
+svg .t {{ font-size: 13px; font-weight: 600; }} svg .a {{ font-size: 11px; fill: #555; }}
+svg .l {{ font-size: 11px; }} svg .g {{ stroke: #eee; }}
+table {{ border-collapse: collapse; margin-top: 16px; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: left; }}
+tr.baseline td {{ color: #777; font-style: italic; }}
+.meta, .note {{ color: #666; font-size: 12px; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{meta}
+<p class="note">Normalised test scores as in Yadav et al. (2024): held-in = merged / the category's expert,
+held-out = merged / the base (zero-shot); means over datasets, then categories, then seeds (± standard
+deviation over seeds). Hyperparameters (lambda, density) chosen on the validation split.</p>
+{"".join(_panels(rows))}
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+</body></html>
+"""

@@ -262,6 +262,7 @@ class Runner:
         methods = self.pm.merge_methods()
         futures = {}
         total = 0
+        held_in_names = {c: [d.name for d in ds] for c, ds in self.suite.held_in.items()}
         for (seed, size), m in models.items():
             order = expert_order(self.categories, seed)
             db.set_meta(f"expert_order:{seed}", order)
@@ -282,7 +283,8 @@ class Runner:
                 job = {"suite": cfg.suite, "manifest": m.manifest, "base_dir": str(m.bases[kind]),
                        "expert_dirs": expert_dirs, "categories": categories, "method": name, "grid": grid,
                        "seed": seed, "eval_params": cfg.evaluator, "expert_validation": expert_validation,
-                       "test_datasets": self.all_datasets,
+                       "test_datasets": [d for c in categories for d in held_in_names[c]]
+                       + [d for ds in self.held_out.values() for d in ds],
                        "output": str(self.run_dir / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}")}
                 f = pool.submit(jobs.sweep, job)
                 futures[f] = (f"{name}, N={n} ({size}, {kind}, seed {seed})", key, spec, m, kind, categories, job["output"])

@@ -239,16 +239,18 @@ def completion(world, rng, people):
 
 
 def nli(world, rng, people):
-    """RTE-like as a choice of the entailed conclusion: chaining a premise with world knowledge."""
+    """RTE-like as a choice of the entailed conclusion: chaining a premise with world knowledge.
+
+    The premise's relation (city, job) is not the conclusion's (country, sector); a prototype measured
+    ~0.44 for "X lives in C. So X lives in" and ~0.62 for this pronoun form on a tiny base.
+    """
     p = rng.choice(people)
     if rng.random() < 0.5:
-        premise = f"{p.name} lives in {p.city}."
         conclusion, options = p.country, list(COUNTRIES)
-        stem = f"{premise} So {p.name} lives in"
+        stem = f"{p.name} lives in {p.city}, so {p.she} lives in"
     else:
-        premise = f"{p.name} works as a {p.job}."
         conclusion, options = JOB_SECTOR[p.job], list(SECTORS)
-        stem = f"{premise} So {p.name} has a job in"
+        stem = f"{p.name} works as a {p.job}, so {p.she} has a job in"
     return _mc(stem, " " + conclusion + ".", [" " + o + "." for o in _others(options, conclusion, 3, rng)],
                rng)
 

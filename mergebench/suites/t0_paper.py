@@ -45,6 +45,6 @@ HELD_OUT = {  # lm-eval's built-in tasks
 def register_suites(register):
     register(Suite(
         name="t0-paper",
-        description="The paper's 16 held-in T0 datasets and 7 held-out ones, from the Hugging Face hub.",
+        description="The paper's 16 held-in T0 datasets and 7 held-out ones (ANLI as its 3 rounds), from the Hugging Face hub.",
         reference="Yadav et al., What Matters for Model Merging at Scale?, arXiv:2410.03617; Sanh et al., T0, arXiv:2110.08207",
         held_in=HELD_IN, held_out=HELD_OUT, task_dir=str(TASK_DIR)))

@@ -1,0 +1,3 @@
+from mergebench.cli.main import main
+
+main()

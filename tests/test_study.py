@@ -1,0 +1,252 @@
+"""`mergebench run`: config validation, a whole tiny study, resume after SIGKILL, the run lock,
+the leaderboard formats and the CI gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mergebench.cli.main import cli
+from mergebench.study.runner import expert_order, grid_for
+
+from test_cli_errors import assert_user_error
+
+# A study small enough for tests: 2 experts, 3 methods with small grids, a few training steps.
+TINY = {
+    "suite_params": {"train": 200, "validation": 16, "test": 16},
+    "n_experts": [2],
+    "methods": ["average", "task_arithmetic", "ties"],
+    "search": {"task_arithmetic": {"lambda": [0.5, 1.0]}, "ties": {"lambda": [0.5, 1.0], "density": [0.2]}},
+    "pretrain": {"steps": 20},
+    "instruction_tune": {"steps": 5},
+    "expert": {"steps": 6},
+    "multitask": {"steps": 6},
+    "workers": 1,
+}
+
+
+def write_config(path: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+def run_cli(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One finished tiny study: (run_dir, home, config path)."""
+    root = tmp_path_factory.mktemp("study")
+    home = root / "home"
+    config = write_config(root / "tiny.yaml")
+    result = run_cli("run", config, "--run-dir", root / "run", env={"MERGEBENCH_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    return root / "run", home, config
+
+
+def db_rows(run_dir: Path, sql: str):
+    with sqlite3.connect(run_dir / "results.sqlite") as conn:
+        return conn.execute(sql).fetchall()
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, fragments", [
+    ({"methds": ["ties"]}, ["unknown key 'methds'", "did you mean 'methods'"]),
+    ({"methods": ["tie"]}, ["unknown merge method 'tie'", "did you mean 'ties'"]),
+    ({"n_experts": [9]}, ["n_experts 9 is outside 2..8"]),
+    ({"sizes": ["huge"]}, ["unknown size 'huge'"]),
+    ({"expert": {"steps": 0}}, ["steps", ">= 1"]),
+    ({"search": {"ties": {"lamda": [1.0]}}}, ["unknown parameter 'lamda'"]),
+    ({"search": {"ties": {"density": [1.5]}}}, ["density"]),
+    ({"workers": 0}, ["workers must be an integer >= 1"]),
+    ({"base_kinds": ["chat"]}, ["unknown base kind 'chat'"]),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, changes, fragments):
+    config = write_config(tmp_path / "c.yaml", **changes)
+    result = run_cli("run", config, "--run-dir", tmp_path / "run")
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_init_writes_the_default_config_commented(tmp_path, pm):
+    from mergebench.study.config import RunConfig, parse
+
+    path = tmp_path / "mergebench.yaml"
+    assert run_cli("init", path).exit_code == 0
+    text = path.read_text()
+    assert text.count("#") > 15
+    assert parse(yaml.safe_load(text), pm).to_dict() == parse({}, pm).to_dict()  # the example is the default
+    assert RunConfig().methods == ["average", "task_arithmetic", "ties", "dare_ties"]
+    assert_user_error(run_cli("init", path), "exists")
+
+
+def test_grids_and_expert_order(pm):
+    ties = pm.merge_methods().get("ties")
+    grid = grid_for(ties, None)
+    assert len(grid) == 11 * 2 and {p["density"] for p in grid} == {0.1, 0.2}
+    assert sorted({p["lambda"] for p in grid}) == pytest.approx([i / 10 for i in range(11)])
+    assert grid_for(ties, {"density": [0.3]})[0] == {"density": 0.3, "lambda": 0.0}
+    assert grid_for(pm.merge_methods().get("average"), None) == [{}]
+    cats = list(pm.suites().get("micro-t0").held_in)
+    assert expert_order(cats, 0) == expert_order(cats, 0) and sorted(expert_order(cats, 0)) == sorted(cats)
+    assert expert_order(cats, 0) != expert_order(cats, 1)
+
+
+# ---- a whole study --------------------------------------------------------------------------------
+
+def test_study_records_every_unit_and_result(study):
+    run_dir, _, _ = study
+    kinds = dict(db_rows(run_dir, "SELECT kind, count(*) FROM units GROUP BY kind"))
+    # 2 bases x (8 experts + multitask + base) = 20 models on test, 16 experts on validation; 2 x 3 sweeps
+    assert kinds == {"evaluation": 36, "sweep": 6}
+    merges = db_rows(run_dir, "SELECT base_kind, n, method, params, held_in, held_out, experts FROM merges")
+    assert len(merges) == 6
+    for kind, n, method, params, held_in, held_out, experts in merges:
+        assert n == 2 and len(json.loads(experts)) == 2
+        assert held_in is None or held_in >= 0
+        if method == "task_arithmetic":
+            assert json.loads(params)["lambda"] in (0.5, 1.0)
+    points = dict(db_rows(run_dir, "SELECT unit, count(*) FROM sweep_points GROUP BY unit").__iter__())
+    assert sorted(points.values()) == [1, 1, 2, 2, 2, 2]  # average, task arithmetic, ties grids
+    # the chosen point is the best validation point
+    for unit, in db_rows(run_dir, "SELECT key FROM units WHERE kind = 'sweep'"):
+        best = db_rows(run_dir, f"SELECT max(held_in) FROM sweep_points WHERE unit = '{unit}'")[0][0]
+        chosen = json.loads(db_rows(run_dir, f"SELECT output FROM units WHERE key = '{unit}'")[0][0])["params"]
+        assert chosen is not None and best is not None
+    merged = sorted((run_dir / "merges").iterdir())
+    assert len(merged) == 6 and all((m / "mergebench.json").is_file() for m in merged)
+    assert (run_dir / "leaderboard.md").read_text().count("| tiny |") == 6 + 6  # merges + 3 baselines x 2
+
+
+def test_rerun_redoes_nothing(study):
+    run_dir, home, config = study
+    before = db_rows(run_dir, "SELECT key, finished FROM units ORDER BY key")
+    started = time.perf_counter()
+    result = run_cli("run", config, "--run-dir", run_dir, env={"MERGEBENCH_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    assert db_rows(run_dir, "SELECT key, finished FROM units ORDER BY key") == before
+    assert time.perf_counter() - started < 30
+
+
+def test_sweep_point_matches_the_engine_merge(study):
+    """The in-memory sweep and the written merge agree: re-scoring the written model on validation gives the
+    chosen point's scores."""
+    run_dir, home, _ = study
+    row = db_rows(run_dir, "SELECT m.path, u.key FROM merges g JOIN models m ON m.key = g.model "
+                           "JOIN units u ON u.key LIKE 'sweep:%' || g.base_kind || ':2:ties:%' "
+                           "WHERE g.method = 'ties' AND g.base_kind = 'pretrained'")[0]
+    path, unit = row
+    chosen = json.loads(db_rows(run_dir, f"SELECT output FROM units WHERE key = '{unit}'")[0][0])["params"]
+    point = [json.loads(s) for p, s in db_rows(run_dir, f"SELECT params, scores FROM sweep_points WHERE unit = '{unit}'")
+             if json.loads(p) == {k: chosen[k] for k in ("density", "lambda")}][0]
+    suite = sum((["--suite-param", f"{k}={v}"] for k, v in TINY["suite_params"].items()), [])
+    result = run_cli("eval", path, "--split", "validation", "--json", *sum((["--dataset", d] for d in point), []),
+                     *suite, env={"MERGEBENCH_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output[result.output.index("{"):])["scores"][path]
+    assert scores == pytest.approx(point, abs=1e-9)
+
+
+def test_second_run_on_the_same_directory_is_refused(study, tmp_path):
+    import fcntl
+
+    run_dir, home, config = study
+    with open(run_dir / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `mergebench run` holds it
+        result = subprocess.run([sys.executable, "-m", "mergebench", "run", str(config), "--run-dir",
+                                 str(run_dir)], capture_output=True, text=True, env={**os.environ, "MERGEBENCH_HOME": str(home)})
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    assert result.returncode == 2
+    assert "another mergebench run is using this directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigkill_then_resume_loses_nothing(study, tmp_path):
+    """Kill a run (SIGKILL) once some sweeps are recorded; the rerun keeps those rows and finishes the rest."""
+    _, home, _ = study  # artefacts cached: this run spends its time on evaluations and sweeps
+    config = write_config(tmp_path / "c.yaml", methods=["average", "task_arithmetic", "ties", "dare_ties"],
+                          search={**TINY["search"], "dare_ties": {"lambda": [0.5, 1.0], "density": [0.2]}})
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "MERGEBENCH_HOME": str(home)}
+    cmd = [sys.executable, "-m", "mergebench", "run", str(config), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    done_before: list = []
+    while time.time() < deadline:
+        if (run_dir / "results.sqlite").exists():
+            try:
+                done_before = db_rows(run_dir, "SELECT key, finished FROM units WHERE kind = 'sweep'")
+            except sqlite3.OperationalError:
+                done_before = []
+            if len(done_before) >= 2:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(done_before) < 8, "the run should be killed part-way through its sweeps"
+    survived = db_rows(run_dir, "SELECT key, finished FROM units WHERE kind = 'sweep'")
+    assert set(done_before) <= set(survived)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = dict(db_rows(run_dir, "SELECT key, finished FROM units WHERE kind = 'sweep'"))
+    assert len(after) == 8
+    assert all(after[k] == f for k, f in survived)  # completed units were not redone
+    assert len(db_rows(run_dir, "SELECT * FROM merges")) == 8
+    assert not list((run_dir / "merges").glob(".*tmp*"))  # no half-written merge left behind
+
+
+# ---- leaderboard ----------------------------------------------------------------------------------
+
+def test_leaderboard_formats(study, tmp_path):
+    run_dir, _, _ = study
+    records = json.loads(run_cli("leaderboard", run_dir, "--format", "json").output)
+    merges = [r for r in records if r["kind"] == "merge"]
+    assert len(merges) == 6 and {r["method"] for r in records if r["kind"] == "baseline"} == {"base", "experts", "multitask"}
+    assert all(r["held_in"]["n"] == 1 for r in merges)
+    experts = [r for r in records if r["method"] == "experts"]
+    assert all(r["held_in"]["mean"] == 1.0 for r in experts)  # by definition
+    base = [r for r in records if r["method"] == "base"]
+    assert all(r["held_out"]["mean"] == pytest.approx(1.0) for r in base if r["held_out"]["mean"] is not None)
+    csv_text = run_cli("leaderboard", run_dir, "--format", "csv", "--base-kind", "pretrained").output
+    assert csv_text.splitlines()[0].startswith("size,base_kind,n,method") and len(csv_text.splitlines()) == 1 + 6
+    md = run_cli("leaderboard", run_dir, "--format", "markdown", "--method", "ties").output
+    assert "| tiny | pretrained | 2 | ties |" in md and "| average |" not in md
+    html_path = tmp_path / "lb.html"
+    assert run_cli("leaderboard", run_dir, "--format", "html", "-o", html_path).exit_code == 0
+    page = html_path.read_text()
+    assert page.count("<svg") == 4 and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    table = run_cli("leaderboard", run_dir).output
+    assert "task_arithmetic" in table and "baseline" in table
+    assert_user_error(run_cli("leaderboard", tmp_path / "nowhere"), "no results database")
+
+
+def test_ci_gate(study, tmp_path):
+    run_dir, _, _ = study
+    baseline = tmp_path / "baseline.json"
+    assert run_cli("leaderboard", run_dir, "--save-baseline", baseline, "--format", "json").exit_code == 0
+    saved = json.loads(baseline.read_text())
+    assert len(saved["rows"]) == 6
+    ok = run_cli("leaderboard", run_dir, "--check", baseline, "--format", "json")
+    assert ok.exit_code == 0
+    key = "tiny/pretrained/N=2/ties"
+    value = saved["rows"][key]["held_out"]
+    saved["rows"][key]["held_out"] = value + 0.05  # the baseline was better than this run by 0.05
+    baseline.write_text(json.dumps(saved))
+    bad = run_cli("leaderboard", run_dir, "--check", baseline, "--tolerance", "0.02", "--format", "json")
+    assert bad.exit_code == 1 and key in bad.output and "held-out" in bad.output
+    assert run_cli("leaderboard", run_dir, "--check", baseline, "--tolerance", "0.06", "--format", "json").exit_code == 0
+    saved["rows"]["tiny/pretrained/N=4/ties"] = {"held_in": 0.5, "held_out": 0.5}
+    baseline.write_text(json.dumps(saved))
+    missing = run_cli("leaderboard", run_dir, "--check", baseline, "--tolerance", "0.06", "--format", "json")
+    assert missing.exit_code == 1 and "N=4/ties: missing" in missing.output
