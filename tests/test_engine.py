@@ -103,7 +103,7 @@ def test_one_and_two_threads_give_bit_identical_files(tiny_llamas, tmp_path):
     for threads in (1, 2):
         for method in ("dare_ties", "ties"):
             out = tmp_path / f"{method}-{threads}"
-            cmd = [sys.executable, "-m", "mergebench.cli.main", "merge", method, "--base", str(tiny_llamas["base"]),
+            cmd = [sys.executable, "-m", "mergebench", "merge", method, "--base", str(tiny_llamas["base"]),
                    "-e", str(tiny_llamas["e0"]), "-e", str(tiny_llamas["e1"]), "--seed", "11", "--threads",
                    str(threads), "-q", "-o", str(out)]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "MERGEBENCH_LOAD_PLUGINS": ""})

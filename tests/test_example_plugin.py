@@ -30,7 +30,7 @@ def site(tmp_path_factory):
 def cli(site, *args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     env.pop("MERGEBENCH_LOAD_PLUGINS")
-    return subprocess.run([sys.executable, "-m", "mergebench.cli.main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mergebench", *map(str, args)], capture_output=True,
                           text=True, env=env)
 
 

@@ -31,10 +31,10 @@ def register_expert_trainers(register):
         name="full_finetune",
         description="Full fine-tuning on one held-in category (the paper's experts, scaled down).",
         reference="Yadav et al., arXiv:2410.03617, section 3: 2000 steps, lr 3e-5, cosine, dropout 0.05",
-        params=training_params(250, 2e-3, seed=2),
+        params=training_params(200, 2e-3, seed=2),
         train=full_finetune))
     register(ExpertTrainer(
         name="multitask",
         description="The multitask baseline: the same trainer over the union of every held-in category.",
-        params=training_params(500, 2e-3, seed=3),
+        params=training_params(400, 2e-3, seed=3),
         train=full_finetune))

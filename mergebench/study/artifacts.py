@@ -27,8 +27,27 @@ def plugin_version(pm: PluginManager, component: Component) -> str:
     return pm.distributions.get(component.plugin, ("mergebench", mergebench.__version__))[1]
 
 
+def code_hash(*functions: Callable) -> str:
+    """A hash of the source files that define ``functions`` (and of the shared training loop): a changed
+    generator or trainer gets new cache entries even when nobody bumped a version number."""
+    import hashlib
+    import inspect
+
+    from mergebench import training
+    from mergebench.suites import world
+
+    shared = {inspect.getsourcefile(training), inspect.getsourcefile(world)}
+    files = sorted({inspect.getsourcefile(f) for f in functions if f is not None} | shared)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(Path(f).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _ident(pm: PluginManager, component: Component) -> dict[str, str]:
-    return {"plugin": component.plugin, "name": component.name, "version": plugin_version(pm, component)}
+    fn = getattr(component, "build", None) or getattr(component, "prepare", None) or getattr(component, "train", None)
+    return {"plugin": component.plugin, "name": component.name, "version": plugin_version(pm, component),
+            "code": code_hash(fn)}
 
 
 def load_manifest(directory: Path) -> dict:

@@ -21,7 +21,7 @@ EXAMPLE = """\
 suite: micro-t0              # a registered suite with generated data (`mergebench suite list`)
 suite_params:                # passed to the suite's generator
   train: 2000                # training examples per held-in dataset
-  validation: 60             # validation examples per dataset: lambda and density are chosen here
+  validation: 40             # validation examples per dataset: lambda and density are chosen here
   test: 200                  # test examples per dataset: what the leaderboard reports
 seeds: [0]                   # each seed is a full replicate: data, bases, experts, expert order
 sizes: [tiny]                # tiny (0.33M parameters), small (1.2M), medium (4.5M)

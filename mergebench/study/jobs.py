@@ -95,6 +95,7 @@ def sweep(job: dict) -> dict:
         return normalise(scores, held_in, {}, job["expert_validation"], {}, on_zero="skip").held_in, scores
 
     points = []
+    base_point = None
     scale = method.scale_param if method.delta is not None else None
     groups: dict[tuple, list[dict]] = {}
     for params in job["grid"]:
@@ -106,7 +107,12 @@ def sweep(job: dict) -> dict:
         if scale is not None and base is not None:
             delta = in_memory.merge_delta(method, grid[0], base, experts, seed=job["seed"])
             for params in grid:
-                held, scores = score(in_memory.apply_delta(base, delta, method.resolve_params(params)[scale]))
+                value = method.resolve_params(params)[scale]
+                if value == 0:  # theta_0 + 0 * delta is the base whatever the other parameters: score it once
+                    base_point = base_point or score(base)
+                    held, scores = base_point
+                else:
+                    held, scores = score(in_memory.apply_delta(base, delta, value))
                 points.append({"params": params, "held_in": held, "scores": scores})
             del delta
         else:

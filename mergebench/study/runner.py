@@ -203,14 +203,15 @@ class Runner:
         root = str(self.cache.root)
         futures = {}
         for (seed, size), m in models.items():
+            for kind, base in m.bases.items():  # the longest jobs (multitask) first: no long tail at the end
+                params = {**cfg.multitask, "seed": cfg.multitask["seed"] + seed}
+                f = pool.submit(jobs.train_expert, root, m.manifest, str(base), self.categories, "multitask", params)
+                futures[f] = (f"multitask ({size}, {kind}, seed {seed})", seed, size, kind, None)
             for kind, base in m.bases.items():
                 for category in self.categories:
                     params = {**cfg.expert, "seed": cfg.expert["seed"] + seed}
                     f = pool.submit(jobs.train_expert, root, m.manifest, str(base), [category], cfg.expert_trainer, params)
                     futures[f] = (f"{category} expert ({size}, {kind}, seed {seed})", seed, size, kind, category)
-                params = {**cfg.multitask, "seed": cfg.multitask["seed"] + seed}
-                f = pool.submit(jobs.train_expert, root, m.manifest, str(base), self.categories, "multitask", params)
-                futures[f] = (f"multitask ({size}, {kind}, seed {seed})", seed, size, kind, None)
         self.reporter.stage("train experts", len(futures))
 
         def done(tag, result):
@@ -266,7 +267,8 @@ class Runner:
         for (seed, size), m in models.items():
             order = expert_order(self.categories, seed)
             db.set_meta(f"expert_order:{seed}", order)
-            for kind, n, name in itertools.product(cfg.base_kinds, cfg.n_experts, cfg.methods):
+            # the largest merges (longest sweeps) first, so the workers finish together
+            for n, kind, name in itertools.product(sorted(cfg.n_experts, reverse=True), cfg.base_kinds, cfg.methods):
                 total += 1
                 method = methods.get(name)
                 categories = order[:n]

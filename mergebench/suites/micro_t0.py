@@ -423,7 +423,7 @@ def register_suites(register):
         description="Built-in micro suite: 8 held-in and 4 held-out categories over one seeded synthetic world.",
         reference="mirrors Yadav et al., What Matters for Model Merging at Scale?, arXiv:2410.03617",
         params=(Param("train", int, 2000, "training examples per held-in dataset", min=1),
-                Param("validation", int, 60, "validation examples per dataset (hyperparameter choice)", min=1),
+                Param("validation", int, 40, "validation examples per dataset (hyperparameter choice)", min=1),
                 Param("test", int, 200, "test examples per dataset", min=1),
                 Param("vocab_size", int, 1024, "BPE vocabulary size", min=300)),
         held_in=_specs(HELD_IN), held_out=_specs(HELD_OUT), build=build, version=VERSION))
