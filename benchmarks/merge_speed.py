@@ -219,7 +219,7 @@ def explain_ties_differences(a: Path, b: Path, models: dict, n: int, density: fl
 # ---- the two tools ---------------------------------------------------------------------------------
 
 def mergebench_cmd(method: str, models: dict, n: int, out: Path, threads: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "mergebench.cli.main", "merge", method, "--base", str(models["base"])]
+    cmd = [sys.executable, "-m", "mergebench", "merge", method, "--base", str(models["base"])]
     for i in range(n):
         cmd += ["-e", str(models[f"expert{i}"])]
     for k, v in METHODS[method][1].items():

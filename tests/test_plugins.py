@@ -146,6 +146,7 @@ HOOK_TESTS = {
     "register_evaluators": test_other_component_registries,
     "register_commands": test_register_commands_adds_a_subcommand,
     "resolve_model": test_resolve_model_firstresult_lets_a_plugin_add_a_scheme,
+    "register_suites": "tests/test_stages.py::test_a_plugin_registers_a_suite_and_it_builds_through_the_cache",
 }
 
 

@@ -72,6 +72,10 @@ def run(config: Path | None, run_dir: Path, workers: int | None, no_leaderboard:
     from mergebench.study.runner import Runner
 
     quiet_libraries()
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise InputError("mergebench run evaluates with lm-eval: pip install 'mergebench[eval]'") from None
     pm = get_plugin_manager()
     cfg = run_config.load(config, pm)
     if workers is not None:
@@ -294,31 +298,31 @@ def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[st
     given = component.resolve_params(_parse_params(params))
     if not (base / "config.json").is_file():
         raise InputError(f"{base}: not a model directory (no config.json)")
+    if data_files:  # everything is checked before the progress display starts
+        missing = [str(f) for f in data_files if not f.is_file()]
+        if missing:
+            raise InputError(f"training data not found: {', '.join(missing)}")
+        if output is None:
+            raise InputError("--data needs -o OUTPUT (only suite categories are cached)")
+        from mergebench.core.writer import AtomicDirectory
+
+        with AtomicDirectory(output, force) as tmp, _progress() as progress:
+            component.train(base.resolve(), list(data_files), given, tmp, on_step=_step_bar(progress, trainer))
+        click.echo(str(output))
+        return
+    suite_component = pm.suites().get(suite_name)
+    chosen = list(suite_component.held_in) if trainer == "multitask" and not categories else list(categories)
+    if not chosen:
+        raise InputError(f"give --category (one of: {', '.join(suite_component.held_in)}) or --data FILE")
+    for c in chosen:
+        if c not in suite_component.held_in:
+            from mergebench.core.registry import _unknown_message
+
+            raise InputError(_unknown_message(f"category '{c}'", f"suite '{suite_name}'", suite_component.held_in))
+    manifest = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
     with _progress() as progress:
-        on_step = _step_bar(progress, f"{trainer}")
-        if data_files:
-            missing = [str(f) for f in data_files if not f.is_file()]
-            if missing:
-                raise InputError(f"training data not found: {', '.join(missing)}")
-            if output is None:
-                raise InputError("--data needs -o OUTPUT (only suite categories are cached)")
-            from mergebench.core.writer import AtomicDirectory
-
-            with AtomicDirectory(output, force) as tmp:
-                component.train(base.resolve(), list(data_files), given, tmp, on_step=on_step)
-            click.echo(str(output))
-            return
-        suite_component = pm.suites().get(suite_name)
-        chosen = list(suite_component.held_in) if trainer == "multitask" and not categories else list(categories)
-        if not chosen:
-            raise InputError(f"give --category (one of: {', '.join(suite_component.held_in)}) or --data FILE")
-        for c in chosen:
-            if c not in suite_component.held_in:
-                from mergebench.core.registry import _unknown_message
-
-                raise InputError(_unknown_message(f"category '{c}'", f"suite '{suite_name}'", suite_component.held_in))
-        manifest = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
-        built = artifacts.expert(pm, cache, manifest, base.resolve(), chosen, trainer, given, on_step=on_step)
+        built = artifacts.expert(pm, cache, manifest, base.resolve(), chosen, trainer, given,
+                                 on_step=_step_bar(progress, trainer))
     click.echo(str(_publish(built, output, force)))
 
 

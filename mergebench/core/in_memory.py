@@ -45,8 +45,12 @@ def _per_tensor(method: MergeMethod, params: dict[str, Any], base: StateDict | N
         if not t.is_floating_point() or _identical(inputs):
             out[name] = None
             continue
-        # elementwise methods see flat tensors, as the engine's chunks are
-        f32 = [x.to(torch.float32).reshape(-1) if method.elementwise else x.to(torch.float32) for x in inputs]
+        # copies: methods work in place on their inputs (the engine hands them scratch buffers), and a
+        # sweep merges the same state dicts many times. Elementwise methods see flat tensors, as the
+        # engine's chunks are.
+        f32 = [x.to(torch.float32, copy=True) for x in inputs]
+        if method.elementwise:
+            f32 = [x.reshape(-1) for x in f32]
         b, ex = (f32[0], f32[1:]) if base is not None else (None, f32)
         ctx = TensorContext(name=name, weights=weights, seed=seed)
         if method.tensor_analysis is not None:

@@ -1,0 +1,219 @@
+"""The study's stages on their own: suites (micro-t0, t0-paper, a plugin's), base preparers, expert
+trainers, in-memory merges against the engine, and the stage commands on a user's model directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from mergebench.cli.main import cli
+from mergebench.core import in_memory
+from mergebench.core.cache import ArtifactCache
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.registry import DatasetSpec, Suite
+from mergebench.evaluators.lm_eval_adapter import load_state_dict
+from mergebench.study import artifacts
+
+from conftest import load_dir
+from test_cli_errors import assert_user_error
+
+SMALL_SUITE = {"train": 120, "validation": 12, "test": 12, "vocab_size": 400}
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# ---- suites ---------------------------------------------------------------------------------------
+
+def test_a_plugin_registers_a_suite_and_it_builds_through_the_cache(pm, tmp_path):
+    def build(directory, seed, params):
+        rows = [{"query": f"{i} + {seed} =", "answer": f" {i + seed}"} for i in range(params["rows"])]
+        (directory / "add.test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        manifest = {"suite": "arith", "files": {"add": {"test": str(directory / "add.test.jsonl")}}}
+        (directory / "suite.json").write_text(json.dumps(manifest))
+        return manifest
+
+    class ArithSuite:
+        @hookimpl
+        def register_suites(self, register):
+            from mergebench.core.registry import Param
+
+            register(Suite(name="arith", description="Addition.", held_in={"maths": (DatasetSpec("add", "generate_until", "exact_match"),)},
+                           params=(Param("rows", int, 3, "rows", min=1),), build=build))
+
+    pm.register(ArithSuite(), name="arith-plugin")
+    suite = pm.suites().get("arith")
+    assert suite.plugin == "arith-plugin" and suite.datasets() == {"add": DatasetSpec("add", "generate_until", "exact_match")}
+    cache = ArtifactCache(tmp_path / "cache")
+    first = artifacts.suite(pm, cache, "arith", 2, {"rows": 4})
+    lines = Path(first["files"]["add"]["test"]).read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[3]) == {"query": "3 + 2 =", "answer": " 5"}
+    assert artifacts.suite(pm, cache, "arith", 2, {"rows": 4})["directory"] == first["directory"]  # cached
+    assert artifacts.suite(pm, cache, "arith", 3, {"rows": 4})["directory"] != first["directory"]  # new seed
+    assert "rows" in pm.suites().get("arith").params[0].name
+
+
+def test_micro_suite_build_has_a_tokenizer_with_special_tokens(pm, tmp_path):
+    from transformers import AutoTokenizer
+
+    manifest = artifacts.suite(pm, ArtifactCache(tmp_path), "micro-t0", 0, SMALL_SUITE)
+    tok = AutoTokenizer.from_pretrained(manifest["tokenizer"])
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>") and len(tok) == 400
+    suite = pm.suites().get("micro-t0")
+    assert len(suite.held_in) == 8 and len(suite.held_out) == 4
+    for name in suite.datasets():
+        assert Path(manifest["files"][name]["test"]).is_file()
+
+
+def test_t0_paper_configs_parse_and_register_offline(pm):
+    """Every held-in config is valid lm-eval YAML that lm-eval indexes; held-out ones are lm-eval's own tasks.
+    Nothing is downloaded: building a task would fetch its dataset, so only indexing is checked."""
+    from lm_eval.api.task import TaskConfig
+    from lm_eval.tasks import TaskManager
+
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml as load_yaml_config
+    except ImportError:  # lm-eval < 0.4.10
+        from lm_eval.utils import load_yaml_config
+
+    suite = pm.suites().get("t0-paper")
+    held_in = [d.name for ds in suite.held_in.values() for d in ds]
+    assert len(held_in) == 16 and len(suite.held_in) == 8 and len(suite.held_out) == 4
+    manager = TaskManager(include_path=suite.task_dir, include_defaults=True)
+    for name in held_in:
+        assert name in manager.all_tasks, name
+        config = load_yaml_config(str(Path(suite.task_dir) / f"{name}.yaml"))
+        assert config["task"] == name and config["dataset_path"] and config["output_type"] == suite.datasets()[name].output_type
+        TaskConfig(**config)  # lm-eval's own validation of the fields
+        if "process_results" in config:
+            assert callable(config["process_results"])  # the !function tag resolved to our ROUGE-L
+            assert config["process_results"]({"target": "a b c", "target_text": "a b c", "highlights": "a b c",
+                                               "summary": "a b c"}, ["a b c"]) == {"rouge_l": 1.0}
+    for name in (d.name for ds in suite.held_out.values() for d in ds):
+        assert name in manager.all_tasks, name
+
+
+# ---- preparers and trainers -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A micro suite, a briefly pretrained tiny base, an instruction-tuned one and one expert, via the plugins."""
+    from mergebench.core.plugin_manager import make_plugin_manager
+
+    pm = make_plugin_manager(entry_points=False)
+    cache = ArtifactCache(tmp_path_factory.mktemp("home") / "artifacts")  # MERGEBENCH_HOME's layout
+    manifest = artifacts.suite(pm, cache, "micro-t0", 0, SMALL_SUITE)
+    losses: list[float] = []
+    base = artifacts.base(pm, cache, manifest, "tiny", {"steps": 40}, on_step=lambda s, t, l: losses.append(l))
+    it = artifacts.instruction_tuned(pm, cache, manifest, base, {"steps": 5})
+    expert = artifacts.expert(pm, cache, manifest, base, ["sentiment"], "full_finetune", {"steps": 30, "seed": 4})
+    return pm, cache, manifest, base, it, expert, losses
+
+
+def test_pretraining_learns_and_saves_the_hugging_face_layout(built):
+    from transformers import AutoModelForCausalLM
+
+    _, _, _, base, it, expert, losses = built
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.7 * sum(losses[:5])  # 6.0 -> ~3.7
+    for d in (base, it, expert):
+        assert (d / "config.json").is_file() and (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+        assert AutoModelForCausalLM.from_pretrained(d).config.num_hidden_layers == 4
+    assert json.loads((base / "config.json").read_text())["attention_dropout"] == 0.0  # dropout only while training
+
+
+def test_expert_training_is_deterministic_and_cached(built, tmp_path):
+    pm, cache, manifest, base, _, expert, _ = built
+    again = artifacts.expert(pm, ArtifactCache(tmp_path), manifest, base, ["sentiment"], "full_finetune",
+                             {"steps": 30, "seed": 4})
+    assert (again / "model.safetensors").read_bytes() == (expert / "model.safetensors").read_bytes()
+    assert artifacts.expert(pm, cache, manifest, base, ["sentiment"], "full_finetune", {"steps": 30, "seed": 4}) == expert
+    other = artifacts.expert(pm, cache, manifest, base, ["sentiment"], "full_finetune", {"steps": 30, "seed": 5})
+    assert other != expert
+    changed = {k for k, v in load_state_dict(expert).items() if not torch.equal(v, load_state_dict(base)[k])}
+    assert changed  # fine-tuning touched the weights
+
+
+def test_target_only_loss_ignores_the_prompt(built):
+    from mergebench.training import _encode_pair, load_model
+
+    _, _, _, base, _, _, _ = built
+    _, tok = load_model(base)
+    ids, labels = _encode_pair(tok, "Review: good\nThe review is", " positive", 64)
+    n_prompt = len(tok("Review: good\nThe review is", add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert labels[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("method, params", [("average", {}), ("task_arithmetic", {"lambda": 0.7}),
+                                            ("ties", {"density": 0.2, "lambda": 0.9}),
+                                            ("dare_ties", {"density": 0.3, "lambda": 0.8})])
+def test_in_memory_merge_equals_the_engine(built, tmp_path, method, params):
+    """What a sweep scores in memory is bit for bit what `mergebench merge` writes."""
+    from mergebench.core.api import merge
+
+    pm, cache, manifest, base, it, expert, _ = built
+    m = pm.merge_methods().get(method)
+    b, experts = load_state_dict(base), [load_state_dict(expert), load_state_dict(it)]
+    originals = [{k: v.clone() for k, v in sd.items()} for sd in [b, *experts]]
+    merge(method, base=base, experts=[expert, it], output=tmp_path / "out", seed=3, plugin_manager=pm, **params)
+    written = load_dir(tmp_path / "out")
+    in_mem = in_memory.merge(m, params, b if m.needs_base else None, experts, seed=3)
+    assert set(written) == set(in_mem)
+    for k in written:
+        assert torch.equal(written[k], in_mem[k].to(written[k].dtype)), k
+    for sd, original in zip([b, *experts], originals):  # inputs untouched: a sweep reuses them
+        assert all(torch.equal(sd[k], original[k]) for k in sd)
+    if m.delta is not None:
+        delta = in_memory.merge_delta(m, params, b, experts, seed=3)
+        scaled = in_memory.apply_delta(b, delta, params["lambda"])
+        assert all(torch.equal(scaled[k], in_mem[k]) for k in in_mem)
+
+
+def test_global_trimming_is_left_to_the_engine(built):
+    pm = built[0]
+    ties = pm.merge_methods().get("ties")
+    assert not in_memory.supports(ties, ties.resolve_params({"trim_scope": "global"}), 2)
+    assert in_memory.supports(ties, ties.resolve_params({}), 2)
+
+
+# ---- stage commands -------------------------------------------------------------------------------
+
+def test_stage_commands_on_a_users_directories(built, tmp_path, monkeypatch):
+    pm, cache, manifest, base, it, expert, _ = built
+    monkeypatch.setenv("MERGEBENCH_HOME", str(cache.root.parent))
+    suite_args = [a for k, v in SMALL_SUITE.items() for a in ("--suite-param", f"{k}={v}")]
+    out = tmp_path / "expert"
+    r = run_cli("train-expert", base, "--category", "topic_classification", "-p", "steps=3", *suite_args, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").is_file() and not (out / "mergebench-artifact.json").exists()
+    r = run_cli("eval", base, it, out, "--base", base, "--expert", f"topic_classification={out}", "--json", *suite_args)
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert set(report["scores"]) == {str(base), str(it), str(out)} and len(report["scores"][str(base)]) == 12
+    norm = report["normalised"]
+    assert norm[str(out)]["held_in"] == pytest.approx(1.0) or norm[str(out)]["skipped"]  # its own category
+    assert norm[str(base)]["held_out"] == pytest.approx(1.0)  # the base on held-out, by definition
+    table = run_cli("eval", base, "--dataset", "micro_topic", *suite_args)
+    assert table.exit_code == 0 and "micro_topic" in table.output and "micro_nli" not in table.output
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"query": "Q: 2+2?\nA:", "answer": " 4"}) + "\n")
+    r = run_cli("train-expert", base, "--data", data, "-p", "steps=2", "-o", tmp_path / "mine")
+    assert r.exit_code == 0, r.output
+    assert_user_error(run_cli("train-expert", base, "--category", "sentimnt", *suite_args), "did you mean 'sentiment'")
+    assert_user_error(run_cli("train-expert", tmp_path / "nope", "--category", "sentiment"), "not a model directory")
+    assert_user_error(run_cli("train-expert", base, "--data", tmp_path / "missing.jsonl", "-o", tmp_path / "x"),
+                      "training data not found")
+    assert_user_error(run_cli("eval", base, "--dataset", "micro_nl", *suite_args), "did you mean 'micro_nli'")
+    assert_user_error(run_cli("prepare-base", "--preparer", "pretrain", "-p", "stepz=3"), "unknown parameter 'stepz'")
+    assert_user_error(run_cli("prepare-base", "--preparer", "instruction_tune"), "needs --base")
+    r = run_cli("prepare-base", "--preparer", "load", "-p", f"model={base}")
+    assert r.exit_code == 0 and r.output.strip() == str(base.resolve())
+    assert_user_error(run_cli("prepare-base", "--preparer", "load", "-p", "model=org/not-cached"), "local Hugging Face cache")
+    r = run_cli("suite", "list", "--json")
+    assert {s["name"] for s in json.loads(r.output)} == {"micro-t0", "t0-paper"}
