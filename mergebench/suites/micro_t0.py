@@ -21,7 +21,7 @@ from mergebench.suites.world import (COLOURS, COUNTRIES, FOODS, HOBBIES, JOB_SEC
                                      CITY_COUNTRY, Person)
 
 SUITE = "micro-t0"
-VERSION = "1"
+VERSION = "2"
 
 # ---- the pretraining corpus -------------------------------------------------------------------------
 
@@ -96,6 +96,15 @@ def corpus(world: World, rng: random.Random, copies: int = 4) -> list[str]:
         gloss, verbs = rng.choice(senses)
         docs.append(f"{p.first} {cause}, so {p.she} {effect}. Later {p.first} {rng.choice(verbs)} the {word}, "
                     f"{gloss}.")
+    women = [p for p in world.known if p.gender == "f"]
+    men = [p for p in world.known if p.gender == "m"]
+    for _ in range(len(world.known)):  # two people, then a pronoun and a fact about the one it refers to
+        pair = [rng.choice(women), rng.choice(men)]
+        rng.shuffle(pair)
+        t = rng.choice(pair)
+        fact = rng.choice([f"{t.she} bought some {t.food}", f"{t.she} wore {t.her} {t.colour} coat",
+                           f"{t.she} talked about {t.hobby}"])
+        docs.append(f"{pair[0].name} met {pair[1].name} at the market, and {fact}.")
     rng.shuffle(docs)
     return docs
 
@@ -357,13 +366,14 @@ def generate(directory: Path, seed: int, train: int = 2000, validation: int = 20
     """Write the suite's JSONL splits, corpus and manifest into ``directory``; returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     world = World(seed)
-    rng = random.Random(f"{SUITE}-{seed}")
     known, new = world.known, world.new
     k_train, k_eval = known[: len(known) * 2 // 3], known[len(known) * 2 // 3:]
     n_train, n_eval = new[: len(new) // 2], new[len(new) // 2:]
     manifest: dict = {"suite": SUITE, "version": VERSION, "seed": seed, "held_in": {}, "held_out": {}, "files": {}}
 
-    def many(make: Callable, people: list[Person], n: int) -> list[dict]:
+    def many(make: Callable, people: list[Person], n: int, name: str, split: str) -> list[dict]:
+        # one random stream per (dataset, split): changing one split's size changes nothing else
+        rng = random.Random(f"{SUITE}-{seed}-{name}-{split}")
         return [make(world, rng, people) for _ in range(n)]
 
     def write(name: str, split: str, rows: list[dict]) -> None:
@@ -378,14 +388,16 @@ def generate(directory: Path, seed: int, train: int = 2000, validation: int = 20
                 manifest[group][category][name] = {"output_type": output_type, "metric": metric}
                 uses_known = name in USES_KNOWN_PEOPLE
                 if group == "held_in":
-                    write(name, "train", many(make, k_train if uses_known else n_train, train))
+                    write(name, "train", many(make, k_train if uses_known else n_train, train, name, "train"))
                     eval_people = k_eval if uses_known else n_eval
                 else:  # held-out tasks are zero-shot: no train split; they draw on corpus people
                     eval_people = known
-                write(name, "validation", many(make, eval_people, validation))
-                write(name, "test", many(make, eval_people, test))
-    write("instructions", "train", many(instructions, known, train * 2))
-    (directory / "corpus.txt").write_text("\n".join(corpus(world, rng)) + "\n")
+                write(name, "validation", many(make, eval_people, validation, name, "validation"))
+                # held-out scores are normalised by the base's: twice the examples halve their variance
+                n_test = test if group == "held_in" else 2 * test
+                write(name, "test", many(make, eval_people, n_test, name, "test"))
+    write("instructions", "train", many(instructions, known, train * 2, "instructions", "train"))
+    (directory / "corpus.txt").write_text("\n".join(corpus(world, random.Random(f"{SUITE}-{seed}-corpus"))) + "\n")
     manifest["files"]["corpus"] = {"train": str((directory / "corpus.txt").resolve())}
     (directory / "suite.json").write_text(json.dumps(manifest, indent=2))
     return manifest
