@@ -77,3 +77,29 @@ def test_example_registers_on_a_fresh_manager():
     base, expert = torch.zeros(10), torch.arange(1.0, 11.0)
     out = m.merge(base, [expert], m.resolve_params({"density": 0.3, "gamma": 0.2}), TensorContext("w", (1.0,)))
     assert out.tolist() == [0, 0, 0, 0, 0, 6, 7, 8, 0, 0]  # 10 and 9 are outliers; 8, 7, 6 are kept
+
+
+def test_example_plugin_runs_in_a_study_and_gates_in_ci(site, tmp_path):
+    """The CI recipe of examples/ci/ with the example plugin: run, save a baseline, check, see a regression fail."""
+    import yaml
+
+    config = yaml.safe_load((EXAMPLE / "mergebench-ci.yaml").read_text())
+    assert config["methods"] == ["ties", "breadcrumbs"]
+    config.update({"suite_params": {"train": 200, "validation": 16, "test": 16}, "n_experts": [2],
+                   "base_kinds": ["pretrained"], "pretrain": {"steps": 20}, "expert": {"steps": 6},
+                   "multitask": {"steps": 6}, "workers": 1})
+    config["search"]["breadcrumbs"] = {"lambda": [0.5, 1.0]}
+    (tmp_path / "ci.yaml").write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    result = cli(site, "run", tmp_path / "ci.yaml", "--run-dir", run_dir, "--no-leaderboard")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(cli(site, "leaderboard", run_dir, "--format", "json").stdout)
+    crumbs = next(r for r in rows if r["method"] == "breadcrumbs")
+    assert crumbs["params"][0]["lambda"] in (0.5, 1.0) and crumbs["held_out"]["mean"] is not None
+    assert cli(site, "leaderboard", run_dir, "--save-baseline", tmp_path / "b.json", "--format", "json").returncode == 0
+    assert cli(site, "leaderboard", run_dir, "--check", tmp_path / "b.json", "--format", "json").returncode == 0
+    baseline = json.loads((tmp_path / "b.json").read_text())
+    baseline["rows"]["tiny/pretrained/N=2/breadcrumbs"]["held_out"] += 0.1
+    (tmp_path / "b.json").write_text(json.dumps(baseline))
+    gate = cli(site, "leaderboard", run_dir, "--check", tmp_path / "b.json", "--format", "json")
+    assert gate.returncode == 1 and "tiny/pretrained/N=2/breadcrumbs: held-out" in gate.stderr

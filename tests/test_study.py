@@ -181,7 +181,7 @@ def test_sigkill_then_resume_loses_nothing(study, tmp_path):
     env = {**os.environ, "MERGEBENCH_HOME": str(home)}
     cmd = [sys.executable, "-m", "mergebench", "run", str(config), "--run-dir", str(run_dir)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # generous: a loaded CI machine evaluates slowly
     done_before: list = []
     while time.time() < deadline:
         if (run_dir / "results.sqlite").exists():
@@ -250,3 +250,16 @@ def test_ci_gate(study, tmp_path):
     baseline.write_text(json.dumps(saved))
     missing = run_cli("leaderboard", run_dir, "--check", baseline, "--tolerance", "0.06", "--format", "json")
     assert missing.exit_code == 1 and "N=4/ties: missing" in missing.output
+
+
+def test_html_uses_one_colour_per_method_on_every_chart(study):
+    import re
+
+    run_dir, _, _ = study
+    page = run_cli("leaderboard", run_dir, "--format", "html").output
+    legend = re.findall(r'stroke="(#[0-9a-f]{6})" stroke-width="2"/><text [^>]*class="l">([a-z_]+)</text>', page)
+    seen: dict[str, set] = {}
+    for colour, method in legend:
+        seen.setdefault(method, set()).add(colour)
+    assert set(seen) == {"average", "task_arithmetic", "ties"} and all(len(c) == 1 for c in seen.values())
+    assert len({c for cs in seen.values() for c in cs}) == 3

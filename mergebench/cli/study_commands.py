@@ -393,15 +393,19 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
                              "skipped": n.skipped}
     if as_json:
         click.echo(json.dumps({"suite": suite_name, "seed": seed, "split": split, "seconds": seconds,
-                               "scores": results, "normalised": normalised}, indent=2))
+                               "base": base_ref, "experts": experts, "scores": results, "normalised": normalised},
+                              indent=2))
         return
-    _print_eval(results, normalised, suite_component, chosen, split, seconds)
+    labels = {m: Path(m).name[:14] for m in results}  # a short name per column: its role when one was given
+    labels.update({p: c[:14] for c, p in experts.items()})
+    if base_ref:
+        labels[base_ref] = "base"
+    _print_eval(results, normalised, suite_component, chosen, split, seconds, labels)
 
 
-def _print_eval(results, normalised, suite_component, chosen, split, seconds) -> None:
+def _print_eval(results, normalised, suite_component, chosen, split, seconds, labels) -> None:
     if not stdout.is_terminal:
         stdout.width = max(stdout.width, 60 + 12 * len(results))
-    labels = {m: Path(m).name[:14] for m in results}
     table = Table(title=f"raw scores on {split} ({seconds:.1f} s)")
     table.add_column("category")
     table.add_column("dataset")

@@ -22,7 +22,7 @@ def _fmt(v: float) -> str:
 
 
 def chart(title: str, xs: list[int], series: dict[str, list[tuple[int, float, float]]],
-          reference: list[tuple[int, float]] | None, ylabel: str) -> str:
+          reference: list[tuple[int, float]] | None, ylabel: str, colours: dict[str, str] | None = None) -> str:
     """An SVG line chart; ``series``: name -> [(x, mean, std)], ``reference``: [(x, value)] drawn dashed."""
     values = [m + s for pts in series.values() for _, m, s in pts] + [m - s for pts in series.values() for _, m, s in pts]
     values += [v for _, v in reference or []]
@@ -60,8 +60,9 @@ def chart(title: str, xs: list[int], series: dict[str, list[tuple[int, float, fl
         out.append(f'<line x1="{LEFT + pw + 10}" x2="{LEFT + pw + 28}" y1="{legend_y}" y2="{legend_y}" stroke="#444" '
                    f'stroke-dasharray="5,4"/><text x="{LEFT + pw + 32}" y="{legend_y + 4}" class="l">multitask</text>')
         legend_y += 16
-    for i, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
+    colours = colours or {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(series))}
+    for name, pts in sorted(series.items()):
+        colour = colours[name]
         pts = sorted(pts)
         line = " ".join(f"{px(x):.1f},{py(m):.1f}" for x, m, _ in pts)
         out.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
@@ -84,6 +85,9 @@ def _panels(rows: list[Row]) -> list[str]:
     for r in rows:
         groups.setdefault((r.size, r.base_kind), []).append(r)
     panels = []
+    # one colour per method on every chart of the page
+    methods = sorted({r.method for r in rows if r.kind == "merge"})
+    colours = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
     for (size, kind), rs in sorted(groups.items()):
         xs = sorted({r.n for r in rs})
         charts = []
@@ -95,7 +99,8 @@ def _panels(rows: list[Row]) -> list[str]:
                     series.setdefault(r.method, []).append((r.n, stat.mean, stat.std or 0.0))
             reference = sorted((r.n, getattr(r, metric).mean) for r in rs
                                if r.method == "multitask" and getattr(r, metric).mean is not None)
-            charts.append(chart(f"{size}, {kind.replace('_', '-')} base: {label.split()[1]}", xs, series, reference, label))
+            charts.append(chart(f"{size}, {kind.replace('_', '-')} base: {label.split()[1]}", xs, series, reference, label,
+                                colours))
         panels.append(f'<section><h2>{html.escape(size)} · {html.escape(kind.replace("_", "-"))} base</h2>'
                       f'<div class="charts">{"".join(charts)}</div></section>')
     return panels
