@@ -123,3 +123,17 @@ def test_lm_eval_is_a_registered_evaluator():
     evaluator = make_plugin_manager(entry_points=False).evaluators().get("lm-eval")
     assert evaluator.plugin == "mergebench.evaluators.lm_eval_adapter"
     assert evaluator.resolve_params({"split": "validation"}) == {"split": "validation", "batch_size": 64}
+
+
+def test_exact_match_tasks_generate_no_further_than_the_longest_answer(tmp_path, pm):
+    from mergebench.evaluators.lm_eval_adapter import suite_tasks
+
+    rows = [{"query": "Q", "answer": " Tolbek"}, {"query": "Q", "answer": " Kovo"}]
+    files = {}
+    for split in ("validation", "test"):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = pm.suites().get("micro-t0")
+    manifest = {"files": {"micro_extractive_qa": files, "micro_summarization": files}}
+    qa, summary = suite_tasks(suite, manifest, ["micro_extractive_qa", "micro_summarization"])
+    assert qa.max_gen_toks == len(" Tolbek") + 4 and summary.max_gen_toks == 32

@@ -163,8 +163,23 @@ def suite_tasks(suite, manifest: dict | None, datasets: Iterable[str], max_gen_t
     out = []
     for name in datasets:
         d = specs[name]
-        out.append(TaskSpec(name, d.output_type, d.metric, manifest["files"][name], max_gen_toks=max_gen_toks))
+        tokens = max_gen_toks
+        if d.metric == "exact_match":  # generation steps past the longest answer cannot change the score
+            tokens = min(max_gen_toks, _longest_answer_bytes(manifest["files"][name]) + 4)
+        out.append(TaskSpec(name, d.output_type, d.metric, manifest["files"][name], max_gen_toks=tokens))
     return out
+
+
+def _longest_answer_bytes(files: Mapping[str, str]) -> int:
+    """The longest reference answer in any split, in bytes: a byte-level token holds at least one byte."""
+    import json
+
+    longest = 0
+    for path in files.values():
+        with open(path) as fh:
+            for line in fh:
+                longest = max(longest, len(json.loads(line).get("answer", "").encode()))
+    return longest
 
 
 class SuiteSession(LMEvalSession):
