@@ -64,16 +64,29 @@ def grid_for(method, overrides: dict[str, list[Any]] | None) -> list[dict[str, A
     return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
 
+class _Deferred(Future):
+    """A job that runs in this process when its result is first asked for."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        super().__init__()
+        self._job = (fn, args)
+
+    def run_now(self) -> None:
+        fn, args = self._job
+        try:
+            self.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, like a pool's
+            self.set_exception(exc)
+
+
 class _Inline:
-    """The executor interface, running each job at submit time (workers = 1: no process start-up)."""
+    """The executor interface without processes (workers = 1): jobs run one at a time as they are
+    drained, so each is recorded before the next starts (a kill loses at most the one running)."""
+
+    inline = True
 
     def submit(self, fn: Callable, *args: Any) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - delivered through the future, like a pool's
-            future.set_exception(exc)
-        return future
+        return _Deferred(fn, args)
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None: ...
 
@@ -149,7 +162,10 @@ class Runner:
     def _drain(self, futures: dict[Future, Any], stage: str, on_done: Callable[[Any, Any], None]) -> None:
         """Wait for ``futures``; record each as it completes (so a kill loses only the ones in flight)."""
         error: BaseException | None = None
-        for future in as_completed(futures):
+        deferred = all(isinstance(f, _Deferred) for f in futures)
+        for future in (futures if deferred else as_completed(futures)):
+            if deferred:
+                future.run_now()
             tag = futures[future]
             try:
                 on_done(tag, future.result())
