@@ -110,8 +110,9 @@ def render(rows: list[Row], db: Any = None, title: str = "mergebench leaderboard
     meta = ""
     if db is not None:
         config, versions = db.meta("config") or {}, db.meta("versions") or {}
+        seeds = sorted({seed for r in rows for seed in r.seeds})  # what the rows hold, not the last config
         meta = (f"<p class='meta'>suite <b>{html.escape(str(config.get('suite', '?')))}</b>, seeds "
-                f"{html.escape(str(config.get('seeds', '?')))}; "
+                f"{html.escape(', '.join(map(str, seeds)) or '-')}; "
                 + ", ".join(f"{html.escape(k)} {html.escape(str(v))}" for k, v in versions.items()) + "</p>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
