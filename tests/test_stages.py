@@ -217,3 +217,23 @@ def test_stage_commands_on_a_users_directories(built, tmp_path, monkeypatch):
     assert_user_error(run_cli("prepare-base", "--preparer", "load", "-p", "model=org/not-cached"), "local Hugging Face cache")
     r = run_cli("suite", "list", "--json")
     assert {s["name"] for s in json.loads(r.output)} == {"micro-t0", "t0-paper"}
+
+
+def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path):
+    """A worker that evaluates a tiny and then a small model (same suite, same datasets) must not swap the
+    small model's weights into the tiny model's wrapper."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from mergebench.study import jobs
+    from mergebench.training import llama_config, save_model
+
+    _, _, manifest, base, _, _, _ = built
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    small = base.parent / "small-model"  # beside the tiny base, as cache entries of one kind are
+    save_model(LlamaForCausalLM(llama_config("small", len(tok))), tok, small)
+    params = {"split": "validation", "batch_size": 64}
+    for model in (base, small, base):
+        scores = jobs.evaluate(str(model), "micro-t0", manifest, ["micro_sentiment"], params)["scores"]
+        assert 0.0 <= scores["micro_sentiment"] <= 1.0
+    assert len([k for k in jobs._SESSIONS if k[1] == manifest["directory"]]) == 2

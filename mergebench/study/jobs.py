@@ -52,8 +52,9 @@ def train_expert(cache_root: str, manifest: dict, base_dir: str, categories: lis
 
 def session(model_dir: str, suite: str, manifest: dict, datasets: tuple[str, ...], params: dict):
     """This process's evaluation session for (architecture, suite data, split, datasets), made once."""
-    key = (str(Path(model_dir).parent), manifest.get("directory"), params["split"], params["batch_size"],
-           tuple(datasets))
+    # one session per architecture: models of another size (another config) need their own wrapper
+    architecture = (Path(model_dir) / "config.json").read_bytes()
+    key = (architecture, manifest.get("directory"), params["split"], params["batch_size"], tuple(datasets))
     if key not in _SESSIONS:
         pm = _pm()
         evaluator = pm.evaluators().get("lm-eval")

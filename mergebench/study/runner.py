@@ -83,8 +83,6 @@ class _Inline:
     """The executor interface without processes (workers = 1): jobs run one at a time as they are
     drained, so each is recorded before the next starts (a kill loses at most the one running)."""
 
-    inline = True
-
     def submit(self, fn: Callable, *args: Any) -> Future:
         return _Deferred(fn, args)
 
