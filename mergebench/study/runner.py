@@ -127,6 +127,7 @@ class Runner:
         self.reporter = reporter or Reporter()
         self.suite = pm.suites().get(cfg.suite)
         self.categories = list(self.suite.held_in)
+        self.held_in = {c: [d.name for d in ds] for c, ds in self.suite.held_in.items()}
         self.held_out = {c: [d.name for d in ds] for c, ds in self.suite.held_out.items()}
         self.all_datasets = list(self.suite.datasets())
 
@@ -250,7 +251,7 @@ class Runner:
                                     (path.name, role, seed, size, kind, category, str(path), None))
                     todo.append((path.name, path, "test", self.all_datasets, m.manifest))
                     if role == "expert":  # its own category on validation: the sweep's normaliser
-                        todo.append((path.name, path, "validation", [d.name for d in self.suite.held_in[category]],
+                        todo.append((path.name, path, "validation", self.held_in[category],
                                      m.manifest))
         return [t for t in todo if not db.done(self._eval_key(t[0], t[2], t[3]))]
 
@@ -277,7 +278,6 @@ class Runner:
         methods = self.pm.merge_methods()
         futures = {}
         total = 0
-        held_in_names = {c: [d.name for d in ds] for c, ds in self.suite.held_in.items()}
         for (seed, size), m in models.items():
             order = expert_order(self.categories, seed)
             db.set_meta(f"expert_order:{seed}", order)
@@ -299,7 +299,7 @@ class Runner:
                 job = {"suite": cfg.suite, "manifest": m.manifest, "base_dir": str(m.bases[kind]),
                        "expert_dirs": expert_dirs, "categories": categories, "method": name, "grid": grid,
                        "seed": seed, "eval_params": cfg.evaluator, "expert_validation": expert_validation,
-                       "test_datasets": [d for c in categories for d in held_in_names[c]]
+                       "test_datasets": [d for c in categories for d in self.held_in[c]]
                        + [d for ds in self.held_out.values() for d in ds],
                        "output": str(self.run_dir / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}")}
                 f = pool.submit(jobs.sweep, job)
@@ -310,7 +310,7 @@ class Runner:
 
         def done(tag, result):
             _, key, spec, m, kind, categories, output = tag
-            held_in = {c: [d.name for d in self.suite.held_in[c]] for c in categories}
+            held_in = {c: self.held_in[c] for c in categories}
             experts_test = {c: db.scores(m.experts[kind][c].name, "test") for c in categories}
             base_test = db.scores(m.bases[kind].name, "test")
             norm = normalise(result["test_scores"], held_in, self.held_out, experts_test, base_test, on_zero="skip")
@@ -335,7 +335,7 @@ class Runner:
         with run_lock(self.run_dir):
             db = ResultsDB(self.run_dir / DB_NAME)
             db.set_meta("config", self.cfg.to_dict())
-            db.set_meta("suite", {"name": self.suite.name, "held_in": {c: [d.name for d in ds] for c, ds in self.suite.held_in.items()},
+            db.set_meta("suite", {"name": self.suite.name, "held_in": self.held_in,
                                   "held_out": self.held_out})
             db.set_meta("versions", self._versions())
             models = self._build_bases()
