@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mergebench.suites.micro_t0 import HELD_IN, HELD_OUT, USES_KNOWN_PEOPLE, generate
+from mergebench.suites.micro_t0 import HELD_IN, HELD_OUT, HELD_OUT_TEST_FACTOR, USES_KNOWN_PEOPLE, generate
 from mergebench.suites.world import World
 from mergebench.training import TrainConfig, llama_config, pairs_from_rows, train, train_tokenizer
 
@@ -46,6 +46,26 @@ def test_manifest_has_every_category_and_split(suite):
     for datasets in m["held_out"].values():
         for name in datasets:
             assert set(m["files"][name]) == {"validation", "test"}  # zero-shot: no training data
+
+
+def test_split_sizes_held_out_tests_are_larger_and_coreference_largest(suite):
+    _, m = suite
+    for datasets in m["held_in"].values():
+        for name in datasets:
+            assert [len(rows(m, name, s)) for s in ("train", "validation", "test")] == [300, 60, 60]
+    sizes = {name: len(rows(m, name, "test")) for datasets in m["held_out"].values() for name in datasets}
+    assert sizes == {"micro_completion": 120, "micro_nli": 120, "micro_coreference": 240, "micro_word_sense": 120}
+    assert HELD_OUT_TEST_FACTOR == {"micro_coreference": 4}
+
+
+def test_a_larger_split_starts_with_the_smaller_one(suite, tmp_path):
+    # one random stream per (dataset, split): more test examples add rows, they do not redraw the others
+    _, m = suite
+    bigger = generate(tmp_path / "bigger", seed=0, train=300, validation=60, test=90)
+    for name in ("micro_mcqa", "micro_coreference"):
+        small, large = rows(m, name, "test"), rows(bigger, name, "test")
+        assert len(large) == len(small) * 3 // 2 and large[: len(small)] == small
+        assert rows(bigger, name, "validation") == rows(m, name, "validation")
 
 
 def test_rows_are_well_formed(suite):
