@@ -137,3 +137,22 @@ def test_exact_match_tasks_generate_no_further_than_the_longest_answer(tmp_path,
     manifest = {"files": {"micro_extractive_qa": files, "micro_summarization": files}}
     qa, summary = suite_tasks(suite, manifest, ["micro_extractive_qa", "micro_summarization"])
     assert qa.max_gen_toks == len(" Tolbek") + 4 and summary.max_gen_toks == 32
+
+
+def test_memoised_tok_encode_encodes_each_string_once_and_hands_out_copies():
+    from mergebench.evaluators.lm_eval_adapter import _memoised_tok_encode
+
+    calls = []
+
+    def encode(string, add_special_tokens=None, left_truncate_len=None):
+        calls.append((string, add_special_tokens, left_truncate_len))
+        ids = [ord(c) for c in string]
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    cached = _memoised_tok_encode(encode)
+    first = cached("abc")
+    first.append(0)  # a caller extending its list must not change what the next caller gets
+    assert cached("abc") == [97, 98, 99]
+    assert cached("abc", left_truncate_len=2) == [98, 99]
+    assert cached("abc", add_special_tokens=False) == [97, 98, 99]
+    assert calls == [("abc", None, None), ("abc", None, 2), ("abc", False, None)]
