@@ -140,23 +140,44 @@ def test_rerun_redoes_nothing(study):
     assert time.perf_counter() - started < 30
 
 
-def test_sweep_point_matches_the_engine_merge(study):
-    """The in-memory sweep and the written merge agree: re-scoring the written model on validation gives the
-    chosen point's scores."""
-    run_dir, home, _ = study
+def assert_chosen_point_is_the_written_merge(run_dir: Path, home: Path, method: str) -> dict:
+    """Re-scoring the written merge on validation gives the chosen sweep point's scores; returns its params."""
     row = db_rows(run_dir, "SELECT m.path, u.key FROM merges g JOIN models m ON m.key = g.model "
-                           "JOIN units u ON u.key LIKE 'sweep:%' || g.base_kind || ':2:ties:%' "
-                           "WHERE g.method = 'ties' AND g.base_kind = 'pretrained'")[0]
+                           f"JOIN units u ON u.key LIKE 'sweep:%' || g.base_kind || ':2:{method}:%' "
+                           f"WHERE g.method = '{method}' AND g.base_kind = 'pretrained'")[0]
     path, unit = row
     chosen = json.loads(db_rows(run_dir, f"SELECT output FROM units WHERE key = '{unit}'")[0][0])["params"]
-    point = [json.loads(s) for p, s in db_rows(run_dir, f"SELECT params, scores FROM sweep_points WHERE unit = '{unit}'")
-             if json.loads(p) == {k: chosen[k] for k in ("density", "lambda")}][0]
+    point = [(json.loads(p), json.loads(s)) for p, s in
+             db_rows(run_dir, f"SELECT params, scores FROM sweep_points WHERE unit = '{unit}'")
+             if all(chosen[k] == v for k, v in json.loads(p).items())][0][1]
     suite = sum((["--suite-param", f"{k}={v}"] for k, v in TINY["suite_params"].items()), [])
     result = run_cli("eval", path, "--split", "validation", "--json", *sum((["--dataset", d] for d in point), []),
                      *suite, env={"MERGEBENCH_HOME": str(home)})
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output[result.output.index("{"):])["scores"][path]
     assert scores == pytest.approx(point, abs=1e-9)
+    return chosen
+
+
+def test_sweep_point_matches_the_engine_merge(study):
+    """The in-memory sweep and the written merge agree: re-scoring the written model on validation gives the
+    chosen point's scores."""
+    run_dir, home, _ = study
+    assert assert_chosen_point_is_the_written_merge(run_dir, home, "ties")["trim_scope"] == "tensor"
+
+
+def test_a_method_with_a_whole_model_pre_pass_is_swept_through_the_engine(study, tmp_path):
+    """TIES trimmed over the whole task vector cannot be merged tensor by tensor in memory: its grid points are
+    merged by the engine (models come from the study's cache, so only the sweep runs)."""
+    _, home, _ = study
+    config = write_config(tmp_path / "global.yaml", methods=["ties"],
+                          search={"ties": {"lambda": [0.5, 1.0], "density": [0.2], "trim_scope": ["global"]}},
+                          base_kinds=["pretrained"])
+    result = run_cli("run", config, "--run-dir", tmp_path / "run", env={"MERGEBENCH_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    assert len(db_rows(tmp_path / "run", "SELECT * FROM sweep_points")) == 2
+    assert assert_chosen_point_is_the_written_merge(tmp_path / "run", home, "ties")["trim_scope"] == "global"
+    assert not list((tmp_path / "run").rglob(".*-point-*"))  # scratch merges are gone
 
 
 def test_second_run_on_the_same_directory_is_refused(study, tmp_path):

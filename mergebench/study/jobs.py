@@ -71,6 +71,21 @@ def evaluate(model_dir: str, suite: str, manifest: dict, datasets: list[str], pa
     return {"scores": scores, "seconds": time.perf_counter() - started}
 
 
+def _engine_merge(method, params: dict, job: dict, pm) -> dict:
+    """One grid point merged by the streaming engine into a scratch directory beside the output."""
+    import tempfile
+
+    from mergebench.core import api
+    from mergebench.evaluators.lm_eval_adapter import load_state_dict
+
+    output = Path(job["output"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}-point-", dir=output.parent) as tmp:
+        api.merge(method.name, base=job["base_dir"] if method.needs_base else None, experts=job["expert_dirs"],
+                  output=Path(tmp) / "merged", seed=job["seed"], force=True, threads=1, plugin_manager=pm, **params)
+        return load_state_dict(Path(tmp) / "merged")
+
+
 def sweep(job: dict) -> dict:
     """Evaluate a method's search grid on validation, write the chosen merge, evaluate it on test.
 
@@ -102,10 +117,13 @@ def sweep(job: dict) -> dict:
     for params in job["grid"]:
         groups.setdefault(tuple(sorted((k, v) for k, v in params.items() if k != scale)), []).append(params)
     for _, grid in groups.items():
-        resolved = method.resolve_params(grid[0])
-        if not in_memory.supports(method, resolved, len(experts)):
-            raise NotImplementedError(f"method '{method.name}' with {resolved} needs the engine's whole-model pre-pass")
-        if scale is not None and base is not None:
+        if not in_memory.supports(method, method.resolve_params(grid[0]), len(experts)):
+            # a whole-model pre-pass (TIES trimmed over the whole task vector): each point is merged by
+            # the engine, which runs the pre-pass, and read back
+            for params in grid:
+                held, scores = score(_engine_merge(method, params, job, pm))
+                points.append({"params": params, "held_in": held, "scores": scores})
+        elif scale is not None and base is not None:
             delta = in_memory.merge_delta(method, grid[0], base, experts, seed=job["seed"])
             for params in grid:
                 value = method.resolve_params(params)[scale]
