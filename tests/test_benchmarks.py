@@ -24,3 +24,25 @@ def test_merge_speed_quick_runs_and_reports(tmp_path):
     assert results["floor"]["smoke/2"]["input_bytes"] > 3 * 2.0e6
     assert results["threads"][0]["identical"] is True
     assert "| smoke | 2 | ties |" in done.stdout
+
+
+def test_results_summary_averages_methods_and_counts_best_cells(tmp_path):
+    def row(n, method, kind, held_in, held_out):
+        stat = lambda v: {"mean": v, "std": 0.0, "n": 2}  # noqa: E731
+        return {"size": "tiny", "base_kind": "pretrained", "n": n, "method": method, "kind": kind,
+                "held_in": stat(held_in), "held_out": stat(held_out), "seeds": [0, 1], "params": [{}]}
+
+    rows = [row(2, "average", "merge", 0.9, 0.8), row(2, "ties", "merge", 0.7, 0.6),
+            row(2, "multitask", "baseline", 1.1, 0.5), row(2, "experts", "baseline", 1.0, 0.4),
+            row(4, "average", "merge", 0.5, 0.7), row(4, "ties", "merge", 0.6, 0.9),
+            row(4, "multitask", "baseline", 0.95, 0.5), row(4, "experts", "baseline", 1.0, 0.6)]
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps(rows))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "results_summary.py"), str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # held-in means (0.9+0.7)/2, (0.5+0.6)/2; held-out (0.8+0.6)/2, (0.7+0.9)/2; best 0.8, 0.9; averaging 0.8, 0.7
+    assert ("| tiny | pretrained | 2 | 2 / 4 | 0.80 / 0.55 | 0.70 / 0.80 | 0.80 / 0.90 | 0.80 / 0.70 "
+            "| 0.95-1.10 / 0.50 | 0.50 |") in done.stdout
+    assert "best held-in merge per cell: {'average': 1, 'ties': 1}" in done.stdout
+    assert "best held-out merge per cell: {'average': 1, 'ties': 1}" in done.stdout
