@@ -440,6 +440,7 @@ def register_suites(register):
         reference="mirrors Yadav et al., What Matters for Model Merging at Scale?, arXiv:2410.03617",
         params=(Param("train", int, 2000, "training examples per held-in dataset", min=1),
                 Param("validation", int, 40, "validation examples per dataset (hyperparameter choice)", min=1),
-                Param("test", int, 200, "test examples per dataset", min=1),
+                Param("test", int, 200, "test examples per held-in dataset (held-out: twice, coreference four times)",
+                      min=1),
                 Param("vocab_size", int, 1024, "BPE vocabulary size", min=300)),
         held_in=_specs(HELD_IN), held_out=_specs(HELD_OUT), build=build, version=VERSION))
