@@ -1,8 +1,9 @@
-"""The merge-speed benchmark's smoke mode runs, so the benchmark cannot rot."""
+"""The benchmarks run (smoke sizes), so they cannot rot."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,3 +47,22 @@ def test_results_summary_averages_methods_and_counts_best_cells(tmp_path):
             "| 0.95-1.10 / 0.50 | 0.50 |") in done.stdout
     assert "best held-in merge per cell: {'average': 1, 'ties': 1}" in done.stdout
     assert "best held-out merge per cell: {'average': 1, 'ties': 1}" in done.stdout
+
+
+def test_eval_speed_benchmark_times_a_model_on_a_small_suite(tmp_path):
+    from mergebench.training import llama_config, train_tokenizer
+    from transformers import LlamaForCausalLM
+
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 50, tmp_path / "tok", vocab_size=300)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(llama_config("tiny", len(tok))).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), str(model_dir), "--threads", "1",
+                           "--repeats", "2", "--suite-param", "train=20", "--suite-param", "validation=4",
+                           "--suite-param", "test=6"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MERGEBENCH_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 1 | " in done.stdout
+    # 8 held-in x 6 + 3 held-out x 12 + coreference 24
+    assert "12 datasets, 108 test examples" in done.stdout
