@@ -219,6 +219,45 @@ def test_stage_commands_on_a_users_directories(built, tmp_path, monkeypatch):
     assert {s["name"] for s in json.loads(r.output)} == {"micro-t0", "t0-paper"}
 
 
+def test_evaluations_are_cached_by_model_and_data_contents(built, tmp_path, monkeypatch):
+    """A model scored on a split before is not evaluated again, under any path; a changed model or
+    --no-cache is; a subset of datasets scored before hits too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    pm, cache, manifest, base, it, expert, _ = built
+    monkeypatch.setenv("MERGEBENCH_HOME", str(cache.root.parent))
+    suite_args = [a for k, v in SMALL_SUITE.items() for a in ("--suite-param", f"{k}={v}")]
+
+    def evaluate(*args):
+        r = run_cli("eval", *args, "--split", "validation", "--json", *suite_args)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output[r.output.index("{"):])
+
+    def entries():
+        root = cache.root / "evaluation"
+        return {e for e in root.iterdir() if e.is_dir()} if root.is_dir() else set()
+
+    before = entries()
+    first = evaluate(expert)
+    assert first["cached"] == [] and len(first["scores"][str(expert)]) == 12
+    copy = tmp_path / "copy"
+    shutil.copytree(expert, copy)
+    again = evaluate(copy, "--dataset", "micro_sentiment", "--dataset", "micro_nli")
+    assert again["cached"] == [str(copy)]
+    assert again["scores"][str(copy)] == {d: first["scores"][str(expert)][d] for d in ("micro_sentiment", "micro_nli")}
+    assert evaluate(copy, "--no-cache", "--dataset", "micro_nli")["cached"] == []
+    weights = load_file(copy / "model.safetensors")
+    name = next(n for n in weights if n.endswith("embed_tokens.weight"))
+    weights[name] = weights[name] * 1.5  # another model: must be evaluated, and score differently
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    changed = evaluate(copy)
+    assert changed["cached"] == [] and changed["scores"][str(copy)] != first["scores"][str(expert)]
+    new = entries() - before
+    assert len(new) == 24 and all((e / "score.json").is_file() for e in new)  # 12 datasets x 2 models
+
+
 def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path):
     """A worker that evaluates a tiny and then a small model (same suite, same datasets) must not swap the
     small model's weights into the tiny model's wrapper."""
@@ -234,6 +273,7 @@ def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path)
     save_model(LlamaForCausalLM(llama_config("small", len(tok))), tok, small)
     params = {"split": "validation", "batch_size": 64}
     for model in (base, small, base):
-        scores = jobs.evaluate(str(model), "micro-t0", manifest, ["micro_sentiment"], params)["scores"]
+        scores = jobs.evaluate(str(tmp_path / "cache"), str(model), "micro-t0", manifest, ["micro_sentiment"],
+                               params)["scores"]
         assert 0.0 <= scores["micro_sentiment"] <= 1.0
     assert len([k for k in jobs._SESSIONS if k[1] == manifest["directory"]]) == 2

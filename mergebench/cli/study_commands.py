@@ -339,9 +339,13 @@ def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[st
               help="Which MODEL is the expert of a category (held-in normaliser); repeatable.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-cache", is_flag=True, help="Evaluate again even where cached scores exist (and replace none).")
 def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_name: str, seed: int, split: str, datasets: tuple[str, ...],
-                 base_ref: str | None, expert_refs: tuple[str, ...], batch_size: int, as_json: bool) -> None:
-    """Evaluate MODELS with lm-eval on a suite: raw scores per dataset, normalised when --base/--expert are given."""
+                 base_ref: str | None, expert_refs: tuple[str, ...], batch_size: int, as_json: bool, no_cache: bool) -> None:
+    """Evaluate MODELS with lm-eval on a suite: raw scores per dataset, normalised when --base/--expert are given.
+
+    Scores are cached under MERGEBENCH_HOME by the contents of the model's files and the dataset's
+    split, so evaluating the same model on the same data again is free."""
     from mergebench.core.normalise import normalise
     from mergebench.study import artifacts
 
@@ -366,20 +370,31 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
             from mergebench.core.registry import _unknown_message
 
             raise InputError(_unknown_message(f"dataset '{d}'", f"suite '{suite_name}'", all_datasets))
-    manifest = (artifacts.suite(pm, _cache(), suite_name, seed, _parse_params(suite_params))
+    cache = _cache()
+    manifest = (artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
                 if suite_component.build else None)
     evaluator = pm.evaluators().get("lm-eval")
     params = evaluator.resolve_params({"split": split, "batch_size": batch_size})
     started = time.perf_counter()
+    from mergebench.evaluators.lm_eval_adapter import load_state_dict
+
+    results: dict[str, dict[str, float]] = {}
+    cached: list[str] = []
     with _progress() as progress:
         task = progress.add_task("evaluate", total=len(models), item="")
-        session = evaluator.session(models[0], suite_component, manifest, chosen, params)
-        from mergebench.evaluators.lm_eval_adapter import load_state_dict
-
-        results = {}
+        session = None
         for m in models:
             progress.update(task, item=str(m))
-            results[str(m)] = session.evaluate(load_state_dict(m))
+            scores = None if no_cache else artifacts.cached_scores(pm, cache, m, manifest, chosen, params)
+            if scores is None:
+                # one session (tasks indexed once) for every model that needs evaluating
+                if session is None:
+                    session = evaluator.session(m, suite_component, manifest, chosen, params)
+                scores = session.evaluate(load_state_dict(m))
+                artifacts.store_scores(pm, cache, m, manifest, scores, params)
+            else:
+                cached.append(str(m))
+            results[str(m)] = scores
             progress.advance(task)
     seconds = time.perf_counter() - started
     normalised = {}
@@ -393,7 +408,7 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
                              "skipped": n.skipped}
     if as_json:
         click.echo(json.dumps({"suite": suite_name, "seed": seed, "split": split, "seconds": seconds,
-                               "base": base_ref, "experts": experts, "scores": results, "normalised": normalised},
+                               "cached": cached, "base": base_ref, "experts": experts, "scores": results, "normalised": normalised},
                               indent=2))
         return
     labels = {m: Path(m).name[:14] for m in results}  # a short name per column: its role when one was given
@@ -401,6 +416,9 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
     if base_ref:
         labels[base_ref] = "base"
     _print_eval(results, normalised, suite_component, chosen, split, seconds, labels)
+    if cached:
+        stderr.print(f"{len(cached)} of {len(results)} models' scores came from the evaluation cache "
+                     "(--no-cache evaluates again)")
 
 
 def _print_eval(results, normalised, suite_component, chosen, split, seconds, labels) -> None:

@@ -113,3 +113,73 @@ def expert(pm: PluginManager, cache: ArtifactCache, manifest: dict, base_dir: Pa
             "categories": sorted(categories), "params": params}
     data = category_files(manifest, component, sorted(categories))
     return cache.get_or_build("expert", spec, lambda tmp: trainer.train(base_dir, data, params, tmp, on_step=on_step))
+
+
+# ---- evaluations ------------------------------------------------------------------------------------
+
+# the files that decide a model's scores (weights, config, tokenizer); not its card or cache manifest
+_MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "model.safetensors.index.json"}
+
+
+def model_identity(model_dir: Path) -> str:
+    """A hash of the contents of the files that decide a model's outputs (hashes are cached by file)."""
+    import hashlib
+
+    from mergebench.core.hashing import sha256_file
+
+    files = sorted(p for p in Path(model_dir).iterdir()
+                   if p.is_file() and (p.suffix == ".safetensors" or p.name in _MODEL_FILES))
+    listing = json.dumps([(p.name, sha256_file(p)) for p in files])
+    return hashlib.sha256(listing.encode()).hexdigest()[:32]
+
+
+def _evaluation_spec(pm: PluginManager, model: str, manifest: dict, dataset: str, params: dict) -> dict | None:
+    from mergebench.core.hashing import sha256_file
+
+    split_file = manifest.get("files", {}).get(dataset, {}).get(params["split"])
+    if split_file is None:
+        return None
+    import lm_eval
+
+    from mergebench.evaluators import lm_eval_task_utils
+
+    evaluator = pm.evaluators().get("lm-eval")
+    # the adapter's source and the task configs' scoring functions (a new metric must not hit old scores)
+    code = code_hash(evaluator.evaluate, evaluator.session, lm_eval_task_utils.process_exact_match)
+    return {**_ident(pm, evaluator), "code": code, "params": params, "lm_eval": lm_eval.__version__,
+            "model": model, "dataset": dataset, "data": sha256_file(Path(split_file))}
+
+
+def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, manifest: dict | None,
+                  datasets: list[str], params: dict) -> dict[str, float] | None:
+    """The model's scores on ``datasets`` if every one was computed before, else None.
+
+    Keyed by the model's file contents, the dataset split's file contents, the evaluator (plugin,
+    version, source, parameters) and lm-eval's version, so a copied or re-trained identical model
+    hits, and a changed one misses. Suites evaluated from hub task configs (no local files) are not cached.
+    """
+    if manifest is None:
+        return None
+    model = model_identity(model_dir)
+    scores = {}
+    for dataset in datasets:
+        spec = _evaluation_spec(pm, model, manifest, dataset, params)
+        entry = cache.get("evaluation", spec) if spec else None
+        if entry is None:
+            return None
+        scores[dataset] = json.loads((entry / "score.json").read_text())["score"]
+    return scores
+
+
+def store_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, manifest: dict | None,
+                 scores: dict[str, float], params: dict) -> None:
+    """Record each dataset's score as its own cache entry (written atomically, like every artefact)."""
+    if manifest is None:
+        return
+    model = model_identity(model_dir)
+    for dataset, score in scores.items():
+        spec = _evaluation_spec(pm, model, manifest, dataset, params)
+        if spec is not None:
+            cache.get_or_build("evaluation", spec, lambda tmp, s=score: (tmp / "score.json").write_text(
+                json.dumps({"score": s, "model_dir": str(model_dir)})))

@@ -62,13 +62,20 @@ def session(model_dir: str, suite: str, manifest: dict, datasets: tuple[str, ...
     return _SESSIONS[key]
 
 
-def evaluate(model_dir: str, suite: str, manifest: dict, datasets: list[str], params: dict) -> dict:
+def evaluate(cache_root: str, model_dir: str, suite: str, manifest: dict, datasets: list[str], params: dict) -> dict:
+    """Scores of one model, from the evaluation cache when this model was scored on this data before."""
     from mergebench.evaluators.lm_eval_adapter import load_state_dict
+    from mergebench.study import artifacts
 
     started = time.perf_counter()
-    s = session(model_dir, suite, manifest, tuple(datasets), params)
-    scores = s.evaluate(load_state_dict(Path(model_dir)))
-    return {"scores": scores, "seconds": time.perf_counter() - started}
+    pm, cache = _pm(), _cache(cache_root)
+    scores = artifacts.cached_scores(pm, cache, Path(model_dir), manifest, list(datasets), params)
+    cached = scores is not None
+    if not cached:
+        s = session(model_dir, suite, manifest, tuple(datasets), params)
+        scores = s.evaluate(load_state_dict(Path(model_dir)))
+        artifacts.store_scores(pm, cache, Path(model_dir), manifest, scores, params)
+    return {"scores": scores, "seconds": time.perf_counter() - started, "cached": cached}
 
 
 def _engine_merge(method, params: dict, job: dict, pm) -> dict:

@@ -262,7 +262,7 @@ class Runner:
         futures = {}
         for key, path, split, datasets, manifest in todo:
             params = {**self.cfg.evaluator, "split": split}
-            f = pool.submit(jobs.evaluate, str(path), self.cfg.suite, manifest, datasets, params)
+            f = pool.submit(jobs.evaluate, str(self.cache.root), str(path), self.cfg.suite, manifest, datasets, params)
             futures[f] = (f"{key[:8]} on {split}", key, split, datasets)
         self.reporter.stage("evaluate models", len(futures))
 
