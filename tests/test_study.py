@@ -284,3 +284,22 @@ def test_html_uses_one_colour_per_method_on_every_chart(study):
         seen.setdefault(method, set()).add(colour)
     assert set(seen) == {"average", "task_arithmetic", "ties"} and all(len(c) == 1 for c in seen.values())
     assert len({c for cs in seen.values() for c in cs}) == 3
+
+
+def test_jobs_refuse_to_run_once_mergebench_source_changed(tmp_path):
+    """A worker that would run other code than the runner started with stops with one clear message (seen
+    for real: an edit under a running run made a worker call a function with another signature)."""
+    from mergebench.core.errors import MergebenchError
+    from mergebench.study import jobs
+
+    now = jobs.source_fingerprint()
+    assert now == jobs.source_fingerprint() and len(now) == 16
+    try:
+        jobs.expect_source("0" * 16)  # what the source was when the run started
+        with pytest.raises(MergebenchError, match="source files changed while this run was going"):
+            jobs.evaluate(str(tmp_path), str(tmp_path / "model"), "micro-t0", {}, ["micro_nli"],
+                          {"split": "test", "batch_size": 8})
+        jobs.expect_source(now)
+        jobs._check_source()  # unchanged source: no complaint
+    finally:
+        jobs.expect_source(None)

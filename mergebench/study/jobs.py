@@ -14,11 +14,42 @@ from pathlib import Path
 from typing import Any
 
 _SESSIONS: dict[tuple, Any] = {}
+_EXPECTED_SOURCE: str | None = None
 
 
-def init_worker(threads: int = 1) -> None:
+def source_fingerprint() -> str:
+    """A hash of mergebench's own source files as they are on disk now (a few milliseconds)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(str(f.relative_to(root)).encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def expect_source(fingerprint: str | None) -> None:
+    """Jobs in this process refuse to run once mergebench's source differs from ``fingerprint``."""
+    global _EXPECTED_SOURCE
+    _EXPECTED_SOURCE = fingerprint
+
+
+def _check_source() -> None:
+    # worker processes import modules when they first need them: after an upgrade or an edit under a
+    # running run they would mix the runner's code with new code and fail in ways that look like bugs
+    if _EXPECTED_SOURCE is not None and source_fingerprint() != _EXPECTED_SOURCE:
+        from mergebench.core.errors import MergebenchError
+
+        raise MergebenchError("mergebench's source files changed while this run was going (an upgrade or an "
+                              "edit), so its processes would mix old and new code; run `mergebench run` again: "
+                              "it resumes with the new code and redoes nothing already recorded")
+
+
+def init_worker(threads: int = 1, source: str | None = None) -> None:
     import torch
 
+    expect_source(source)
     torch.set_num_threads(threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +76,7 @@ def train_expert(cache_root: str, manifest: dict, base_dir: str, categories: lis
                  params: dict) -> dict:
     from mergebench.study import artifacts
 
+    _check_source()
     started = time.perf_counter()
     path = artifacts.expert(_pm(), _cache(cache_root), manifest, Path(base_dir), categories, trainer, params)
     return {"path": str(path), "seconds": time.perf_counter() - started}
@@ -67,6 +99,7 @@ def evaluate(cache_root: str, model_dir: str, suite: str, manifest: dict, datase
     from mergebench.evaluators.lm_eval_adapter import load_state_dict
     from mergebench.study import artifacts
 
+    _check_source()
     started = time.perf_counter()
     pm, cache = _pm(), _cache(cache_root)
     scores = artifacts.cached_scores(pm, cache, Path(model_dir), manifest, list(datasets), params)
@@ -103,6 +136,7 @@ def sweep(job: dict) -> dict:
     from mergebench.core.normalise import normalise
     from mergebench.evaluators.lm_eval_adapter import load_state_dict
 
+    _check_source()
     started = time.perf_counter()
     pm = _pm()
     suite = pm.suites().get(job["suite"])

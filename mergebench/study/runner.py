@@ -130,6 +130,7 @@ class Runner:
         self.held_in = {c: [d.name for d in ds] for c, ds in self.suite.held_in.items()}
         self.held_out = {c: [d.name for d in ds] for c, ds in self.suite.held_out.items()}
         self.all_datasets = list(self.suite.datasets())
+        self.source = jobs.source_fingerprint()  # the code this run started with; jobs check it
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -152,11 +153,12 @@ class Runner:
 
     def _executor(self):
         if self.cfg.workers == 1:
+            jobs.expect_source(self.source)
             return _Inline()
         import multiprocessing
 
         return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=jobs.init_worker)
+                                   initializer=jobs.init_worker, initargs=(1, self.source))
 
     def _drain(self, futures: dict[Future, Any], stage: str, on_done: Callable[[Any, Any], None]) -> None:
         """Wait for ``futures``; record each as it completes (so a kill loses only the ones in flight)."""
