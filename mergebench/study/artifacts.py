@@ -134,21 +134,24 @@ def model_identity(model_dir: Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()[:32]
 
 
-def _evaluation_spec(pm: PluginManager, model: str, manifest: dict, dataset: str, params: dict) -> dict | None:
-    from mergebench.core.hashing import sha256_file
-
-    split_file = manifest.get("files", {}).get(dataset, {}).get(params["split"])
-    if split_file is None:
-        return None
+def _evaluation_specs(pm: PluginManager, model_dir: Path, manifest: dict, datasets, params: dict) -> dict:
+    """dataset -> the cache spec of the model's score on it (None for a dataset without a local split file)."""
     import lm_eval
 
+    from mergebench.core.hashing import sha256_file
     from mergebench.evaluators import lm_eval_task_utils
 
     evaluator = pm.evaluators().get("lm-eval")
     # the adapter's source and the task configs' scoring functions (a new metric must not hit old scores)
-    code = code_hash(evaluator.evaluate, evaluator.session, lm_eval_task_utils.process_exact_match)
-    return {**_ident(pm, evaluator), "code": code, "params": params, "lm_eval": lm_eval.__version__,
-            "model": model, "dataset": dataset, "data": sha256_file(Path(split_file))}
+    shared = {**_ident(pm, evaluator),
+              "code": code_hash(evaluator.evaluate, evaluator.session, lm_eval_task_utils.process_exact_match),
+              "params": params, "lm_eval": lm_eval.__version__, "model": model_identity(model_dir)}
+    specs = {}
+    for dataset in datasets:
+        split_file = manifest.get("files", {}).get(dataset, {}).get(params["split"])
+        specs[dataset] = (None if split_file is None
+                          else {**shared, "dataset": dataset, "data": sha256_file(Path(split_file))})
+    return specs
 
 
 def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, manifest: dict | None,
@@ -161,10 +164,8 @@ def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, mani
     """
     if manifest is None:
         return None
-    model = model_identity(model_dir)
     scores = {}
-    for dataset in datasets:
-        spec = _evaluation_spec(pm, model, manifest, dataset, params)
+    for dataset, spec in _evaluation_specs(pm, model_dir, manifest, datasets, params).items():
         entry = cache.get("evaluation", spec) if spec else None
         if entry is None:
             return None
@@ -177,9 +178,7 @@ def store_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, manif
     """Record each dataset's score as its own cache entry (written atomically, like every artefact)."""
     if manifest is None:
         return
-    model = model_identity(model_dir)
-    for dataset, score in scores.items():
-        spec = _evaluation_spec(pm, model, manifest, dataset, params)
+    for dataset, spec in _evaluation_specs(pm, model_dir, manifest, scores, params).items():
         if spec is not None:
-            cache.get_or_build("evaluation", spec, lambda tmp, s=score: (tmp / "score.json").write_text(
+            cache.get_or_build("evaluation", spec, lambda tmp, s=scores[dataset]: (tmp / "score.json").write_text(
                 json.dumps({"score": s, "model_dir": str(model_dir)})))
