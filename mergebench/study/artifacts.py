@@ -44,10 +44,12 @@ def code_hash(*functions: Callable) -> str:
     return digest.hexdigest()[:16]
 
 
-def _ident(pm: PluginManager, component: Component) -> dict[str, str]:
-    fn = getattr(component, "build", None) or getattr(component, "prepare", None) or getattr(component, "train", None)
+def _ident(pm: PluginManager, component: Component, *also: Callable) -> dict[str, str]:
+    """Plugin, name, version and a hash of the source of the component's work (and of ``also``)."""
+    fn = (getattr(component, "build", None) or getattr(component, "prepare", None) or getattr(component, "train", None)
+          or getattr(component, "evaluate", None))
     return {"plugin": component.plugin, "name": component.name, "version": plugin_version(pm, component),
-            "code": code_hash(fn)}
+            "code": code_hash(fn, *also)}
 
 
 def load_manifest(directory: Path) -> dict:
@@ -124,14 +126,11 @@ _MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "toke
 
 def model_identity(model_dir: Path) -> str:
     """A hash of the contents of the files that decide a model's outputs (hashes are cached by file)."""
-    import hashlib
+    from mergebench.core.hashing import combined_sha256, sha256_file
 
-    from mergebench.core.hashing import sha256_file
-
-    files = sorted(p for p in Path(model_dir).iterdir()
-                   if p.is_file() and (p.suffix == ".safetensors" or p.name in _MODEL_FILES))
-    listing = json.dumps([(p.name, sha256_file(p)) for p in files])
-    return hashlib.sha256(listing.encode()).hexdigest()[:32]
+    files = [p for p in Path(model_dir).iterdir()
+             if p.is_file() and (p.suffix == ".safetensors" or p.name in _MODEL_FILES)]
+    return combined_sha256({p.name: sha256_file(p) for p in files})
 
 
 def _evaluation_specs(pm: PluginManager, model_dir: Path, manifest: dict, datasets, params: dict) -> dict:
@@ -142,9 +141,8 @@ def _evaluation_specs(pm: PluginManager, model_dir: Path, manifest: dict, datase
     from mergebench.evaluators import lm_eval_task_utils
 
     evaluator = pm.evaluators().get("lm-eval")
-    # the adapter's source and the task configs' scoring functions (a new metric must not hit old scores)
-    shared = {**_ident(pm, evaluator),
-              "code": code_hash(evaluator.evaluate, evaluator.session, lm_eval_task_utils.process_exact_match),
+    # with the task configs' scoring functions in the code hash: a new metric must not hit old scores
+    shared = {**_ident(pm, evaluator, evaluator.session, lm_eval_task_utils.process_exact_match),
               "params": params, "lm_eval": lm_eval.__version__, "model": model_identity(model_dir)}
     specs = {}
     for dataset in datasets:
