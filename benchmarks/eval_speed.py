@@ -28,9 +28,9 @@ def main() -> None:
 
     import torch
 
-    from mergebench.core.cache import ArtifactCache
+    from mergebench.study.cache import ArtifactCache
     from mergebench.core.plugin_manager import get_plugin_manager
-    from mergebench.evaluators.lm_eval_adapter import load_state_dict
+    from mergebench.study.weights import load_state_dict
     from mergebench.study import artifacts
 
     pm = get_plugin_manager()
@@ -40,7 +40,7 @@ def main() -> None:
     datasets = list(suite.datasets())
     evaluator = pm.evaluators().get("lm-eval")
     params = evaluator.resolve_params({"split": args.split})
-    n_examples = sum(sum(1 for _ in open(manifest["files"][d][args.split])) for d in datasets) if manifest else None
+    n_examples = sum(sum(1 for _ in open(manifest.files[d][args.split])) for d in datasets) if manifest else None
 
     print(f"| threads | session (import + index) | first evaluation | later evaluations (median of {args.repeats - 1}) |")
     print("|---|---|---|---|")

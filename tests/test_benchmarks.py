@@ -1,30 +1,131 @@
-"""The benchmarks run (smoke sizes), so they cannot rot."""
+"""The benchmarks run (smoke sizes), so they cannot rot, and what they report is checked against the inputs:
+the merged outputs they time are the right merges, and sizes, memory and floor figures add up."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO
+import pytest
+import torch
+
+from conftest import REPO, load_dir
 
 
-def test_merge_speed_quick_runs_and_reports(tmp_path):
+def _benchmark_module(name: str, monkeypatch):
+    """A benchmarks/ script imported as a module (it puts benchmarks/ on sys.path for ``models``)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reference_ties(base: torch.Tensor, experts: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:
+    """TIES from the definition: per-tensor top-k of |tau| (k rounded half up, ties to the lower index),
+    sign elected by the sum of trimmed task vectors, mean over the agreeing non-zero entries."""
+    b = base.float().reshape(-1)
+    n = b.numel()
+    k = int(density * n + 0.5)
+    trimmed = []
+    for e in experts:
+        tau = e.float().reshape(-1) - b
+        order = torch.sort(-tau.abs(), stable=True).indices
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[order[:k]] = True
+        trimmed.append(torch.where(keep, tau, torch.zeros_like(tau)))
+    t = torch.stack(trimmed)
+    sign = torch.sign(t.sum(0))
+    agree = (t != 0) & (torch.sign(t) == sign)
+    count = agree.sum(0)
+    mean = torch.where(count > 0, (t * agree).sum(0) / count.clamp(min=1), torch.zeros_like(b))
+    return (b + lam * mean).reshape(base.shape)
+
+
+def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures(tmp_path, monkeypatch, capsys):
+    import mergebench
+
+    bench = _benchmark_module("merge_speed", monkeypatch)
+    outputs: list[dict[str, torch.Tensor]] = []  # each method's merged output, read when the benchmark sizes it
+    thread_outputs: list[dict[str, torch.Tensor]] = []
+    dir_bytes, digest = bench.dir_bytes, bench._digest
+
+    def sizing(d):
+        if Path(d).name == "out-mergebench":
+            outputs.append(load_dir(Path(d)))
+        return dir_bytes(d)
+
+    def hashing(d):
+        thread_outputs.append(load_dir(Path(d)))
+        return digest(d)
+
+    monkeypatch.setattr(bench, "dir_bytes", sizing)
+    monkeypatch.setattr(bench, "_digest", hashing)
     out = tmp_path / "quick.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "merge_speed.py"), "--quick", "--no-mergekit",
-                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    work = tmp_path / "work"
+    assert bench.main(["--quick", "--no-mergekit", "--workdir", str(work), "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
     results = json.loads(out.read_text())
+
+    # what was merged: base + 2 experts of the smoke shape, all bf16
+    shape = bench.SIZES["smoke"]
+    models = {name: work / "models" / "smoke" / name for name in ("base", "expert0", "expert1")}
+    base, e0, e1 = (load_dir(models[n]) for n in ("base", "expert0", "expert1"))
+    assert sorted(base) == sorted(name for name, _ in shape.tensors())
+    assert sum(t.numel() for t in base.values()) == shape.params
+
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["average", "task_arithmetic", "ties", "dare_ties"] and len(outputs) == 4
+    merged = dict(zip(methods, outputs))
+    dare = mergebench.merge("dare_ties", base=models["base"], experts=[models["expert0"], models["expert1"]],
+                            density=0.2, lambda_=1.0, seed=0, output=tmp_path / "dare-ref")
+    want_dare = load_dir(dare.output)
+    for name, b in base.items():
+        ref = {"average": ((e0[name].float() + e1[name].float()) / 2).bfloat16(),
+               "task_arithmetic": (b.float() + ((e0[name].float() - b.float()) + (e1[name].float() - b.float()))
+                                   ).bfloat16(),
+               "ties": _reference_ties(b, [e0[name], e1[name]], 0.2, 1.0).bfloat16(),
+               "dare_ties": want_dare[name]}
+        for method, want in ref.items():
+            got = merged[method][name]
+            assert got.dtype == torch.bfloat16 and got.shape == b.shape, (method, name)
+            assert torch.equal(got, want), (method, name, (got.float() - want.float()).abs().max())
+    assert not torch.equal(merged["ties"]["lm_head.weight"], merged["average"]["lm_head.weight"])
+
+    input_bytes = [dir_bytes(models[n]) for n in ("base", "expert0", "expert1")]
+    tensor_bytes = 2 * shape.params
+    assert all(tensor_bytes < b < tensor_bytes + 64 * 1024 for b in input_bytes)  # bf16 data + headers
+    floor = results["floor"]["smoke/2"]
+    assert floor["input_bytes"] == sum(input_bytes)
+    assert floor["seconds"] == pytest.approx(floor["read_seconds"] + floor["write_seconds"])
     rows = {r["method"]: r for r in results["rows"]}
-    assert set(rows) == {"average", "task_arithmetic", "ties", "dare_ties"}
-    for row in rows.values():
-        assert row["mergebench"]["seconds"] > 0 and row["mergebench"]["peak_bytes"] > 0
-        assert row["output_bytes"] > 0.9 * 2 * 1.0e6  # ~1M bf16 parameters
-    assert results["floor"]["smoke/2"]["input_bytes"] > 3 * 2.0e6
-    assert results["threads"][0]["identical"] is True
-    assert "| smoke | 2 | ties |" in done.stdout
+    for method, row in rows.items():
+        mb = row["mergebench"]
+        assert (row["size"], row["experts"], row["params"]) == ("smoke", 2, shape.params)
+        assert tensor_bytes < row["output_bytes"] < tensor_bytes + 64 * 1024  # the same tensors as one base
+        assert mb["runs_seconds"] == [round(mb["seconds"], 3)]  # --quick: one timed run, and it is the median
+        assert 0 < mb["in_process_seconds"] <= mb["seconds"] and row["mergebench_first_seconds"] > 0
+        assert row["floor_multiple"] == pytest.approx(mb["seconds"] / floor["seconds"])
+        assert 0 < mb["peak_anon_bytes"] <= mb["peak_bytes"] and 0 < mb["peak_file_bytes"] <= mb["peak_bytes"]
+        assert mb["peak_bytes"] <= mb["peak_anon_bytes"] + mb["peak_file_bytes"]
+        assert mb["peak_bytes"] < 4 * 2**30  # an interpreter with torch, not a copy of anything large
+        assert f"| smoke | 2 | {method} | {mb['seconds']:.2f} (" in stdout
+    assert not (work / "out-mergebench").exists()
+
+    # the thread check compares three real dare_ties merges (seed 7), equal to the engine's own
+    threads = results["threads"][0]
+    assert threads["identical"] is True and len(set(threads["digests"].values())) == 1 and len(thread_outputs) == 3
+    seven = mergebench.merge("dare_ties", base=models["base"], experts=[models["expert0"], models["expert1"]],
+                             density=0.2, lambda_=1.0, seed=7, output=tmp_path / "seven")
+    want = load_dir(seven.output)
+    assert all(sorted(t) == sorted(want) and all(torch.equal(t[n], want[n]) for n in want) for t in thread_outputs)
+    assert any(not torch.equal(want[n], want_dare[n]) for n in want)  # another seed, another merge
 
 
 def test_results_summary_averages_methods_and_counts_best_cells(tmp_path):
@@ -63,6 +164,15 @@ def test_eval_speed_benchmark_times_a_model_on_a_small_suite(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MERGEBENCH_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| 1 | " in done.stdout
+    row = re.search(r"^\| 1 \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) s \|$", done.stdout, re.M)
+    assert row and all(float(x) > 0 for x in row.groups()), done.stdout
     # 8 held-in x 6 + 3 held-out x 12 + coreference 24
-    assert "12 datasets, 108 test examples" in done.stdout
+    assert "12 datasets, 108 test examples, batch size 64" in done.stdout
+    # the suite it evaluated is the one it built, with those sizes
+    built = list((tmp_path / "home").rglob("suite.json"))
+    assert len(built) == 1
+    files = json.loads(built[0].read_text())["files"]
+    counted = {name: sum(1 for _ in open(built[0].parent / Path(splits["test"]).name))
+               for name, splits in files.items() if "test" in splits}
+    assert len(counted) == 12 and sum(counted.values()) == 108
+    assert sorted(set(counted.values())) == [6, 12, 24]

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from mergebench.core.cache import ArtifactCache, cache_key
+from mergebench.study.cache import ArtifactCache, cache_key
 from mergebench.core.errors import MergebenchError
-from mergebench.core.normalise import normalise
+from mergebench.study.normalise import normalise
 
 HELD_IN = {"qa": ["qa1", "qa2"], "sentiment": ["sent1"]}
 HELD_OUT = {"nli": ["nli1", "nli2"], "coref": ["coref1"]}

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from mergebench.cli.main import cli
 from mergebench.core import in_memory
-from mergebench.core.cache import ArtifactCache
+from mergebench.study.cache import ArtifactCache
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import DatasetSpec, Suite
-from mergebench.evaluators.lm_eval_adapter import load_state_dict
+from mergebench.study.weights import load_state_dict
 from mergebench.study import artifacts
 
 from conftest import load_dir

@@ -48,7 +48,7 @@ def _progress() -> Progress:
 
 
 def _cache():
-    from mergebench.core.cache import ArtifactCache
+    from mergebench.study.cache import ArtifactCache
 
     return ArtifactCache()
 
@@ -60,8 +60,11 @@ def _cache():
 @click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True,
               help="Where the results database, merged models and leaderboard go.")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: the config's, 2).")
+@click.option("--executor", default=None, help="Where jobs run: local (default) or ray (`mergebench plugins` lists more).")
+@click.option("--address", default=None, help="Ray cluster address for --executor ray ('auto': the running cluster).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard at the end.")
-def run(config: Path | None, run_dir: Path, workers: int | None, no_leaderboard: bool) -> None:
+def run(config: Path | None, run_dir: Path, workers: int | None, executor: str | None, address: str | None,
+        no_leaderboard: bool) -> None:
     """Run the study: build, train, merge (sweeping on validation), evaluate, and print the leaderboard.
 
     With no CONFIG: the built-in study in miniature on the micro suite. Rerun to resume: completed
@@ -78,8 +81,16 @@ def run(config: Path | None, run_dir: Path, workers: int | None, no_leaderboard:
         raise InputError("mergebench run evaluates with lm-eval: pip install 'mergebench[eval]'") from None
     pm = get_plugin_manager()
     cfg = run_config.load(config, pm)
-    if workers is not None:
-        cfg = run_config.parse({**cfg.to_dict(), "workers": workers}, pm, "--workers")
+    if workers is not None or executor is not None or address is not None:
+        changes: dict = {} if workers is None else {"workers": workers}
+        if executor is not None or address is not None:
+            chosen = cfg.executor.to_dict()
+            if executor is not None and executor != chosen["name"]:
+                chosen = {"name": executor, "params": {}}
+            if address is not None:
+                chosen["params"]["address"] = address
+            changes["executor"] = chosen
+        cfg = run_config.parse({**cfg.to_dict(), **changes}, pm, "the command line")
     started = time.perf_counter()
     with _progress() as progress:
         db = Runner(cfg, run_dir, pm, _cache(), RichReporter(progress)).run()
@@ -206,9 +217,9 @@ def suite_build(name: str, seed: int, params: tuple[str, ...]) -> None:
     """Generate a suite's data and tokenizer (cached: a second build is free); prints its directory."""
     from mergebench.study import artifacts
 
-    manifest = artifacts.suite(get_plugin_manager(), _cache(), name, seed, _parse_params(params))
-    stderr.print(f"suite {name} (seed {seed}): {len(manifest['files'])} files")
-    click.echo(manifest["directory"])
+    data = artifacts.suite(get_plugin_manager(), _cache(), name, seed, _parse_params(params))
+    stderr.print(f"suite {name} (seed {seed}): {len(data.files)} files")
+    click.echo(str(data.directory))
 
 
 def _step_bar(progress: Progress, what: str):
@@ -237,40 +248,34 @@ def _publish(built: Path, output: Path | None, force: bool) -> Path:
 @cli.command("prepare-base")
 @click.option("--suite-param", "suite_params", multiple=True, metavar="NAME=VALUE",
               help="A suite parameter, as given to `suite build` (e.g. test=400).")
-@click.option("--preparer", default="pretrain", show_default=True, help="pretrain, instruction_tune or load.")
-@click.option("--suite", "suite_name", default="micro-t0", show_default=True, help="Suite whose corpus/instructions to use.")
+@click.option("--preparer", default="pretrain", show_default=True,
+              help="A registered base preparer (`mergebench plugins`): pretrain, instruction_tune, load, ...")
+@click.option("--suite", "suite_name", default="micro-t0", show_default=True, help="Suite whose data the preparer reads.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The suite's seed.")
-@click.option("--base", type=click.Path(path_type=Path), help="The base to instruction-tune.")
+@click.option("--base", type=click.Path(path_type=Path), help="The base this one starts from (instruction_tune).")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A preparer parameter (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Copy the model here (default: print its cache path).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def prepare_base(suite_params: tuple[str, ...], preparer: str, suite_name: str, seed: int, base: Path | None,
-                 params: tuple[str, ...], output: Path | None, force: bool) -> None:
-    """Build a base model: pretrain one, instruction-tune one (--base), or load one (-p model=PATH)."""
+                 params: tuple[str, ...], device: str, output: Path | None, force: bool) -> None:
+    """Build a base model with any registered preparer: pretrain one, instruction-tune one (--base), or load
+    one (--preparer load -p model=PATH_OR_HUB_ID)."""
     from mergebench.study import artifacts
+    from mergebench.study.contracts import ComponentChoice
 
     quiet_libraries()
     pm, cache = get_plugin_manager(), _cache()
     component = pm.base_preparers().get(preparer)
     given = _parse_params(params)
     component.resolve_params(given)  # unknown or bad parameters fail before any work
-    if preparer == "load":
-        built = component.prepare(component.resolve_params(given), None)
-    else:
-        if preparer == "instruction_tune" and base is None:
-            raise InputError("instruction_tune needs --base DIR (the model to continue training)")
-        if base is not None and not (base / "config.json").is_file():
-            raise InputError(f"{base}: not a model directory (no config.json)")
-        manifest = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
-        with _progress() as progress:
-            on_step = _step_bar(progress, preparer)
-            if preparer == "pretrain":
-                size = given.pop("size", "tiny")
-                built = artifacts.base(pm, cache, manifest, size, given, on_step=on_step)
-            elif preparer == "instruction_tune":
-                built = artifacts.instruction_tuned(pm, cache, manifest, base.resolve(), given, on_step=on_step)
-            else:
-                built = component.prepare(component.resolve_params(given), None, manifest=manifest)
+    if base is not None and not (base / "config.json").is_file():
+        raise InputError(f"{base}: not a model directory (no config.json)")
+    data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params)) if component.cached else None
+    with _progress() as progress:
+        built = artifacts.prepare_base(pm, cache, data, ComponentChoice(preparer, given), 0,
+                                       source=None if base is None else base.resolve(), device=device,
+                                       on_step=_step_bar(progress, preparer))
     click.echo(str(_publish(Path(built), output, force)))
 
 
@@ -281,16 +286,19 @@ def prepare_base(suite_params: tuple[str, ...], preparer: str, suite_name: str, 
 @click.option("--category", "categories", multiple=True, help="A held-in category of the suite (repeatable).")
 @click.option("--data", "data_files", multiple=True, type=click.Path(path_type=Path),
               help="Your own training JSONL (query + answer, or query + choices + label) instead of a category.")
-@click.option("--trainer", default="full_finetune", show_default=True, help="full_finetune or multitask.")
+@click.option("--trainer", default="full_finetune", show_default=True,
+              help="A registered expert trainer (`mergebench plugins`): full_finetune, multitask, hf_trainer, ...")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--suite", "suite_name", default="micro-t0", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="The suite's seed.")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A trainer parameter (repeatable).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Copy the expert here (default: print its cache path).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[str, ...], data_files: tuple[Path, ...], trainer: str, suite_name: str,
-                 seed: int, params: tuple[str, ...], output: Path | None, force: bool) -> None:
+def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[str, ...], data_files: tuple[Path, ...],
+                 trainer: str, device: str, suite_name: str, seed: int, params: tuple[str, ...], output: Path | None, force: bool) -> None:
     """Fine-tune BASE into an expert on suite categories (multitask: all of them) or your own data."""
     from mergebench.study import artifacts
+    from mergebench.study.contracts import ComponentChoice
 
     quiet_libraries()
     pm, cache = get_plugin_manager(), _cache()
@@ -307,7 +315,8 @@ def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[st
         from mergebench.core.writer import AtomicDirectory
 
         with AtomicDirectory(output, force) as tmp, _progress() as progress:
-            component.train(base.resolve(), list(data_files), given, tmp, on_step=_step_bar(progress, trainer))
+            component.train(base.resolve(), list(data_files), given, tmp, on_step=_step_bar(progress, trainer),
+                            device=device)
         click.echo(str(output))
         return
     suite_component = pm.suites().get(suite_name)
@@ -319,10 +328,10 @@ def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[st
             from mergebench.core.registry import _unknown_message
 
             raise InputError(_unknown_message(f"category '{c}'", f"suite '{suite_name}'", suite_component.held_in))
-    manifest = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
+    data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
     with _progress() as progress:
-        built = artifacts.expert(pm, cache, manifest, base.resolve(), chosen, trainer, given,
-                                 on_step=_step_bar(progress, trainer))
+        built = artifacts.expert(pm, cache, data, base.resolve(), chosen, ComponentChoice(trainer, given),
+                                 device=device, on_step=_step_bar(progress, trainer))
     click.echo(str(_publish(built, output, force)))
 
 
@@ -337,17 +346,22 @@ def train_expert(suite_params: tuple[str, ...], base: Path, categories: tuple[st
 @click.option("--base", "base_ref", help="Which MODEL is the base (held-out normaliser): its path.")
 @click.option("--expert", "expert_refs", multiple=True, metavar="CATEGORY=PATH",
               help="Which MODEL is the expert of a category (held-in normaliser); repeatable.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--evaluator", "evaluator_name", default="lm-eval", show_default=True, help="A registered evaluator.")
+@click.option("-p", "--param", "eval_params", multiple=True, metavar="NAME=VALUE",
+              help="An evaluator parameter (repeatable), e.g. -p batch_size=16.")
+@click.option("--batch-size", type=int, default=None, help="The evaluator's batch_size (default: its own).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-cache", is_flag=True, help="Evaluate again even where cached scores exist (and replace none).")
 def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_name: str, seed: int, split: str, datasets: tuple[str, ...],
-                 base_ref: str | None, expert_refs: tuple[str, ...], batch_size: int, as_json: bool, no_cache: bool) -> None:
+                 base_ref: str | None, expert_refs: tuple[str, ...], evaluator_name: str, eval_params: tuple[str, ...],
+                 batch_size: int | None, as_json: bool, no_cache: bool) -> None:
     """Evaluate MODELS with lm-eval on a suite: raw scores per dataset, normalised when --base/--expert are given.
 
     Scores are cached under MERGEBENCH_HOME by the contents of the model's files and the dataset's
     split, so evaluating the same model on the same data again is free."""
-    from mergebench.core.normalise import normalise
-    from mergebench.study import artifacts
+    from mergebench.study import artifacts, jobs
+    from mergebench.study.contracts import ComponentChoice, ModelRole
+    from mergebench.study.normalise import normalise
 
     quiet_libraries()
     pm = get_plugin_manager()
@@ -371,30 +385,25 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
 
             raise InputError(_unknown_message(f"dataset '{d}'", f"suite '{suite_name}'", all_datasets))
     cache = _cache()
-    manifest = (artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
-                if suite_component.build else None)
-    evaluator = pm.evaluators().get("lm-eval")
-    params = evaluator.resolve_params({"split": split, "batch_size": batch_size})
+    evaluator = pm.evaluators().get(evaluator_name)
+    given = {**_parse_params(eval_params), **({"batch_size": batch_size} if batch_size is not None else {})}
+    choice = ComponentChoice(evaluator_name, {k: v for k, v in evaluator.resolve_params({**given, "split": split}).items()
+                                              if k != "split"})
+    data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params)) if suite_component.build else None
     started = time.perf_counter()
-    from mergebench.evaluators.lm_eval_adapter import load_state_dict
-
     results: dict[str, dict[str, float]] = {}
     cached: list[str] = []
     with _progress() as progress:
         task = progress.add_task("evaluate", total=len(models), item="")
-        session = None
         for m in models:
             progress.update(task, item=str(m))
-            scores = None if no_cache else artifacts.cached_scores(pm, cache, m, manifest, chosen, params)
-            if scores is None:
-                # one session (tasks indexed once) for every model that needs evaluating
-                if session is None:
-                    session = evaluator.session(m, suite_component, manifest, chosen, params)
-                scores = session.evaluate(load_state_dict(m))
-                artifacts.store_scores(pm, cache, m, manifest, scores, params)
-            else:
+            # the runner's own evaluation job: the cache first, then one session per process for every model
+            job = jobs.EvalJob(str(cache.root), m, suite_name, data, tuple(chosen), choice, split,
+                               ModelRole("base", seed, "-", "-"), use_cache=not no_cache)
+            result = job.run()
+            if result.cached:
                 cached.append(str(m))
-            results[str(m)] = scores
+            results[str(m)] = result.scores
             progress.advance(task)
     seconds = time.perf_counter() - started
     normalised = {}

@@ -13,7 +13,7 @@ from pluggy import HookimplMarker, HookspecMarker
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-    from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod, Suite
+    from mergebench.core.registry import BasePreparer, Evaluator, Executor, ExpertTrainer, MergeMethod, Suite
     from mergebench.core.tensor_io import ModelSource
 
 hookspec = HookspecMarker("mergebench")
@@ -38,6 +38,11 @@ def register_expert_trainers(register: Callable[[ExpertTrainer], None]) -> None:
 @hookspec
 def register_evaluators(register: Callable[[Evaluator], None]) -> None:
     """Register model evaluators by calling ``register(Evaluator(...))``."""
+
+
+@hookspec
+def register_executors(register: Callable[[Executor], None]) -> None:
+    """Register ways to run a study's jobs (local processes, a Ray cluster, ...) with ``register(Executor(...))``."""
 
 
 @hookspec

@@ -11,10 +11,12 @@ import pluggy
 
 from mergebench.core import hookspecs
 from mergebench.core.errors import InputError, PluginError
-from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod, Registry, Suite
+from mergebench.core.registry import BasePreparer, Evaluator, Executor, ExpertTrainer, MergeMethod, Registry, Suite
 
 ENTRY_POINT_GROUP = "mergebench"
 LOAD_PLUGINS_ENV = "MERGEBENCH_LOAD_PLUGINS"
+# importable modules registered as plugins without installing them (development and tests, like pytest's -p)
+PLUGIN_MODULES_ENV = "MERGEBENCH_PLUGINS"
 
 BUILTIN_PLUGINS = (
     "mergebench.core.sources",
@@ -25,6 +27,7 @@ BUILTIN_PLUGINS = (
     "mergebench.plugins.base_preparers",
     "mergebench.plugins.expert_trainers",
     "mergebench.evaluators.lm_eval_adapter",
+    "mergebench.study.executors",
     "mergebench.suites.micro_t0",
     "mergebench.suites.t0_paper",
 )
@@ -36,6 +39,7 @@ REGISTRATION_HOOKS: dict[str, tuple[str, type]] = {
     "register_expert_trainers": ("expert trainer", ExpertTrainer),
     "register_evaluators": ("evaluator", Evaluator),
     "register_suites": ("suite", Suite),
+    "register_executors": ("executor", Executor),
 }
 
 
@@ -81,6 +85,9 @@ class PluginManager(pluggy.PluginManager):
 
     def suites(self) -> Registry[Suite]:
         return self.registry("register_suites")
+
+    def executors(self) -> Registry[Executor]:
+        return self.registry("register_executors")
 
     def resolve_model(self, reference: str, allow_pickle: bool = False):
         source = self.hook.resolve_model(reference=str(reference), allow_pickle=allow_pickle)
@@ -132,6 +139,7 @@ def make_plugin_manager(entry_points: bool = True) -> PluginManager:
     """A fresh manager with the built-in plugins and, unless disabled, the installed ones.
 
     ``MERGEBENCH_LOAD_PLUGINS=a,b`` loads only those third-party plugins; an empty value loads none.
+    ``MERGEBENCH_PLUGINS=pkg.mod,other`` also registers those importable modules (not installed: development).
     """
     pm = PluginManager()
     for module in BUILTIN_PLUGINS:
@@ -140,6 +148,14 @@ def make_plugin_manager(entry_points: bool = True) -> PluginManager:
         env = os.environ.get(LOAD_PLUGINS_ENV)
         allowed = None if env is None else {s.strip() for s in env.split(",") if s.strip()}
         load_entry_point_plugins(pm, allowed)
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGIN_MODULES_ENV, "").split(","))):
+        if pm.has_plugin(module):
+            continue
+        try:
+            plugin = importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not show a traceback
+            raise PluginError(f"plugin module '{module}' (from {PLUGIN_MODULES_ENV}) failed to import: {exc}") from None
+        pm.register(plugin, name=module)
     return pm
 
 

@@ -163,9 +163,15 @@ class MergeMethod(Component):
 
 @dataclass(frozen=True)
 class BasePreparer(Component):
-    """Builds or loads a base model: ``prepare(params, workdir, **inputs) -> model directory``."""
+    """Builds or loads a base model: ``prepare(params, workdir, inputs) -> model directory``.
+
+    ``inputs`` is a :class:`mergebench.study.contracts.PrepareInputs` (the run's suite data, the source
+    base when it starts from another, device, progress callback). ``cached=False`` for a preparer that
+    only points at an existing model (``load``): it is called with ``workdir=None`` and returns that path.
+    """
 
     prepare: Callable[..., Any] | None = None
+    cached: bool = True
 
     @property
     def kind(self) -> str:
@@ -174,7 +180,8 @@ class BasePreparer(Component):
 
 @dataclass(frozen=True)
 class ExpertTrainer(Component):
-    """Fine-tunes a base into an expert: ``train(base, data, params, workdir) -> model directory``."""
+    """Fine-tunes a base into an expert: ``train(base, data, params, workdir, *, on_step, device) -> model
+    directory``; ``data`` is the list of training JSONL files (``query``/``answer`` or multiple-choice rows)."""
 
     train: Callable[..., Any] | None = None
 
@@ -194,10 +201,29 @@ class Evaluator(Component):
 
     evaluate: Callable[..., Any] | None = None
     session: Callable[..., Any] | None = None
+    # () -> dict of whatever else decides scores besides the evaluator's own source and parameters (library
+    # versions, scoring code): part of the evaluation cache's key
+    identity: Callable[[], dict[str, Any]] | None = None
 
     @property
     def kind(self) -> str:
         return "evaluator"
+
+
+@dataclass(frozen=True)
+class Executor(Component):
+    """Runs a study's jobs somewhere: ``start(params, options) -> pool``.
+
+    ``options`` is a :class:`mergebench.study.executors.ExecutorOptions` (worker count, the source
+    fingerprint jobs must match, environment for workers). The pool has ``submit(job) -> Future`` (the
+    future's result is ``job.run()``'s) and ``shutdown(cancel=False)``.
+    """
+
+    start: Callable[..., Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "executor"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import yaml
 from mergebench.core.errors import InputError, MergebenchError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import Evaluator, Param
+from mergebench.study.contracts import SuiteData
+from mergebench.study.weights import load_state_dict
 
 METRICS = {"multiple_choice": ("acc",), "generate_until": ("exact_match", "rouge_l")}
 _UTILS = Path(__file__).with_name("lm_eval_task_utils.py")
@@ -163,22 +165,9 @@ def _memoised_tok_encode(tok_encode):
     return encode
 
 
-def load_state_dict(model_dir: Path) -> dict[str, Any]:
-    """All tensors of a model directory (safetensors), for swapping into a session's model."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{model_dir}: no safetensors weights to evaluate")
-    state: dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
-
-def suite_tasks(suite, manifest: dict | None, datasets: Iterable[str], max_gen_toks: int = 32) -> list[TaskSpec]:
-    """TaskSpecs for a generated suite's ``datasets`` (data files from its manifest)."""
-    if manifest is None:
+def suite_tasks(suite, data: SuiteData | None, datasets: Iterable[str], max_gen_toks: int = 32) -> list[TaskSpec]:
+    """TaskSpecs for a generated suite's ``datasets`` (data files from its built :class:`SuiteData`)."""
+    if data is None:
         raise InputError(f"suite '{suite.name}' needs its built data (run `mergebench suite build {suite.name}`)")
     specs = suite.datasets()
     out = []
@@ -186,8 +175,8 @@ def suite_tasks(suite, manifest: dict | None, datasets: Iterable[str], max_gen_t
         d = specs[name]
         tokens = max_gen_toks
         if d.metric == "exact_match":  # generation steps past the longest answer cannot change the score
-            tokens = min(max_gen_toks, _longest_answer_bytes(manifest["files"][name]) + 4)
-        out.append(TaskSpec(name, d.output_type, d.metric, manifest["files"][name], max_gen_toks=tokens))
+            tokens = min(max_gen_toks, _longest_answer_bytes(data.files[name]) + 4)
+        out.append(TaskSpec(name, d.output_type, d.metric, dict(data.files[name]), max_gen_toks=tokens))
     return out
 
 
@@ -206,7 +195,7 @@ def _longest_answer_bytes(files: Mapping[str, str]) -> int:
 class SuiteSession(LMEvalSession):
     """An LMEvalSession over some datasets of a suite, for one split, with its task configs in a temp dir."""
 
-    def __init__(self, model_dir: Path, suite, manifest: dict | None, datasets: list[str], params: dict):
+    def __init__(self, model_dir: Path, suite, data: SuiteData | None, datasets: list[str], params: dict):
         import tempfile
 
         from mergebench.training import load_model
@@ -216,20 +205,20 @@ class SuiteSession(LMEvalSession):
             task_dir, include_defaults = Path(suite.task_dir), True
         else:
             task_dir, include_defaults = Path(self._tmp.name), False
-            write_task_configs(task_dir, suite_tasks(suite, manifest, datasets), params["split"])
+            write_task_configs(task_dir, suite_tasks(suite, data, datasets), params["split"])
         model, tokenizer = load_model(Path(model_dir))
         super().__init__(task_dir, list(datasets), model, tokenizer, batch_size=params["batch_size"],
                          include_defaults=include_defaults)
 
 
-def _session(model_dir, suite, manifest, datasets, params):
-    return SuiteSession(Path(model_dir), suite, manifest, list(datasets), params)
+def _session(model_dir, suite, data, datasets, params):
+    return SuiteSession(Path(model_dir), suite, data, list(datasets), params)
 
 
-def _evaluate_suite(models, suite, manifest, datasets, params):
+def _evaluate_suite(models, suite, data, datasets, params):
     if not models:
         return []
-    session = SuiteSession(Path(models[0]), suite, manifest, list(datasets), params)
+    session = SuiteSession(Path(models[0]), suite, data, list(datasets), params)
     return [session.evaluate()] + [session.evaluate(load_state_dict(Path(m))) for m in models[1:]]
 
 
@@ -253,6 +242,16 @@ def evaluate_models(models: list[Path], tasks: list[TaskSpec], split: str = "tes
     return results
 
 
+def _identity() -> dict[str, Any]:
+    """lm-eval's version and the task configs' scoring functions: a new metric must not hit old scores."""
+    import hashlib
+
+    import lm_eval
+
+    return {"lm_eval": getattr(lm_eval, "__version__", "?"),
+            "scoring": hashlib.sha256(_UTILS.read_bytes()).hexdigest()[:16]}
+
+
 @hookimpl
 def register_evaluators(register):
     register(
@@ -264,6 +263,7 @@ def register_evaluators(register):
                     Param("batch_size", int, 64, "examples per forward pass", min=1)),
             evaluate=_evaluate_suite,
             session=_session,
+            identity=_identity,
         )
     )
 

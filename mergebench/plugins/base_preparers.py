@@ -12,9 +12,9 @@ from typing import Any, Callable
 from mergebench.core.errors import InputError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import BasePreparer, Param
+from mergebench.study.contracts import OnStep, PrepareInputs
 from mergebench.training import SIZES, TrainConfig, load_model, read_pairs, read_texts, save_model, train
 
-OnStep = Callable[[int, int, float], None]
 
 
 def training_params(steps: int, lr: float, batch_size: int = 32, seed: int = 0) -> tuple[Param, ...]:
@@ -37,13 +37,18 @@ def train_config(params: dict[str, Any], lm_fraction: float = 0.0) -> TrainConfi
                        seed=params["seed"], lm_fraction=lm_fraction, dropout=params["dropout"])
 
 
-def pretrain(params: dict[str, Any], workdir: Path, *, corpus: Path, tokenizer: Path,
-             on_step: OnStep | None = None) -> Path:
-    """Causal-LM pretraining from a fresh config on ``corpus`` (one document per line)."""
+def pretrain(params: dict[str, Any], workdir: Path, inputs: PrepareInputs) -> Path:
+    """Causal-LM pretraining from a fresh config on the suite's ``corpus`` (one document per line) with the
+    tokenizer built with the suite (micro-t0 provides both)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from mergebench.training import llama_config
+
+    if inputs.data is None or inputs.data.tokenizer is None:
+        raise InputError("base preparer 'pretrain' needs a suite that builds a corpus and a tokenizer (micro-t0)")
+    corpus = inputs.data.require("corpus", "train", "base preparer 'pretrain'")
+    tokenizer, on_step = inputs.data.tokenizer, inputs.on_step
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(params["seed"])
@@ -53,10 +58,16 @@ def pretrain(params: dict[str, Any], workdir: Path, *, corpus: Path, tokenizer: 
     return workdir
 
 
-def instruction_tune(params: dict[str, Any], workdir: Path, *, base: Path, data: list[Path],
-                     corpus: Path | None = None, on_step: OnStep | None = None) -> Path:
-    """Continue training ``base`` on instruction pairs (answer-only loss), mixing in corpus text."""
-    model, tok = load_model(base)
+def instruction_tune(params: dict[str, Any], workdir: Path, inputs: PrepareInputs) -> Path:
+    """Continue training the source base on the suite's instruction pairs (answer-only loss), mixing in
+    its corpus text when it has one."""
+    if inputs.source is None:
+        raise InputError("base preparer 'instruction_tune' starts from another base: give it `from:` in the config")
+    if inputs.data is None:
+        raise InputError("base preparer 'instruction_tune' needs a suite with an 'instructions' file (micro-t0)")
+    data = [inputs.data.require("instructions", "train", "base preparer 'instruction_tune'")]
+    corpus, on_step = inputs.data.file("corpus", "train"), inputs.on_step
+    model, tok = load_model(inputs.source)
     texts = read_texts(corpus) if corpus else []
     train(model, tok, train_config(params, params["lm_fraction"] if texts else 0.0), pairs=read_pairs(data),
           texts=texts, on_step=on_step)
@@ -64,7 +75,7 @@ def instruction_tune(params: dict[str, Any], workdir: Path, *, base: Path, data:
     return workdir
 
 
-def load(params: dict[str, Any], workdir: Path, **_: Any) -> Path:
+def load(params: dict[str, Any], workdir: Path | None, inputs: PrepareInputs | None = None) -> Path:
     """An existing model directory (or a hub id already in the local cache), used as it is."""
     reference = params["model"]
     path = Path(reference).expanduser()
@@ -98,4 +109,4 @@ def register_base_preparers(register):
         name="load",
         description="Use an existing local model directory or a hub model already in the local cache.",
         params=(Param("model", str, "", "model directory or hub id"),),
-        prepare=load))
+        prepare=load, cached=False))

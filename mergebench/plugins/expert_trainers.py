@@ -17,7 +17,7 @@ from mergebench.training import load_model, read_pairs, save_model, train
 
 
 def full_finetune(base: Path, data: list[Path], params: dict[str, Any], workdir: Path,
-                  on_step: OnStep | None = None) -> Path:
+                  on_step: OnStep | None = None, device: str = "cpu") -> Path:
     """Every parameter of ``base`` trained on the prompt/target pairs in ``data`` (JSONL rows)."""
     model, tok = load_model(base)
     train(model, tok, train_config(params), pairs=read_pairs(data), on_step=on_step)

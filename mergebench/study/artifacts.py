@@ -1,6 +1,6 @@
 """Cached builds of the study's artefacts: suite data, bases, instruction-tuned bases, experts, multitask.
 
-Each lives in the content-addressed :class:`~mergebench.core.cache.ArtifactCache` under a key made of
+Each lives in the content-addressed :class:`~mergebench.study.cache.ArtifactCache` under a key made of
 everything that determines it: the plugin that builds it and its version, its parameters, its seed
 and the keys of its inputs (an expert's key contains its base's key, which contains the suite's).
 The same functions serve ``mergebench run`` (in worker processes) and the stage commands.
@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from mergebench.core.cache import ArtifactCache
+from mergebench.study.cache import ArtifactCache
 from mergebench.core.errors import InputError
 from mergebench.core.plugin_manager import PluginManager
 from mergebench.core.registry import Component
+from mergebench.study.contracts import SUITE_FILE, ComponentChoice, OnStep, PrepareInputs, SuiteData
 
-OnStep = Callable[[int, int, float], None]
 
 
 def plugin_version(pm: PluginManager, component: Component) -> str:
@@ -52,118 +52,130 @@ def _ident(pm: PluginManager, component: Component, *also: Callable) -> dict[str
             "code": code_hash(fn, *also)}
 
 
-def load_manifest(directory: Path) -> dict:
-    """A generated suite's manifest with every path re-rooted at ``directory`` (entries move when built)."""
-    try:
-        manifest = json.loads((Path(directory) / "suite.json").read_text())
-    except (OSError, ValueError):
-        raise InputError(f"{directory}: not a built suite (no readable suite.json); run `mergebench suite build`") from None
-    directory = Path(directory).resolve()
-    manifest["files"] = {name: {split: str(directory / Path(p).name) for split, p in splits.items()}
-                         for name, splits in manifest["files"].items()}
-    if "tokenizer" in manifest:
-        manifest["tokenizer"] = str(directory / "tokenizer")
-    manifest["directory"] = str(directory)
-    return manifest
+def load_suite_data(directory: Path) -> SuiteData:
+    """A built suite's data with every path re-rooted at ``directory`` (cache entries move when built)."""
+    return SuiteData.load(directory)
 
 
-def suite(pm: PluginManager, cache: ArtifactCache, name: str, seed: int, params: dict[str, Any]) -> dict:
-    """The generated suite ``name`` for ``seed`` (built once), as a re-rooted manifest."""
+def suite(pm: PluginManager, cache: ArtifactCache, name: str, seed: int, params: dict[str, Any]) -> SuiteData:
+    """The generated suite ``name`` for ``seed`` (built once)."""
     component = pm.suites().get(name)
     if component.build is None:
         raise InputError(f"suite '{name}' is evaluated from its own task configs; it has nothing to build")
     params = component.resolve_params(params)
     spec = {**_ident(pm, component), "suite_version": component.version, "seed": seed, "params": params}
-    path = cache.get_or_build("suite", spec, lambda tmp: component.build(tmp, seed, params))
-    return load_manifest(path)
+
+    def build(tmp: Path) -> None:
+        built = SuiteData.coerce(component.build(tmp, seed, params), tmp, name, seed)
+        if not (tmp / SUITE_FILE).is_file() or isinstance(built, SuiteData):
+            SuiteData(name, tmp, built.files, built.tokenizer, seed, built.version or component.version).write()
+    return SuiteData.load(cache.get_or_build("suite", spec, build))
 
 
-def base(pm: PluginManager, cache: ArtifactCache, manifest: dict, size: str, params: dict[str, Any],
-         on_step: OnStep | None = None) -> Path:
-    """A pretrained base of ``size`` on the suite's corpus and tokenizer."""
-    preparer = pm.base_preparers().get("pretrain")
-    params = preparer.resolve_params({**params, "size": size})
-    spec = {**_ident(pm, preparer), "suite": Path(manifest["directory"]).name, "params": params}
-    return cache.get_or_build("base", spec, lambda tmp: preparer.prepare(
-        params, tmp, corpus=Path(manifest["files"]["corpus"]["train"]), tokenizer=Path(manifest["tokenizer"]),
-        on_step=on_step))
+def seeded(component: Component, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``params`` resolved, with the replicate ``seed`` added to the component's own ``seed`` parameter (if any):
+    each seed of a study is a full replicate with its own initialisation and batch order."""
+    params = component.resolve_params(params)
+    if "seed" in params:
+        params["seed"] = params["seed"] + seed
+    return params
 
 
-def instruction_tuned(pm: PluginManager, cache: ArtifactCache, manifest: dict, base_dir: Path,
-                      params: dict[str, Any], on_step: OnStep | None = None) -> Path:
-    """``base_dir`` instruction-tuned on the suite's instruction mixture (with corpus text mixed in)."""
-    preparer = pm.base_preparers().get("instruction_tune")
-    params = preparer.resolve_params(params)
-    spec = {**_ident(pm, preparer), "base": base_dir.name, "suite": Path(manifest["directory"]).name,
-            "params": params}
-    return cache.get_or_build("instruction_tuned", spec, lambda tmp: preparer.prepare(
-        params, tmp, base=base_dir, data=[Path(manifest["files"]["instructions"]["train"])],
-        corpus=Path(manifest["files"]["corpus"]["train"]), on_step=on_step))
+def prepare_base(pm: PluginManager, cache: ArtifactCache, data: SuiteData | None, choice: ComponentChoice,
+                 seed: int, source: Path | None = None, device: str = "cpu", on_step: OnStep | None = None) -> Path:
+    """The base made by ``choice``'s preparer for replicate ``seed`` (from ``source`` when it starts from another
+    base), built once. A preparer that does not build (``cached=False``, e.g. ``load``) is called each time."""
+    preparer = pm.base_preparers().get(choice.name)
+    params = seeded(preparer, dict(choice.params), seed)
+    inputs = PrepareInputs(data=data, source=source, device=device, on_step=on_step)
+    if not preparer.cached:
+        return Path(preparer.prepare(params, None, inputs))
+    spec = {**_ident(pm, preparer), "suite": None if data is None else Path(data.directory).name,
+            "source": None if source is None else Path(source).name, "params": params}
+    kind = "base" if source is None else "derived_base"
+    return cache.get_or_build(kind, spec, lambda tmp: preparer.prepare(params, tmp, inputs))
 
 
-def category_files(manifest: dict, suite_component, categories: list[str]) -> list[Path]:
-    return [Path(manifest["files"][d.name]["train"]) for c in categories for d in suite_component.held_in[c]]
-
-
-def expert(pm: PluginManager, cache: ArtifactCache, manifest: dict, base_dir: Path, categories: list[str],
-           trainer_name: str, params: dict[str, Any], on_step: OnStep | None = None) -> Path:
-    """``base_dir`` fine-tuned by ``trainer_name`` on the training data of ``categories``."""
-    trainer = pm.expert_trainers().get(trainer_name)
-    params = trainer.resolve_params(params)
-    component = pm.suites().get(manifest["suite"])
-    spec = {**_ident(pm, trainer), "base": base_dir.name, "suite": Path(manifest["directory"]).name,
+def expert(pm: PluginManager, cache: ArtifactCache, data: SuiteData, base_dir: Path, categories: list[str],
+           trainer: ComponentChoice, seed: int = 0, device: str = "cpu", on_step: OnStep | None = None) -> Path:
+    """``base_dir`` fine-tuned by ``trainer`` on the training data of ``categories`` (built once)."""
+    component = pm.expert_trainers().get(trainer.name)
+    params = seeded(component, dict(trainer.params), seed)
+    suite_component = pm.suites().get(data.suite)
+    files = data.train_files([d.name for c in sorted(categories) for d in suite_component.held_in[c]],
+                             f"expert trainer '{trainer.name}'")
+    spec = {**_ident(pm, component), "base": base_dir.name, "suite": Path(data.directory).name,
             "categories": sorted(categories), "params": params}
-    data = category_files(manifest, component, sorted(categories))
-    return cache.get_or_build("expert", spec, lambda tmp: trainer.train(base_dir, data, params, tmp, on_step=on_step))
+    return cache.get_or_build("expert", spec, lambda tmp: component.train(
+        base_dir, files, params, tmp, on_step=on_step, device=device))
 
 
 # ---- evaluations ------------------------------------------------------------------------------------
 
-# the files that decide a model's scores (weights, config, tokenizer); not its card or cache manifest
-_MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "model.safetensors.index.json"}
+# Files of a model directory that do not decide its scores: the model card and merge record mergebench
+# writes beside a merge, the artefact cache's manifest, and a trainer's saved training state. Every
+# other file at the top level (weights, config, generation config and whatever a tokenizer may load:
+# tokenizer.json/.model, vocab.*, merges.txt, added_tokens.json, chat templates, ...) is hashed.
+_NOT_MODEL_FILES = {"README.md", "mergebench.json", "mergebench-artifact.json", "trainer_state.json",
+                    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"}
 
 
 def model_identity(model_dir: Path) -> str:
-    """A hash of the contents of the files that decide a model's outputs (hashes are cached by file)."""
+    """A hash of the contents of every file that may decide a model's outputs (hashes are cached by file).
+
+    Not a list of known names: any tokenizer or config file, whatever its name, is part of the model; only
+    files known not to matter (:data:`_NOT_MODEL_FILES`, hidden markers) are left out.
+    """
     from mergebench.core.hashing import combined_sha256, sha256_file
 
-    files = [p for p in Path(model_dir).iterdir()
-             if p.is_file() and (p.suffix == ".safetensors" or p.name in _MODEL_FILES)]
+    files = [p for p in Path(model_dir).iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.name not in _NOT_MODEL_FILES and not p.name.startswith("rng_state")]
     return combined_sha256({p.name: sha256_file(p) for p in files})
 
 
-def _evaluation_specs(pm: PluginManager, model_dir: Path, manifest: dict, datasets, params: dict) -> dict:
-    """dataset -> the cache spec of the model's score on it (None for a dataset without a local split file)."""
-    import lm_eval
+def _evaluation_specs(pm: PluginManager, model_dir: Path, data: SuiteData, datasets, evaluator: ComponentChoice,
+                      split: str) -> dict:
+    """dataset -> the cache spec of the model's score on it (None for a dataset that cannot be keyed: no
+    local split file, or no suite spec to say how it is scored)."""
+    import dataclasses
 
     from mergebench.core.hashing import sha256_file
-    from mergebench.evaluators import lm_eval_task_utils
 
-    evaluator = pm.evaluators().get("lm-eval")
-    # with the task configs' scoring functions in the code hash: a new metric must not hit old scores
-    shared = {**_ident(pm, evaluator, evaluator.session, lm_eval_task_utils.process_exact_match),
-              "params": params, "lm_eval": lm_eval.__version__, "model": model_identity(model_dir)}
+    suite_specs = pm.suites().get(data.suite).datasets() if data.suite in pm.suites() else {}
+    component = pm.evaluators().get(evaluator.name)
+    # what else decides its scores (lm-eval: its version and the task configs' scoring functions)
+    extra = component.identity() if component.identity is not None else {}
+    params = component.resolve_params({**evaluator.params, "split": split})
+    shared = {**_ident(pm, component, component.session), "identity": extra, "params": params,
+              "model": model_identity(model_dir)}
     specs = {}
     for dataset in datasets:
-        split_file = manifest.get("files", {}).get(dataset, {}).get(params["split"])
-        specs[dataset] = (None if split_file is None
-                          else {**shared, "dataset": dataset, "data": sha256_file(Path(split_file))})
+        splits = data.files.get(dataset, {})
+        spec = suite_specs.get(dataset)
+        if splits.get(split) is None or spec is None:
+            specs[dataset] = None
+            continue
+        # the dataset's task format and metric, and every split's contents: the evaluator may derive task
+        # settings from other splits (the generation budget from the longest answer in any split)
+        specs[dataset] = {**shared, "dataset": dataset, "spec": dataclasses.asdict(spec),
+                          "data": {s: sha256_file(Path(path)) for s, path in sorted(splits.items())}}
     return specs
 
 
-def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, manifest: dict | None,
-                  datasets: list[str], params: dict) -> dict[str, float] | None:
+def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, data: SuiteData | None,
+                  datasets: list[str], evaluator: ComponentChoice, split: str) -> dict[str, float] | None:
     """The model's scores on ``datasets`` if every one was computed before, else None.
 
-    Keyed by the model's file contents, the dataset split's file contents, the evaluator (plugin,
-    version, source, parameters) and lm-eval's version, so a copied or re-trained identical model
-    hits, and a changed one misses. Suites evaluated from hub task configs (no local files) are not cached.
+    Keyed by the contents of the model's files (all but its card and records), the dataset's spec in
+    its suite (task format, metric) and split files' contents, the evaluator (plugin, version, source,
+    parameters, and what its ``identity()`` adds: lm-eval's version), so a copied or re-trained identical
+    model hits, and a changed one misses. Suites evaluated from hub task configs (no local files) are not
+    cached.
     """
-    if manifest is None:
+    if data is None:
         return None
     scores = {}
-    for dataset, spec in _evaluation_specs(pm, model_dir, manifest, datasets, params).items():
+    for dataset, spec in _evaluation_specs(pm, model_dir, data, datasets, evaluator, split).items():
         entry = cache.get("evaluation", spec) if spec else None
         if entry is None:
             return None
@@ -171,12 +183,12 @@ def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, mani
     return scores
 
 
-def store_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, manifest: dict | None,
-                 scores: dict[str, float], params: dict) -> None:
+def store_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, data: SuiteData | None,
+                 scores: dict[str, float], evaluator: ComponentChoice, split: str) -> None:
     """Record each dataset's score as its own cache entry (written atomically, like every artefact)."""
-    if manifest is None:
+    if data is None:
         return
-    for dataset, spec in _evaluation_specs(pm, model_dir, manifest, scores, params).items():
+    for dataset, spec in _evaluation_specs(pm, model_dir, data, scores, evaluator, split).items():
         if spec is not None:
             cache.get_or_build("evaluation", spec, lambda tmp, s=scores[dataset]: (tmp / "score.json").write_text(
                 json.dumps({"score": s, "model_dir": str(model_dir)})))

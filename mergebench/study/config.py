@@ -11,6 +11,7 @@ import yaml
 from mergebench.core.errors import InputError, ParameterError
 from mergebench.core.plugin_manager import PluginManager
 from mergebench.core.registry import _unknown_message
+from mergebench.study.contracts import BaseChoice, ComponentChoice
 
 BASE_KINDS = ("pretrained", "instruction_tuned")
 
@@ -41,69 +42,178 @@ workers: 2                   # processes for training and evaluation (one CPU th
 
 @dataclass
 class RunConfig:
+    """A validated run configuration. Every component is named by its registered name (no name is fixed in
+    code); ``to_dict`` gives the canonical form, which ``parse`` accepts again."""
+
     suite: str = "micro-t0"
     suite_params: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
-    sizes: list[str] = field(default_factory=lambda: ["tiny"])
-    base_kinds: list[str] = field(default_factory=lambda: list(BASE_KINDS))
     n_experts: list[int] = field(default_factory=lambda: [2, 4, 8])
-    methods: list[str] | str = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "dare_ties"])
+    methods: list[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "dare_ties"])
     search: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    pretrain: dict[str, Any] = field(default_factory=dict)
-    instruction_tune: dict[str, Any] = field(default_factory=dict)
-    expert_trainer: str = "full_finetune"
-    expert: dict[str, Any] = field(default_factory=dict)
-    multitask: dict[str, Any] = field(default_factory=dict)
-    evaluator: dict[str, Any] = field(default_factory=lambda: {"batch_size": 64})
+    bases: list[BaseChoice] = field(default_factory=list)
+    expert_trainer: ComponentChoice = field(default_factory=lambda: ComponentChoice("full_finetune"))
+    multitask: ComponentChoice | None = field(default_factory=lambda: ComponentChoice("multitask"))
+    evaluator: ComponentChoice = field(default_factory=lambda: ComponentChoice("lm-eval"))
+    executor: ComponentChoice = field(default_factory=lambda: ComponentChoice("local"))
     workers: int = 2
+    device: str = "cpu"
+    storage: str | None = None  # a directory every worker sees (shared filesystem) for run outputs; None: run dir
+
+    @property
+    def sizes(self) -> list[str]:
+        return list(dict.fromkeys(b.size for b in self.bases if b.studied))
+
+    @property
+    def base_kinds(self) -> list[str]:
+        """The kinds of base the study compares (a base built only as another's source is not one)."""
+        return list(dict.fromkeys(b.kind for b in self.bases if b.studied))
+
+    def base(self, size: str, kind: str) -> BaseChoice:
+        return next(b for b in self.bases if b.size == size and b.kind == kind)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"suite": self.suite, "suite_params": dict(self.suite_params), "seeds": list(self.seeds),
+                "n_experts": list(self.n_experts), "methods": list(self.methods), "search": self.search,
+                "bases": [b.to_dict() for b in self.bases], "expert_trainer": self.expert_trainer.to_dict(),
+                "multitask": None if self.multitask is None else self.multitask.to_dict(),
+                "evaluator": self.evaluator.to_dict(), "executor": self.executor.to_dict(),
+                "workers": self.workers, "device": self.device, "storage": self.storage}
+
+
+KNOWN_KEYS = ("suite", "suite_params", "seeds", "sizes", "base_kinds", "n_experts", "methods", "search", "bases",
+              "pretrain", "instruction_tune", "expert_trainer", "expert", "multitask", "evaluator", "executor",
+              "workers", "device", "storage")
 
 
 def _list(value: Any, key: str, kind: type) -> list:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
         raise InputError(f"config key '{key}': expected a non-empty list of {kind.__name__}, got {value!r}")
-    if len(set(values)) != len(values):
+    if len(set(map(repr, values))) != len(values):
         raise InputError(f"config key '{key}': repeated values in {values}")
     return values
 
 
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"config key '{key}': expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _choice(value: Any, key: str, registry, default: str, legacy_params: Any = None) -> ComponentChoice:
+    """A component named by ``value``: a name, ``{name: ..., params: {...}}``, or (the older form) a mapping
+    of the default component's parameters. Unknown names and parameters are did-you-mean errors."""
+    params: dict[str, Any] = _mapping(legacy_params, key)
+    if value is None:
+        name = default
+    elif isinstance(value, str):
+        name = value
+    elif isinstance(value, dict):
+        value = dict(value)
+        if "name" in value or "params" in value:
+            name = value.pop("name", default)
+            params.update(_mapping(value.pop("params", None), f"{key}.params"))
+            if value:
+                raise InputError(f"config key '{key}': unknown field(s) {sorted(value)} (valid: name, params)")
+        else:
+            name, params = default, {**params, **value}
+    else:
+        raise InputError(f"config key '{key}': expected a component name or {{name, params}}, got {value!r}")
+    if not isinstance(name, str):
+        raise InputError(f"config key '{key}': the component name must be a string, got {name!r}")
+    component = registry.get(name)
+    return ComponentChoice(name, component.resolve_params(params))
+
+
+def _legacy_bases(data: dict[str, Any], pm: PluginManager, where: str) -> list[dict[str, Any]]:
+    """The micro suite's keys (sizes, base_kinds, pretrain, instruction_tune) as ``bases`` entries."""
+    from mergebench.training import SIZES
+
+    sizes = _list(data.get("sizes", ["tiny"]), "sizes", str)
+    for s in sizes:
+        if s not in SIZES:
+            raise InputError(_unknown_message(f"size '{s}'", where, SIZES))
+    kinds = _list(data.get("base_kinds", list(BASE_KINDS)), "base_kinds", str)
+    for k in kinds:
+        if k not in BASE_KINDS:
+            raise InputError(_unknown_message(f"base kind '{k}'", where, BASE_KINDS))
+    pretrain = _mapping(data.get("pretrain"), "pretrain")
+    tune = _mapping(data.get("instruction_tune"), "instruction_tune")
+    out = []
+    for size in sizes:
+        out.append({"size": size, "kind": "pretrained", "preparer": "pretrain", "params": {**pretrain, "size": size}})
+        if "instruction_tuned" in kinds:
+            out.append({"size": size, "kind": "instruction_tuned", "preparer": "instruction_tune", "params": tune,
+                        "from": "pretrained"})
+    keep = [b for b in out if b["kind"] in kinds or any(o.get("from") == b["kind"] and o["kind"] in kinds for o in out)]
+    for b in keep:  # a pretrained base built only to be instruction-tuned is marked so the study skips it
+        b["study"] = b["kind"] in kinds
+    return keep
+
+
+def _bases(entries: Any, pm: PluginManager, where: str) -> list[BaseChoice]:
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{where}: 'bases' must be a non-empty list of {{size, kind, preparer, params, from}}")
+    out: list[BaseChoice] = []
+    preparers = pm.base_preparers()
+    for i, entry in enumerate(entries):
+        key = f"bases[{i}]"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: {key} must be a mapping with size, kind, preparer, params (and from)")
+        unknown = set(entry) - {"size", "kind", "preparer", "params", "from", "study"}
+        if unknown:
+            raise InputError(_unknown_message(f"field '{sorted(unknown)[0]}'", f"{where} {key}",
+                                              ["size", "kind", "preparer", "params", "from", "study"]))
+        size, kind = entry.get("size", "model"), entry.get("kind", "pretrained")
+        if not isinstance(size, str) or not isinstance(kind, str):
+            raise InputError(f"{where}: {key}: size and kind are labels (strings)")
+        if "preparer" not in entry:
+            raise InputError(f"{where}: {key} names no preparer (e.g. preparer: load, params: {{model: ...}})")
+        preparer = _choice({"name": entry["preparer"], "params": entry.get("params")}, key, preparers, "")
+        source = entry.get("from")
+        if source is not None and not any(b.size == size and b.kind == source for b in out):
+            raise InputError(f"{where}: {key} ({size}, {kind}) starts from base kind '{source}', which no earlier "
+                             f"entry of size '{size}' defines")
+        if any(b.size == size and b.kind == kind for b in out):
+            raise InputError(f"{where}: two bases are ({size}, {kind}); each (size, kind) once")
+        studied = entry.get("study", True)
+        if not isinstance(studied, bool):
+            raise InputError(f"{where}: {key}: study must be true or false")
+        out.append(BaseChoice(size, kind, preparer, source, studied))
+    if not any(b.studied for b in out):
+        raise InputError(f"{where}: every base has study: false; nothing to compare")
+    return out
+
+
 def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> RunConfig:
-    """A validated RunConfig: unknown keys, methods, parameters or values are one clear error."""
+    """A validated RunConfig: unknown keys, components, parameters or values are one clear error."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
-    known = [f.name for f in fields(RunConfig)]
     for key in data:
-        if key not in known:
-            raise InputError(_unknown_message(f"key '{key}'", where, known))
-    cfg = RunConfig(**data)
+        if key not in KNOWN_KEYS:
+            raise InputError(_unknown_message(f"key '{key}'", where, KNOWN_KEYS))
+    cfg = RunConfig()
+    cfg.suite = data.get("suite", cfg.suite)
     suite = pm.suites().get(cfg.suite)
     if suite.build is None:
         raise InputError(f"{where}: suite '{cfg.suite}' has no generated data; `mergebench run` needs one that does "
                          f"(evaluate hub suites with `mergebench eval`)")
-    cfg.suite_params = suite.resolve_params(cfg.suite_params or {})
-    cfg.seeds = _list(cfg.seeds, "seeds", int)
-    from mergebench.training import SIZES
-
-    cfg.sizes = _list(cfg.sizes, "sizes", str)
-    for s in cfg.sizes:
-        if s not in SIZES:
-            raise InputError(_unknown_message(f"size '{s}'", where, SIZES))
-    cfg.base_kinds = _list(cfg.base_kinds, "base_kinds", str)
-    for k in cfg.base_kinds:
-        if k not in BASE_KINDS:
-            raise InputError(_unknown_message(f"base kind '{k}'", where, BASE_KINDS))
+    cfg.suite_params = suite.resolve_params(_mapping(data.get("suite_params"), "suite_params"))
+    cfg.seeds = _list(data.get("seeds", cfg.seeds), "seeds", int)
     n_categories = len(suite.held_in)
-    cfg.n_experts = _list(cfg.n_experts, "n_experts", int)
+    cfg.n_experts = _list(data.get("n_experts", cfg.n_experts), "n_experts", int)
     for n in cfg.n_experts:
         if not 2 <= n <= n_categories:
             raise InputError(f"{where}: n_experts {n} is outside 2..{n_categories} (the suite's held-in categories)")
     methods = pm.merge_methods()
-    cfg.methods = methods.names() if cfg.methods == "all" else _list(cfg.methods, "methods", str)
+    given = data.get("methods", cfg.methods)
+    cfg.methods = methods.names() if given == "all" else _list(given, "methods", str)
     for m in cfg.methods:
         methods.get(m)  # unknown method: a did-you-mean error
+    cfg.search = data.get("search") or {}
     if not isinstance(cfg.search, dict):
         raise InputError(f"{where}: 'search' must map method -> parameter -> list of values")
     for m, space in cfg.search.items():
@@ -117,15 +227,32 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
             param = method.param(p)
             for v in _list(values, f"search.{m}.{p}", object):
                 param.coerce(v, f"merge method '{m}'")
-    preparers, trainers = pm.base_preparers(), pm.expert_trainers()
-    cfg.pretrain = preparers.get("pretrain").resolve_params({**cfg.pretrain, "size": cfg.sizes[0]})
-    cfg.pretrain.pop("size")
-    cfg.instruction_tune = preparers.get("instruction_tune").resolve_params(cfg.instruction_tune)
-    cfg.expert = trainers.get(cfg.expert_trainer).resolve_params(cfg.expert)
-    cfg.multitask = trainers.get("multitask").resolve_params(cfg.multitask)
-    cfg.evaluator = pm.evaluators().get("lm-eval").resolve_params(cfg.evaluator)
+    legacy = [k for k in ("sizes", "base_kinds", "pretrain", "instruction_tune") if k in data]
+    if "bases" in data and legacy:
+        raise InputError(f"{where}: 'bases' replaces {', '.join(repr(k) for k in legacy)}; give one or the other")
+    cfg.bases = _bases(data["bases"] if "bases" in data else _legacy_bases(data, pm, where), pm, where)
+    trainers = pm.expert_trainers()
+    cfg.expert_trainer = _choice(data.get("expert_trainer"), "expert_trainer", trainers, "full_finetune",
+                                 data.get("expert"))
+    cfg.multitask = (None if "multitask" in data and data["multitask"] is False
+                     else _choice(data.get("multitask"), "multitask", trainers, "multitask"))
+    chosen = _choice(data.get("evaluator", {"batch_size": 64}), "evaluator", pm.evaluators(), "lm-eval")
+    evaluator = pm.evaluators().get(chosen.name)
+    if "split" not in [p.name for p in evaluator.params]:
+        raise InputError(f"{where}: evaluator '{evaluator.name}' declares no 'split' parameter; the study scores "
+                         f"validation (to choose hyperparameters) and test apart")
+    # the split is the study's to set (validation for sweeps, test for the leaderboard), never the config's
+    cfg.evaluator = ComponentChoice(chosen.name, {k: v for k, v in chosen.params.items() if k != "split"})
+    cfg.executor = _choice(data.get("executor"), "executor", pm.executors(), "local")
+    cfg.workers = data.get("workers", cfg.workers)
     if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 1:
         raise ParameterError(f"{where}: workers must be an integer >= 1, got {cfg.workers!r}")
+    cfg.device = data.get("device", cfg.device)
+    if not isinstance(cfg.device, str) or not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise InputError(f"{where}: device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    cfg.storage = data.get("storage")
+    if cfg.storage is not None and not isinstance(cfg.storage, str):
+        raise InputError(f"{where}: storage must be a directory path, got {cfg.storage!r}")
     return cfg
 
 

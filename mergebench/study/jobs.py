@@ -1,17 +1,21 @@
-"""Units of work that run in worker processes: train a model, evaluate models, sweep a merge method.
+"""Units of work that an executor runs: train a model, evaluate a model, sweep a merge method.
 
-Each job takes and returns plain data (paths, dicts), opens what it needs through the plugin
-manager, and keeps evaluation sessions per process, so a worker evaluates many models or merges
-without re-indexing tasks or reloading the model. Workers use one CPU thread each: on small models
-two processes do more work than one process with two threads.
+Each job is a frozen dataclass (picklable, so any executor can ship it to a worker process or another
+machine) with a ``run()`` that opens what it needs through the plugin manager and returns a typed
+result. Models travel as paths on a filesystem every worker sees, never as tensors. Evaluation
+sessions are kept per process, so a worker evaluates many models or merges without re-indexing tasks
+or reloading the model.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
+
+from mergebench.study.contracts import ComponentChoice, ModelRole, Resources, SuiteData
 
 _SESSIONS: dict[tuple, Any] = {}
 _EXPECTED_SOURCE: str | None = None
@@ -47,6 +51,7 @@ def _check_source() -> None:
 
 
 def init_worker(threads: int = 1, source: str | None = None) -> None:
+    """Set up a worker process: thread count, offline hub access, quiet libraries, the expected source."""
     import torch
 
     expect_source(source)
@@ -60,6 +65,14 @@ def init_worker(threads: int = 1, source: str | None = None) -> None:
     quiet_libraries()
 
 
+def run_job(job: Job, source: str | None = None) -> Any:
+    """What a worker calls: check the code is the runner's, then run the job."""
+    if source is not None:
+        expect_source(source)
+    _check_source()
+    return job.run()
+
+
 def _pm():
     from mergebench.core.plugin_manager import get_plugin_manager
 
@@ -67,125 +80,266 @@ def _pm():
 
 
 def _cache(root: str):
-    from mergebench.core.cache import ArtifactCache
+    from mergebench.study.cache import ArtifactCache
 
     return ArtifactCache(Path(root))
 
 
-def train_expert(cache_root: str, manifest: dict, base_dir: str, categories: list[str], trainer: str,
-                 params: dict) -> dict:
-    from mergebench.study import artifacts
+class Job:
+    """The base of every job: ``resources`` for the executor, ``label`` for progress, ``run()`` in a worker."""
 
-    _check_source()
-    started = time.perf_counter()
-    path = artifacts.expert(_pm(), _cache(cache_root), manifest, Path(base_dir), categories, trainer, params)
-    return {"path": str(path), "seconds": time.perf_counter() - started}
+    resources: Resources
+    label: str
+
+    def run(self) -> Any:  # pragma: no cover - every job overrides it
+        raise NotImplementedError
 
 
-def session(model_dir: str, suite: str, manifest: dict, datasets: tuple[str, ...], params: dict):
-    """This process's evaluation session for (architecture, suite data, split, datasets), made once."""
+# ---- training -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainResult:
+    path: Path
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainJob(Job):
+    """Fine-tune ``base_dir`` on the training data of ``categories`` with ``trainer``."""
+
+    cache_root: str
+    data: SuiteData
+    base_dir: Path
+    categories: tuple[str, ...]
+    trainer: ComponentChoice
+    role: ModelRole
+    device: str = "cpu"
+    seed: int = 0  # the replicate: added to the trainer's own seed parameter
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def label(self) -> str:
+        return self.role.describe()
+
+    def run(self) -> TrainResult:
+        from mergebench.study import artifacts
+
+        started = time.perf_counter()
+        path = artifacts.expert(_pm(), _cache(self.cache_root), self.data, Path(self.base_dir), list(self.categories),
+                                self.trainer, seed=self.seed, device=self.device)
+        return TrainResult(path, time.perf_counter() - started)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+def session(model_dir: Path, suite: str, data: SuiteData | None, datasets: tuple[str, ...],
+            evaluator: ComponentChoice, split: str):
+    """This process's evaluation session for (evaluator, architecture, suite data, split, datasets), made once."""
     # one session per architecture: models of another size (another config) need their own wrapper
-    architecture = (Path(model_dir) / "config.json").read_bytes()
-    key = (architecture, manifest.get("directory"), params["split"], params["batch_size"], tuple(datasets))
+    architecture = (Path(model_dir) / "config.json").read_bytes() if (Path(model_dir) / "config.json").is_file() else b""
+    params = {**evaluator.params, "split": split}
+    key = (evaluator.name, architecture, None if data is None else str(data.directory),
+           tuple(sorted((k, repr(v)) for k, v in params.items())), tuple(datasets))
     if key not in _SESSIONS:
         pm = _pm()
-        evaluator = pm.evaluators().get("lm-eval")
-        _SESSIONS[key] = evaluator.session(Path(model_dir), pm.suites().get(suite), manifest, list(datasets), params)
+        component = pm.evaluators().get(evaluator.name)
+        _SESSIONS[key] = component.session(Path(model_dir), pm.suites().get(suite), data, list(datasets), params)
     return _SESSIONS[key]
 
 
-def evaluate(cache_root: str, model_dir: str, suite: str, manifest: dict, datasets: list[str], params: dict) -> dict:
-    """Scores of one model, from the evaluation cache when this model was scored on this data before."""
-    from mergebench.evaluators.lm_eval_adapter import load_state_dict
-    from mergebench.study import artifacts
-
-    _check_source()
-    started = time.perf_counter()
-    pm, cache = _pm(), _cache(cache_root)
-    scores = artifacts.cached_scores(pm, cache, Path(model_dir), manifest, list(datasets), params)
-    cached = scores is not None
-    if not cached:
-        s = session(model_dir, suite, manifest, tuple(datasets), params)
-        scores = s.evaluate(load_state_dict(Path(model_dir)))
-        artifacts.store_scores(pm, cache, Path(model_dir), manifest, scores, params)
-    return {"scores": scores, "seconds": time.perf_counter() - started, "cached": cached}
-
-
-def _engine_merge(method, params: dict, job: dict, pm) -> dict:
-    """One grid point merged by the streaming engine into a scratch directory beside the output."""
-    import tempfile
-
-    from mergebench.core import api
-    from mergebench.evaluators.lm_eval_adapter import load_state_dict
-
-    output = Path(job["output"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}-point-", dir=output.parent) as tmp:
-        api.merge(method.name, base=job["base_dir"] if method.needs_base else None, experts=job["expert_dirs"],
-                  output=Path(tmp) / "merged", seed=job["seed"], force=True, threads=1, plugin_manager=pm, **params)
-        return load_state_dict(Path(tmp) / "merged")
-
-
-def sweep(job: dict) -> dict:
-    """Evaluate a method's search grid on validation, write the chosen merge, evaluate it on test.
-
-    ``job``: suite, manifest, base_dir, expert_dirs, categories, method, grid (list of parameter
-    dicts), seed, eval_params, expert_validation (category -> dataset -> score), test_datasets, output.
-    """
-    from mergebench.core import api, in_memory
-    from mergebench.core.normalise import normalise
-    from mergebench.evaluators.lm_eval_adapter import load_state_dict
-
-    _check_source()
-    started = time.perf_counter()
+def score_model(model_dir: Path, suite: str, data: SuiteData | None, datasets: list[str], evaluator: ComponentChoice,
+                split: str) -> dict[str, float]:
+    """One model directory's scores, through the evaluator's session when it has one."""
     pm = _pm()
-    suite = pm.suites().get(job["suite"])
-    method = pm.merge_methods().get(job["method"])
-    base = load_state_dict(Path(job["base_dir"])) if method.needs_base else None
-    experts = [load_state_dict(Path(d)) for d in job["expert_dirs"]]
-    held_in = {c: [d.name for d in suite.held_in[c]] for c in job["categories"]}
-    val_datasets = tuple(d for c in job["categories"] for d in held_in[c])
-    val = session(job["base_dir"], job["suite"], job["manifest"], val_datasets, {**job["eval_params"], "split": "validation"})
+    component = pm.evaluators().get(evaluator.name)
+    if component.session is not None:
+        from mergebench.study.weights import load_state_dict
 
-    def score(state) -> tuple[float, dict]:
-        scores = val.evaluate(state)
-        return normalise(scores, held_in, {}, job["expert_validation"], {}, on_zero="skip").held_in, scores
+        return session(model_dir, suite, data, tuple(datasets), evaluator, split).evaluate(load_state_dict(model_dir))
+    params = {**evaluator.params, "split": split}
+    return component.evaluate([Path(model_dir)], pm.suites().get(suite), data, list(datasets), params)[0]
 
-    points = []
-    base_point = None
-    scale = method.scale_param if method.delta is not None else None
-    groups: dict[tuple, list[dict]] = {}
-    for params in job["grid"]:
-        groups.setdefault(tuple(sorted((k, v) for k, v in params.items() if k != scale)), []).append(params)
-    for _, grid in groups.items():
-        if not in_memory.supports(method, method.resolve_params(grid[0]), len(experts)):
-            # a whole-model pre-pass (TIES trimmed over the whole task vector): each point is merged by
-            # the engine, which runs the pre-pass, and read back
-            for params in grid:
-                held, scores = score(_engine_merge(method, params, job, pm))
-                points.append({"params": params, "held_in": held, "scores": scores})
-        elif scale is not None and base is not None:
-            delta = in_memory.merge_delta(method, grid[0], base, experts, seed=job["seed"])
-            for params in grid:
-                value = method.resolve_params(params)[scale]
-                if value == 0:  # theta_0 + 0 * delta is the base whatever the other parameters: score it once
-                    base_point = base_point or score(base)
-                    held, scores = base_point
-                else:
-                    held, scores = score(in_memory.apply_delta(base, delta, value))
-                points.append({"params": params, "held_in": held, "scores": scores})
-            del delta
+
+@dataclass(frozen=True)
+class EvalResult:
+    scores: dict[str, float]
+    seconds: float
+    cached: bool
+
+
+@dataclass(frozen=True)
+class EvalJob(Job):
+    """Score one model on ``datasets`` of ``split``, from the evaluation cache when it was scored before."""
+
+    cache_root: str
+    model_dir: Path
+    suite: str
+    data: SuiteData | None
+    datasets: tuple[str, ...]
+    evaluator: ComponentChoice
+    split: str
+    role: ModelRole
+    resources: Resources = field(default_factory=Resources)
+    use_cache: bool = True  # False: evaluate again (and keep the cached scores as they are)
+
+    @property
+    def label(self) -> str:
+        return f"{self.role.describe()} on {self.split}"
+
+    def run(self) -> EvalResult:
+        from mergebench.study import artifacts
+
+        started = time.perf_counter()
+        pm, cache = _pm(), _cache(self.cache_root)
+        scores = (artifacts.cached_scores(pm, cache, Path(self.model_dir), self.data, list(self.datasets),
+                                          self.evaluator, self.split) if self.use_cache else None)
+        cached = scores is not None
+        if not cached:
+            scores = score_model(Path(self.model_dir), self.suite, self.data, list(self.datasets), self.evaluator,
+                                 self.split)
+            if self.use_cache:
+                artifacts.store_scores(pm, cache, Path(self.model_dir), self.data, scores, self.evaluator, self.split)
+        return EvalResult(dict(scores), time.perf_counter() - started, cached)
+
+
+# ---- sweeps ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepPoint:
+    params: dict[str, Any]
+    held_in: float | None  # normalised held-in score on validation (None: nothing could be normalised)
+    scores: dict[str, float]  # raw validation scores
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    points: list[SweepPoint]
+    best: SweepPoint
+    test_scores: dict[str, float]
+    params: dict[str, Any]  # the chosen merge's resolved parameters
+    seconds: float
+
+
+def best_point(points: list[SweepPoint]) -> SweepPoint:
+    """The point with the highest validation held-in score; the first in grid order on a tie; a point that
+    nothing could normalise ranks last."""
+    return max(points, key=lambda p: -float("inf") if p.held_in is None else p.held_in)
+
+
+@dataclass(frozen=True)
+class SweepJob(Job):
+    """Score a method's grid on validation, write the chosen merge, score it on test.
+
+    ``expert_validation[category][dataset]``: each merged category's expert on validation, the sweep's
+    normaliser. Test scores are computed only for the chosen merge, after the choice.
+    """
+
+    suite: str
+    data: SuiteData | None
+    base_dir: Path
+    expert_dirs: tuple[Path, ...]
+    categories: tuple[str, ...]
+    held_in: Mapping[str, tuple[str, ...]]  # category -> its dataset names
+    method: str
+    grid: tuple[Mapping[str, Any], ...]
+    seed: int
+    evaluator: ComponentChoice
+    expert_validation: Mapping[str, Mapping[str, float]]
+    test_datasets: tuple[str, ...]
+    output: Path
+    device: str = "cpu"
+    name: str = ""
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.method} sweep"
+
+    def _engine_merge(self, method, params: Mapping[str, Any], pm, output: Path):
+        from mergebench.core import api
+
+        return api.merge(method.name, base=self.base_dir if method.needs_base else None, experts=list(self.expert_dirs),
+                         output=output, seed=self.seed, force=True, threads=1, plugin_manager=pm,
+                         device=self.device, **params)
+
+    def run(self) -> SweepResult:
+        import tempfile
+
+        from mergebench.core import in_memory
+        from mergebench.study.normalise import normalise
+        from mergebench.study.weights import load_state_dict
+
+        started = time.perf_counter()
+        pm = _pm()
+        method = pm.merge_methods().get(self.method)
+        evaluator = pm.evaluators().get(self.evaluator.name)
+        held_in = {c: list(self.held_in[c]) for c in self.categories}
+        val_datasets = [d for c in self.categories for d in held_in[c]]
+        output = Path(self.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+        def normalised(scores: dict[str, float]) -> float | None:
+            return normalise(scores, held_in, {}, self.expert_validation, {}, on_zero="skip").held_in
+
+        def score_dir(path: Path) -> dict[str, float]:
+            return score_model(path, self.suite, self.data, val_datasets, self.evaluator, "validation")
+
+        def score_engine(params) -> dict[str, float]:
+            with tempfile.TemporaryDirectory(prefix=f".{output.name}-point-", dir=output.parent) as tmp:
+                self._engine_merge(method, params, pm, Path(tmp) / "merged")
+                return score_dir(Path(tmp) / "merged")
+
+        points: list[SweepPoint] = []
+        if evaluator.session is None:
+            # no weight-swapping session: every point is merged to disk and scored from there
+            for params in self.grid:
+                scores = score_engine(params)
+                points.append(SweepPoint(dict(params), normalised(scores), scores))
         else:
-            for params in grid:
-                held, scores = score(in_memory.merge(method, params, base, experts, seed=job["seed"]))
-                points.append({"params": params, "held_in": held, "scores": scores})
-    # the first best in grid order (deterministic); a point no dataset could normalise ranks last
-    best = max(points, key=lambda p: -float("inf") if p["held_in"] is None else p["held_in"])
-    result = api.merge(method.name, base=job["base_dir"] if method.needs_base else None, experts=job["expert_dirs"],
-                       output=job["output"], seed=job["seed"], force=True, threads=1, plugin_manager=pm,
-                       **best["params"])
-    test = session(job["base_dir"], job["suite"], job["manifest"], tuple(job["test_datasets"]),
-                   {**job["eval_params"], "split": "test"})
-    test_scores = test.evaluate(load_state_dict(Path(job["output"])))
-    return {"points": points, "best": best, "test_scores": test_scores,
-            "params": result.parameters, "seconds": time.perf_counter() - started}
+            points = self._in_memory_points(method, pm, val_datasets, normalised, score_engine)
+        best = best_point(points)
+        result = self._engine_merge(method, best.params, pm, output)
+        test_scores = score_model(output, self.suite, self.data, list(self.test_datasets), self.evaluator, "test")
+        return SweepResult(points, best, test_scores, result.parameters, time.perf_counter() - started)
+
+    def _in_memory_points(self, method, pm, val_datasets, normalised: Callable, score_engine: Callable) -> list[SweepPoint]:
+        from mergebench.core import in_memory
+        from mergebench.study.weights import load_state_dict
+
+        val = session(Path(self.base_dir), self.suite, self.data, tuple(val_datasets), self.evaluator, "validation")
+        base = load_state_dict(Path(self.base_dir)) if method.needs_base else None
+        experts = [load_state_dict(Path(d)) for d in self.expert_dirs]
+
+        def score(state) -> SweepPoint:
+            scores = val.evaluate(state)
+            return SweepPoint({}, normalised(scores), scores)
+
+        points: list[SweepPoint] = []
+        base_point: SweepPoint | None = None
+        scale = method.scale_param if method.delta is not None else None
+        groups: dict[tuple, list[Mapping[str, Any]]] = {}
+        for params in self.grid:
+            groups.setdefault(tuple(sorted((k, v) for k, v in params.items() if k != scale)), []).append(params)
+        for grid in groups.values():
+            if not in_memory.supports(method, method.resolve_params(grid[0]), len(experts)):
+                # a whole-model pre-pass (TIES trimmed over the whole task vector): each point is merged by
+                # the engine, which runs the pre-pass, and read back
+                for params in grid:
+                    scores = score_engine(params)
+                    points.append(SweepPoint(dict(params), normalised(scores), scores))
+            elif scale is not None and base is not None:
+                delta = in_memory.merge_delta(method, grid[0], base, experts, seed=self.seed)
+                for params in grid:
+                    value = method.resolve_params(params)[scale]
+                    if value == 0:  # theta_0 + 0 * delta is the base whatever the other parameters: score it once
+                        base_point = base_point or score(base)
+                        point = base_point
+                    else:
+                        point = score(in_memory.apply_delta(base, delta, value))
+                    points.append(SweepPoint(dict(params), point.held_in, point.scores))
+                del delta
+            else:
+                for params in grid:
+                    point = score(in_memory.merge(method, params, base, experts, seed=self.seed))
+                    points.append(SweepPoint(dict(params), point.held_in, point.scores))
+        return points

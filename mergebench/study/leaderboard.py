@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergebench.core.errors import InputError
-from mergebench.core.normalise import normalise
+from mergebench.study.normalise import normalise
 from mergebench.study.database import ResultsDB
 
 BASELINES = ("multitask", "experts", "base")

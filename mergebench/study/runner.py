@@ -16,18 +16,19 @@ import json
 import os
 import random
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mergebench.core.cache import ArtifactCache
-from mergebench.core.errors import InputError, MergebenchError
-from mergebench.core.normalise import normalise
+from mergebench.study.cache import ArtifactCache
+from mergebench.core.errors import InputError, MergebenchError, PluginError
+from mergebench.study.normalise import normalise
 from mergebench.core.plugin_manager import PluginManager
 from mergebench.study import artifacts, jobs
 from mergebench.study.config import RunConfig
+from mergebench.study.contracts import ModelRole, Resources, SuiteData
 from mergebench.study.database import ResultsDB, score_statements
 
 DB_NAME = "results.sqlite"
@@ -64,31 +65,6 @@ def grid_for(method, overrides: dict[str, list[Any]] | None) -> list[dict[str, A
     return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
 
-class _Deferred(Future):
-    """A job that runs in this process when its result is first asked for."""
-
-    def __init__(self, fn: Callable, args: tuple):
-        super().__init__()
-        self._job = (fn, args)
-
-    def run_now(self) -> None:
-        fn, args = self._job
-        try:
-            self.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - delivered through the future, like a pool's
-            self.set_exception(exc)
-
-
-class _Inline:
-    """The executor interface without processes (workers = 1): jobs run one at a time as they are
-    drained, so each is recorded before the next starts (a kill loses at most the one running)."""
-
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        return _Deferred(fn, args)
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None: ...
-
-
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One run per directory at a time: a second one fails at once with a clear message."""
@@ -111,12 +87,23 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 @dataclass
 class _Models:
-    """The trained models of one (seed, size): bases by kind, experts and multitask by kind."""
+    """The models of one (seed, size): the suite data, studied bases by kind, experts and multitask by kind."""
 
-    manifest: dict
+    data: SuiteData
     bases: dict[str, Path]
-    experts: dict[str, dict[str, Path]]
-    multitask: dict[str, Path]
+    experts: dict[str, dict[str, Path]] = field(default_factory=dict)
+    multitask: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Tagged:
+    """What the runner remembers about a submitted job until its result is recorded."""
+
+    label: str
+    role: ModelRole | None = None
+    key: str = ""
+    spec: dict | None = None
+    extra: Any = None
 
 
 class Runner:
@@ -131,6 +118,8 @@ class Runner:
         self.held_out = {c: [d.name for d in ds] for c, ds in self.suite.held_out.items()}
         self.all_datasets = list(self.suite.datasets())
         self.source = jobs.source_fingerprint()  # the code this run started with; jobs check it
+        gpus = 1 if cfg.device.startswith("cuda") else 0
+        self.resources = Resources(cpus=1, gpus=gpus)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -152,29 +141,38 @@ class Runner:
         return out
 
     def _executor(self):
-        if self.cfg.workers == 1:
-            jobs.expect_source(self.source)
-            return _Inline()
-        import multiprocessing
+        from mergebench.study.executors import ExecutorOptions
 
-        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=jobs.init_worker, initargs=(1, self.source))
+        executor = self.pm.executors().get(self.cfg.executor.name)
+        jobs.expect_source(self.source)
+        options = ExecutorOptions(workers=self.cfg.workers, source=self.source,
+                                  env={"MERGEBENCH_HOME": str(self.cache.root.parent)})
+        try:
+            return executor.start(dict(self.cfg.executor.params), options)
+        except MergebenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported as the plugin's
+            raise PluginError(f"executor '{executor.name}' (plugin '{executor.plugin}') failed to start: "
+                              f"{type(exc).__name__}: {exc}") from None
 
-    def _drain(self, futures: dict[Future, Any], stage: str, on_done: Callable[[Any, Any], None]) -> None:
+    def _drain(self, pool, futures: dict[Future, _Tagged], stage: str, on_done: Callable[[_Tagged, Any], None]) -> None:
         """Wait for ``futures``; record each as it completes (so a kill loses only the ones in flight)."""
         error: BaseException | None = None
-        deferred = all(isinstance(f, _Deferred) for f in futures)
-        for future in (futures if deferred else as_completed(futures)):
-            if deferred:
+        sequential = getattr(pool, "sequential", False)
+        for future in (futures if sequential else as_completed(futures)):
+            if sequential:
                 future.run_now()
             tag = futures[future]
             try:
                 on_done(tag, future.result())
             except BaseException as exc:  # noqa: BLE001 - finish recording the others first
                 error = error or exc
-            self.reporter.advance(stage, str(tag[0]) if isinstance(tag, tuple) else str(tag))
+            self.reporter.advance(stage, tag.label)
         if error is not None:
             raise error
+
+    def _out_dir(self) -> Path:
+        return Path(self.cfg.storage) / self.run_dir.resolve().name if self.cfg.storage else self.run_dir
 
     # ---- phases ----------------------------------------------------------------------------------
 
@@ -182,27 +180,25 @@ class Runner:
         import torch
 
         cfg = self.cfg
-        total = len(cfg.seeds) * (1 + len(cfg.sizes) * (1 + ("instruction_tuned" in cfg.base_kinds)))
-        self.reporter.stage("build bases", total)
+        self.reporter.stage("build bases", len(cfg.seeds) * (1 + len(cfg.bases)))
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         out = {}
         for seed in cfg.seeds:
             self.reporter.update("build bases", f"suite {cfg.suite} (seed {seed})")
-            manifest = artifacts.suite(self.pm, self.cache, cfg.suite, seed, cfg.suite_params)
+            data = artifacts.suite(self.pm, self.cache, cfg.suite, seed, cfg.suite_params)
             self.reporter.advance("build bases")
-            for size in cfg.sizes:
-                self.reporter.update("build bases", f"pretrain {size} base (seed {seed})")
-                base = artifacts.base(self.pm, self.cache, manifest, size, {**cfg.pretrain, "seed": cfg.pretrain["seed"] + seed},
-                                      on_step=self._on_step("build bases", f"pretrain {size} base (seed {seed})"))
+            built: dict[tuple[str, str], Path] = {}
+            for b in cfg.bases:
+                what = f"{b.preparer.name} {b.size} {b.kind} base (seed {seed})"
+                self.reporter.update("build bases", what)
+                source = built[(b.size, b.source)] if b.source is not None else None
+                built[(b.size, b.kind)] = artifacts.prepare_base(
+                    self.pm, self.cache, data, b.preparer, seed, source=source, device=cfg.device,
+                    on_step=self._on_step("build bases", what))
                 self.reporter.advance("build bases")
-                bases = {"pretrained": base}
-                if "instruction_tuned" in cfg.base_kinds:
-                    self.reporter.update("build bases", f"instruction-tune {size} base (seed {seed})")
-                    bases["instruction_tuned"] = artifacts.instruction_tuned(
-                        self.pm, self.cache, manifest, base, {**cfg.instruction_tune, "seed": cfg.instruction_tune["seed"] + seed},
-                        on_step=self._on_step("build bases", f"instruction-tune {size} base (seed {seed})"))
-                    self.reporter.advance("build bases")
-                out[(seed, size)] = _Models(manifest, {k: bases[k] for k in cfg.base_kinds}, {}, {})
+            for size in cfg.sizes:
+                bases = {b.kind: built[(size, b.kind)] for b in cfg.bases if b.size == size and b.studied}
+                out[(seed, size)] = _Models(data, bases)
         return out
 
     def _on_step(self, stage: str, what: str):
@@ -218,67 +214,73 @@ class Runner:
     def _train_experts(self, pool, models: dict[tuple[int, str], _Models]) -> None:
         cfg = self.cfg
         root = str(self.cache.root)
-        futures = {}
+        futures: dict[Future, _Tagged] = {}
+
+        def submit(m: _Models, seed: int, size: str, kind: str, categories: list[str], trainer, role) -> None:
+            job = jobs.TrainJob(root, m.data, m.bases[kind], tuple(categories), trainer,
+                                ModelRole(role, seed, size, kind, categories[0] if role == "expert" else None),
+                                device=cfg.device, seed=seed, resources=self.resources)
+            futures[pool.submit(job)] = _Tagged(job.label, job.role)
+
         for (seed, size), m in models.items():
-            for kind, base in m.bases.items():  # the longest jobs (multitask) first: no long tail at the end
-                params = {**cfg.multitask, "seed": cfg.multitask["seed"] + seed}
-                f = pool.submit(jobs.train_expert, root, m.manifest, str(base), self.categories, "multitask", params)
-                futures[f] = (f"multitask ({size}, {kind}, seed {seed})", seed, size, kind, None)
-            for kind, base in m.bases.items():
+            if cfg.multitask is not None:  # the longest jobs (multitask) first: no long tail at the end
+                for kind in m.bases:
+                    submit(m, seed, size, kind, self.categories, cfg.multitask, "multitask")
+            for kind in m.bases:
                 for category in self.categories:
-                    params = {**cfg.expert, "seed": cfg.expert["seed"] + seed}
-                    f = pool.submit(jobs.train_expert, root, m.manifest, str(base), [category], cfg.expert_trainer, params)
-                    futures[f] = (f"{category} expert ({size}, {kind}, seed {seed})", seed, size, kind, category)
+                    submit(m, seed, size, kind, [category], cfg.expert_trainer, "expert")
         self.reporter.stage("train experts", len(futures))
 
-        def done(tag, result):
-            _, seed, size, kind, category = tag
-            path = Path(result["path"])
-            if category is None:
-                models[(seed, size)].multitask[kind] = path
+        def done(tag: _Tagged, result: jobs.TrainResult) -> None:
+            role = tag.role
+            m = models[(role.seed, role.size)]
+            if role.role == "multitask":
+                m.multitask[role.base_kind] = Path(result.path)
             else:
-                models[(seed, size)].experts.setdefault(kind, {})[category] = path
-        self._drain(futures, "train experts", done)
+                m.experts.setdefault(role.base_kind, {})[role.category] = Path(result.path)
+        self._drain(pool, futures, "train experts", done)
 
-    def _register_models(self, db: ResultsDB, models: dict[tuple[int, str], _Models]) -> list[tuple]:
-        """Record every trained model; return the evaluations still to do: (model key, path, split, datasets)."""
-        todo = []
+    def _register_models(self, db: ResultsDB, models: dict[tuple[int, str], _Models]) -> list[jobs.EvalJob]:
+        """Record every trained model; return the evaluations still to do."""
+        todo: list[jobs.EvalJob] = []
         with db.transaction():
             for (seed, size), m in models.items():
-                entries = [("base", kind, None, p) for kind, p in m.bases.items()]
-                entries += [("expert", kind, c, p) for kind, ex in m.experts.items() for c, p in ex.items()]
-                entries += [("multitask", kind, None, p) for kind, p in m.multitask.items()]
-                for role, kind, category, path in entries:
+                entries = [(ModelRole("base", seed, size, kind), p) for kind, p in m.bases.items()]
+                entries += [(ModelRole("expert", seed, size, kind, c), p) for kind, ex in m.experts.items()
+                            for c, p in ex.items()]
+                entries += [(ModelRole("multitask", seed, size, kind), p) for kind, p in m.multitask.items()]
+                for role, path in entries:
                     db.conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                    (path.name, role, seed, size, kind, category, str(path), None))
-                    todo.append((path.name, path, "test", self.all_datasets, m.manifest))
-                    if role == "expert":  # its own category on validation: the sweep's normaliser
-                        todo.append((path.name, path, "validation", self.held_in[category],
-                                     m.manifest))
-        return [t for t in todo if not db.done(self._eval_key(t[0], t[2], t[3]))]
+                                    (path.name, role.role, seed, size, role.base_kind, role.category, str(path), None))
+                    todo.append(self._eval_job(path, role, m.data, "test", self.all_datasets))
+                    if role.role == "expert":  # its own category on validation: the sweep's normaliser
+                        todo.append(self._eval_job(path, role, m.data, "validation", self.held_in[role.category]))
+        return [j for j in todo if not db.done(self._eval_key(Path(j.model_dir).name, j.split, list(j.datasets)))]
+
+    def _eval_job(self, path: Path, role: ModelRole, data: SuiteData, split: str, datasets: list[str]) -> jobs.EvalJob:
+        return jobs.EvalJob(str(self.cache.root), path, self.cfg.suite, data, tuple(datasets), self.cfg.evaluator,
+                            split, role, resources=self.resources)
 
     def _eval_key(self, model: str, split: str, datasets: list[str]) -> str:
-        return f"eval:{model}:{split}:{_hash([datasets, self.cfg.evaluator, self.cfg.suite_params])}"
+        return f"eval:{model}:{split}:{_hash([datasets, self.cfg.evaluator.to_dict(), self.cfg.suite_params])}"
 
-    def _evaluate(self, pool, db: ResultsDB, todo: list[tuple]) -> None:
-        futures = {}
-        for key, path, split, datasets, manifest in todo:
-            params = {**self.cfg.evaluator, "split": split}
-            f = pool.submit(jobs.evaluate, str(self.cache.root), str(path), self.cfg.suite, manifest, datasets, params)
-            futures[f] = (f"{key[:8]} on {split}", key, split, datasets)
+    def _evaluate(self, pool, db: ResultsDB, todo: list[jobs.EvalJob]) -> None:
+        futures = {pool.submit(job): _Tagged(job.label, job.role, extra=job) for job in todo}
         self.reporter.stage("evaluate models", len(futures))
 
-        def done(tag, result):
-            _, key, split, datasets = tag
-            spec = {"model": key, "split": split, "datasets": datasets, "evaluator": self.cfg.evaluator}
-            db.complete(self._eval_key(key, split, datasets), "evaluation", spec, None, result["seconds"],
-                        self._versions(), score_statements(key, split, result["scores"]))
-        self._drain(futures, "evaluate models", done)
+        def done(tag: _Tagged, result: jobs.EvalResult) -> None:
+            job: jobs.EvalJob = tag.extra
+            key = Path(job.model_dir).name
+            spec = {"model": key, "split": job.split, "datasets": list(job.datasets),
+                    "evaluator": self.cfg.evaluator.to_dict()}
+            db.complete(self._eval_key(key, job.split, list(job.datasets)), "evaluation", spec, None, result.seconds,
+                        self._versions(), score_statements(key, job.split, result.scores))
+        self._drain(pool, futures, "evaluate models", done)
 
     def _sweeps(self, pool, db: ResultsDB, models: dict[tuple[int, str], _Models]) -> None:
         cfg = self.cfg
         methods = self.pm.merge_methods()
-        futures = {}
+        futures: dict[Future, _Tagged] = {}
         total = 0
         for (seed, size), m in models.items():
             order = expert_order(self.categories, seed)
@@ -289,46 +291,49 @@ class Runner:
                 method = methods.get(name)
                 categories = order[:n]
                 grid = grid_for(method, cfg.search.get(name))
-                expert_dirs = [str(m.experts[kind][c]) for c in categories]
+                expert_dirs = [m.experts[kind][c] for c in categories]
                 spec = {"seed": seed, "size": size, "base_kind": kind, "n": n, "method": name,
                         "plugin_version": artifacts.plugin_version(self.pm, method), "grid": grid,
-                        "base": m.bases[kind].name, "experts": [Path(e).name for e in expert_dirs],
-                        "evaluator": cfg.evaluator}
+                        "base": m.bases[kind].name, "experts": [e.name for e in expert_dirs],
+                        "evaluator": cfg.evaluator.to_dict()}
                 key = f"sweep:{seed}:{size}:{kind}:{n}:{name}:{_hash(spec)}"
                 if db.done(key):
                     continue
-                expert_validation = {c: db.scores(m.experts[kind][c].name, "validation") for c in categories}
-                job = {"suite": cfg.suite, "manifest": m.manifest, "base_dir": str(m.bases[kind]),
-                       "expert_dirs": expert_dirs, "categories": categories, "method": name, "grid": grid,
-                       "seed": seed, "eval_params": cfg.evaluator, "expert_validation": expert_validation,
-                       "test_datasets": [d for c in categories for d in self.held_in[c]]
-                       + [d for ds in self.held_out.values() for d in ds],
-                       "output": str(self.run_dir / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}")}
-                f = pool.submit(jobs.sweep, job)
-                futures[f] = (f"{name}, N={n} ({size}, {kind}, seed {seed})", key, spec, m, kind, categories, job["output"])
+                job = jobs.SweepJob(
+                    suite=cfg.suite, data=m.data, base_dir=m.bases[kind], expert_dirs=tuple(expert_dirs),
+                    categories=tuple(categories), held_in={c: tuple(self.held_in[c]) for c in categories},
+                    method=name, grid=tuple(grid), seed=seed, evaluator=cfg.evaluator,
+                    expert_validation={c: db.scores(m.experts[kind][c].name, "validation") for c in categories},
+                    test_datasets=tuple([d for c in categories for d in self.held_in[c]]
+                                        + [d for ds in self.held_out.values() for d in ds]),
+                    output=self._out_dir() / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}", device=cfg.device,
+                    name=f"{name}, N={n} ({size}, {kind}, seed {seed})", resources=self.resources)
+                futures[pool.submit(job)] = _Tagged(job.label, ModelRole("merge", seed, size, kind), key, spec,
+                                                    (m, categories, job.output))
         self.reporter.stage("sweep merges", total)
         for _ in range(total - len(futures)):
             self.reporter.advance("sweep merges")
 
-        def done(tag, result):
-            _, key, spec, m, kind, categories, output = tag
+        def done(tag: _Tagged, result: jobs.SweepResult) -> None:
+            m, categories, output = tag.extra
+            kind, spec = tag.role.base_kind, tag.spec
             held_in = {c: self.held_in[c] for c in categories}
             experts_test = {c: db.scores(m.experts[kind][c].name, "test") for c in categories}
             base_test = db.scores(m.bases[kind].name, "test")
-            norm = normalise(result["test_scores"], held_in, self.held_out, experts_test, base_test, on_zero="skip")
-            model_key = "merge-" + _hash([key])
+            norm = normalise(result.test_scores, held_in, self.held_out, experts_test, base_test, on_zero="skip")
+            model_key = "merge-" + _hash([tag.key])
             statements = [("INSERT OR REPLACE INTO sweep_points VALUES (?, ?, ?, ?)",
-                           (key, json.dumps(p["params"], sort_keys=True), p["held_in"], json.dumps(p["scores"])))
-                          for p in result["points"]]
-            statements += score_statements(model_key, "test", result["test_scores"])
+                           (tag.key, json.dumps(p.params, sort_keys=True), p.held_in, json.dumps(p.scores)))
+                          for p in result.points]
+            statements += score_statements(model_key, "test", result.test_scores)
             statements.append(("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               (model_key, "merge", spec["seed"], spec["size"], kind, None, output, None)))
+                               (model_key, "merge", spec["seed"], spec["size"], kind, None, str(output), None)))
             statements.append(("INSERT OR REPLACE INTO merges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (spec["seed"], spec["size"], kind, spec["n"], spec["method"], json.dumps(categories),
-                                json.dumps(result["params"], sort_keys=True), result["best"]["held_in"],
-                                norm.held_in, norm.held_out, json.dumps(norm.__dict__), model_key, result["seconds"])))
-            db.complete(key, "sweep", spec, {"params": result["params"]}, result["seconds"], self._versions(), statements)
-        self._drain(futures, "sweep merges", done)
+                                json.dumps(result.params, sort_keys=True), result.best.held_in,
+                                norm.held_in, norm.held_out, json.dumps(norm.__dict__), model_key, result.seconds)))
+            db.complete(tag.key, "sweep", spec, {"params": result.params}, result.seconds, self._versions(), statements)
+        self._drain(pool, futures, "sweep merges", done)
 
     # ---- the whole run ---------------------------------------------------------------------------
 
@@ -347,7 +352,7 @@ class Runner:
                 self._evaluate(pool, db, self._register_models(db, models))
                 self._sweeps(pool, db, models)
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(cancel=True)
                 raise
             pool.shutdown()
             db.set_meta("last_run_seconds", time.perf_counter() - started)
