@@ -134,8 +134,10 @@ def test_exact_match_tasks_generate_no_further_than_the_longest_answer(tmp_path,
         files[split] = str(tmp_path / f"{split}.jsonl")
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     suite = pm.suites().get("micro-t0")
-    manifest = {"files": {"micro_extractive_qa": files, "micro_summarization": files}}
-    qa, summary = suite_tasks(suite, manifest, ["micro_extractive_qa", "micro_summarization"])
+    from mergebench.study.contracts import SuiteData
+
+    data = SuiteData("micro-t0", tmp_path, {"micro_extractive_qa": files, "micro_summarization": files})
+    qa, summary = suite_tasks(suite, data, ["micro_extractive_qa", "micro_summarization"])
     assert qa.max_gen_toks == len(" Tolbek") + 4 and summary.max_gen_toks == 32
 
 

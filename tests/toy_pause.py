@@ -5,6 +5,7 @@ so a test can SIGKILL a run at a known point and resume it."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,6 +25,18 @@ def pause(phase: str) -> None:
     time.sleep(60)
 
 
+def die(phase: str) -> None:
+    """The first caller in ``TOY_DIE_AT``'s phase kills its own process, as a lost worker or node would."""
+    if os.environ.get("TOY_DIE_AT") != phase:
+        return
+    marker = Path(os.environ["TOY_PAUSE_DIR"]) / f"died-{phase}"
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def prepare(params, workdir, inputs):
     pause("prepare")
     return toy.toy_init(params, workdir, inputs)
@@ -31,6 +44,7 @@ def prepare(params, workdir, inputs):
 
 def train(base, data, params, workdir, on_step=None, device="cpu"):
     pause("train")
+    die("train")
     return toy.toy_finetune(base, data, params, workdir, on_step, device)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import traceback
@@ -28,6 +29,26 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+# the operating system's refusals a user can act on (not bugs): one line, exit 2
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or choose another location",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another location",
+    errno.EROFS: "the filesystem is read-only; choose a writable location",
+    errno.EACCES: "permission denied; choose a location you can write to, or fix its permissions",
+    errno.EPERM: "operation not permitted; choose a location you can write to, or fix its permissions",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One line for an OSError the user can act on, or None when it is not one of those."""
+    hint = _OS_HINTS.get(exc.errno or -1)
+    if hint is None:
+        return None
+    where = exc.filename or ""
+    return f"{where}: {exc.strerror} ({hint})" if where else f"{exc.strerror} ({hint})"
+
+
 class MergebenchGroup(click.Group):
     """Turns user errors into one line and exit 2, and other exceptions into a short internal-error line."""
 
@@ -50,6 +71,12 @@ class MergebenchGroup(click.Group):
             raise UserError(str(exc)) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
+        except OSError as exc:
+            message = os_error_message(exc)
+            if message is None:
+                raise click.ClickException(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+                                           f"the traceback, and please report it)") from None
+            raise UserError(message) from None
         except Exception as exc:  # noqa: BLE001 - a bug: short message unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()

@@ -457,6 +457,21 @@ def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: 
     return merged_count
 
 
+def check_free_space(output: Path, needed: int) -> None:
+    """Refuse before writing when the output's filesystem cannot hold the merge (its size is known from
+    metadata): failing after an hour of merging on a full disk helps nobody."""
+    import shutil
+
+    where = Path(output).resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    margin = 16 << 20  # config, tokenizer and card files beside the weights
+    if free < needed + margin:
+        raise InputError(f"{output}: the merge needs {(needed + margin) / 2**30:.2f} GiB but {where} has "
+                         f"{free / 2**30:.2f} GiB free; free some space or choose another output")
+
+
 def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool = False, device: str = "cpu",
         threads: int | None = None, pm: PluginManager | None = None,
         progress: ProgressCallback | None = None) -> MergeResult:
@@ -470,6 +485,8 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     pm = pm or get_plugin_manager()
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
+    check_free_space(output, sum(plan.template.tensors[n].numel * _out_dtype(plan, plan.template.tensors[n]).itemsize
+                                 for n in plan.names))
     old_threads = torch.get_num_threads()
     # On a GPU one host thread feeds the device; on the CPU, one worker per core.
     workers = threads or (1 if plan.device.type == "cuda" else old_threads)

@@ -29,17 +29,26 @@ def plugin_version(pm: PluginManager, component: Component) -> str:
 
 def code_hash(*functions: Callable) -> str:
     """A hash of the source files that define ``functions`` (and of the shared training loop): a changed
-    generator or trainer gets new cache entries even when nobody bumped a version number."""
+    generator or trainer gets new cache entries even when nobody bumped a version number. A function with no
+    source file (defined in a notebook or by ``exec``) contributes its compiled code."""
     import hashlib
     import inspect
+    import marshal
 
     from mergebench import training
     from mergebench.suites import world
 
-    shared = {inspect.getsourcefile(training), inspect.getsourcefile(world)}
-    files = sorted({inspect.getsourcefile(f) for f in functions if f is not None} | shared)
     digest = hashlib.sha256()
-    for f in files:
+    files = {inspect.getsourcefile(training), inspect.getsourcefile(world)}
+    for f in functions:
+        if f is None:
+            continue
+        source = inspect.getsourcefile(f) if callable(f) else None
+        if source is not None and Path(source).is_file():
+            files.add(source)
+        elif hasattr(f, "__code__"):
+            digest.update(marshal.dumps(f.__code__))
+    for f in sorted(files):
         digest.update(Path(f).read_bytes())
     return digest.hexdigest()[:16]
 
