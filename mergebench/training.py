@@ -119,6 +119,8 @@ def train(model, tok, cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = (), t
         items = [_encode_pair(tok, *rng.choice(pairs), cfg.seq_len) for _ in range(cfg.batch_size - n_text)]
         items += [_encode_text(tok, rng.choice(texts), cfg.seq_len, rng) for _ in range(n_text)]
         ids, labels, mask = _collate(items, tok.pad_token_id)
+        device = next(model.parameters()).device  # the batch goes where the model is (cpu, cuda)
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -18,7 +18,7 @@ from mergebench.cli.main import cli
 from mergebench.core import hookspecs
 from mergebench.core.errors import ParameterError, PluginError
 from mergebench.core.plugin_manager import make_plugin_manager
-from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer
+from mergebench.study.components import BasePreparer, Evaluator, ExpertTrainer
 from mergebench.core.tensor_io import open_local
 
 from conftest import load_dir
@@ -97,7 +97,7 @@ def test_other_component_registries(pm):
     assert pm.base_preparers().get("scratch").resolve_params({"width": "128"}) == {"width": 128}
     with pytest.raises(ParameterError, match=">= 8"):
         pm.base_preparers().get("scratch").resolve_params({"width": 4})
-    assert pm.expert_trainers().names() == ["full_finetune", "multitask", "sgd"]
+    assert pm.expert_trainers().names() == ["full_finetune", "hf_trainer", "multitask", "sgd"]
     assert pm.expert_trainers().get("sgd").plugin == "components"
     assert pm.evaluators().get("perplexity").plugin == "components"
 
@@ -147,6 +147,7 @@ HOOK_TESTS = {
     "register_commands": test_register_commands_adds_a_subcommand,
     "resolve_model": test_resolve_model_firstresult_lets_a_plugin_add_a_scheme,
     "register_suites": "tests/test_stages.py::test_a_plugin_registers_a_suite_and_it_builds_through_the_cache",
+    "register_executors": "tests/test_ray.py (ray) and tests/test_plugin_docs.py (a plugin's executor)",
 }
 
 

@@ -15,7 +15,8 @@ from mergebench.cli.main import cli
 from mergebench.core import in_memory
 from mergebench.study.cache import ArtifactCache
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import DatasetSpec, Suite
+from mergebench.study.components import DatasetSpec, Suite
+from mergebench.study.contracts import ComponentChoice, ModelRole
 from mergebench.study.weights import load_state_dict
 from mergebench.study import artifacts
 
@@ -23,6 +24,10 @@ from conftest import load_dir
 from test_cli_errors import assert_user_error
 
 SMALL_SUITE = {"train": 120, "validation": 12, "test": 12, "vocab_size": 400}
+
+
+def FINETUNE(seed: int) -> ComponentChoice:
+    return ComponentChoice("full_finetune", {"steps": 30, "seed": seed})
 
 
 def run_cli(*args):
@@ -52,10 +57,11 @@ def test_a_plugin_registers_a_suite_and_it_builds_through_the_cache(pm, tmp_path
     assert suite.plugin == "arith-plugin" and suite.datasets() == {"add": DatasetSpec("add", "generate_until", "exact_match")}
     cache = ArtifactCache(tmp_path / "cache")
     first = artifacts.suite(pm, cache, "arith", 2, {"rows": 4})
-    lines = Path(first["files"]["add"]["test"]).read_text().splitlines()
+    lines = first.file("add", "test").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[3]) == {"query": "3 + 2 =", "answer": " 5"}
-    assert artifacts.suite(pm, cache, "arith", 2, {"rows": 4})["directory"] == first["directory"]  # cached
-    assert artifacts.suite(pm, cache, "arith", 3, {"rows": 4})["directory"] != first["directory"]  # new seed
+    assert first.suite == "arith" and first.seed == 2 and first.directory.parent == cache.root / "suite"
+    assert artifacts.suite(pm, cache, "arith", 2, {"rows": 4}).directory == first.directory  # cached
+    assert artifacts.suite(pm, cache, "arith", 3, {"rows": 4}).directory != first.directory  # new seed
     assert "rows" in pm.suites().get("arith").params[0].name
 
 
@@ -63,12 +69,12 @@ def test_micro_suite_build_has_a_tokenizer_with_special_tokens(pm, tmp_path):
     from transformers import AutoTokenizer
 
     manifest = artifacts.suite(pm, ArtifactCache(tmp_path), "micro-t0", 0, SMALL_SUITE)
-    tok = AutoTokenizer.from_pretrained(manifest["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(manifest.tokenizer)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>") and len(tok) == 400
     suite = pm.suites().get("micro-t0")
     assert len(suite.held_in) == 8 and len(suite.held_out) == 4
     for name in suite.datasets():
-        assert Path(manifest["files"][name]["test"]).is_file()
+        assert manifest.file(name, "test").is_file()
 
 
 def test_t0_paper_configs_parse_and_register_offline(pm):
@@ -110,9 +116,10 @@ def built(tmp_path_factory):
     cache = ArtifactCache(tmp_path_factory.mktemp("home") / "artifacts")  # MERGEBENCH_HOME's layout
     manifest = artifacts.suite(pm, cache, "micro-t0", 0, SMALL_SUITE)
     losses: list[float] = []
-    base = artifacts.base(pm, cache, manifest, "tiny", {"steps": 40}, on_step=lambda s, t, l: losses.append(l))
-    it = artifacts.instruction_tuned(pm, cache, manifest, base, {"steps": 5})
-    expert = artifacts.expert(pm, cache, manifest, base, ["sentiment"], "full_finetune", {"steps": 30, "seed": 4})
+    base = artifacts.prepare_base(pm, cache, manifest, ComponentChoice("pretrain", {"size": "tiny", "steps": 40}), 0,
+                                  on_step=lambda s, t, l: losses.append(l))
+    it = artifacts.prepare_base(pm, cache, manifest, ComponentChoice("instruction_tune", {"steps": 5}), 0, source=base)
+    expert = artifacts.expert(pm, cache, manifest, base, ["sentiment"], FINETUNE(4))
     return pm, cache, manifest, base, it, expert, losses
 
 
@@ -129,11 +136,10 @@ def test_pretraining_learns_and_saves_the_hugging_face_layout(built):
 
 def test_expert_training_is_deterministic_and_cached(built, tmp_path):
     pm, cache, manifest, base, _, expert, _ = built
-    again = artifacts.expert(pm, ArtifactCache(tmp_path), manifest, base, ["sentiment"], "full_finetune",
-                             {"steps": 30, "seed": 4})
+    again = artifacts.expert(pm, ArtifactCache(tmp_path), manifest, base, ["sentiment"], FINETUNE(4))
     assert (again / "model.safetensors").read_bytes() == (expert / "model.safetensors").read_bytes()
-    assert artifacts.expert(pm, cache, manifest, base, ["sentiment"], "full_finetune", {"steps": 30, "seed": 4}) == expert
-    other = artifacts.expert(pm, cache, manifest, base, ["sentiment"], "full_finetune", {"steps": 30, "seed": 5})
+    assert artifacts.expert(pm, cache, manifest, base, ["sentiment"], FINETUNE(4)) == expert
+    other = artifacts.expert(pm, cache, manifest, base, ["sentiment"], FINETUNE(5))
     assert other != expert
     changed = {k for k, v in load_state_dict(expert).items() if not torch.equal(v, load_state_dict(base)[k])}
     assert changed  # fine-tuning touched the weights
@@ -271,9 +277,10 @@ def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path)
     torch.manual_seed(0)
     small = base.parent / "small-model"  # beside the tiny base, as cache entries of one kind are
     save_model(LlamaForCausalLM(llama_config("small", len(tok))), tok, small)
-    params = {"split": "validation", "batch_size": 64}
+    evaluator = ComponentChoice("lm-eval", {"batch_size": 64})
     for model in (base, small, base):
-        scores = jobs.evaluate(str(tmp_path / "cache"), str(model), "micro-t0", manifest, ["micro_sentiment"],
-                               params)["scores"]
+        job = jobs.EvalJob(str(tmp_path / "cache"), model, "micro-t0", manifest, ("micro_sentiment",), evaluator,
+                           "validation", ModelRole("base", 0, "tiny", "pretrained"))
+        scores = job.run().scores
         assert 0.0 <= scores["micro_sentiment"] <= 1.0
-    assert len([k for k in jobs._SESSIONS if k[1] == manifest["directory"]]) == 2
+    assert len([k for k in jobs._SESSIONS if k[2] == str(manifest.directory)]) == 2

@@ -296,9 +296,12 @@ def test_jobs_refuse_to_run_once_mergebench_source_changed(tmp_path):
     assert now == jobs.source_fingerprint() and len(now) == 16
     try:
         jobs.expect_source("0" * 16)  # what the source was when the run started
+        from mergebench.study.contracts import ComponentChoice, ModelRole
+
+        job = jobs.EvalJob(str(tmp_path), tmp_path / "model", "micro-t0", None, ("micro_nli",),
+                           ComponentChoice("lm-eval", {"batch_size": 8}), "test", ModelRole("base", 0, "tiny", "pretrained"))
         with pytest.raises(MergebenchError, match="source files changed while this run was going"):
-            jobs.evaluate(str(tmp_path), str(tmp_path / "model"), "micro-t0", {}, ["micro_nli"],
-                          {"split": "test", "batch_size": 8})
+            jobs.run_job(job)
         jobs.expect_source(now)
         jobs._check_source()  # unchanged source: no complaint
     finally:

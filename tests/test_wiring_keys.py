@@ -134,13 +134,12 @@ def _merge_cli(paths, with_base: bool, out: Path):
 
 # Open bug: a tensor that is int in the template (the base, or expert 1 without one) and float in another
 # model is merged silently, the template's ints copied; engine._check_compatible needs `!=`, not `and not`.
-ENGINE_FIX = "engine._check_compatible refuses only float-in-template vs int-elsewhere"
 
 
 @pytest.mark.parametrize("with_base, int_in", [
     (True, "e1"), (True, "e2"), (False, "e2"),
-    pytest.param(True, "base", marks=pytest.mark.xfail(strict=True, reason=ENGINE_FIX)),
-    pytest.param(False, "e1", marks=pytest.mark.xfail(strict=True, reason=ENGINE_FIX)),
+    (True, "base"),
+    (False, "e1"),
 ])
 def test_int_vs_float_tensor_is_refused_before_any_tensor_is_read(tmp_path, reads, with_base, int_in):
     paths = _mixed_models(tmp_path, int_in)
@@ -189,7 +188,8 @@ class Setup:
         pm.register(suite_plugin(SPECS), name="wiring-suite-plugin")
         data = root / "suite"
         data.mkdir()
-        rows = {"mc": {"query": "2 + 2 =", "choices": [" 3", " 4"], "label": 1}, "gen": {"query": "2 + 2 =", "answer": " 4"}}
+        rows = {"mc": {"query": "2 + 2 =", "choices": [" 3", " 4"], "label": 1},
+                "gen": {"query": "2 + 2 =", "answer": " 4"}}
         files = {}
         for name, splits in (("mc", ("validation", "test")), ("gen", ("train", "validation", "test"))):
             for split in splits:

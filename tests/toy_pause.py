@@ -11,7 +11,8 @@ from pathlib import Path
 
 import mergebench_toy_study as toy
 from mergebench import hookimpl
-from mergebench.core.registry import BasePreparer, Evaluator, ExpertTrainer, MergeMethod
+from mergebench.core.registry import MergeMethod
+from mergebench.study.components import BasePreparer, Evaluator, ExpertTrainer
 
 
 def pause(phase: str) -> None:

@@ -269,13 +269,18 @@ def prepare_base(suite_params: tuple[str, ...], preparer: str, suite_name: str, 
     component = pm.base_preparers().get(preparer)
     given = _parse_params(params)
     component.resolve_params(given)  # unknown or bad parameters fail before any work
+    if component.needs_source and base is None:
+        raise InputError(f"base preparer '{preparer}' starts from another base: it needs --base DIR")
     if base is not None and not (base / "config.json").is_file():
         raise InputError(f"{base}: not a model directory (no config.json)")
-    data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params)) if component.cached else None
-    with _progress() as progress:
-        built = artifacts.prepare_base(pm, cache, data, ComponentChoice(preparer, given), 0,
-                                       source=None if base is None else base.resolve(), device=device,
-                                       on_step=_step_bar(progress, preparer))
+    source = None if base is None else base.resolve()
+    if not component.cached:  # it points at an existing model: nothing to build, nothing to show
+        built = artifacts.prepare_base(pm, cache, None, ComponentChoice(preparer, given), 0, source=source, device=device)
+    else:
+        data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
+        with _progress() as progress:
+            built = artifacts.prepare_base(pm, cache, data, ComponentChoice(preparer, given), 0, source=source,
+                                           device=device, on_step=_step_bar(progress, preparer))
     click.echo(str(_publish(Path(built), output, force)))
 
 

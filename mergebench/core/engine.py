@@ -129,7 +129,7 @@ def _check_compatible(template: ModelSource, role_t: str, other: ModelSource, ro
                 f"tensor '{name}' has shape {list(oi.shape)} in {_describe(role_o, other)} but "
                 f"{list(ti.shape)} in {role_t}"
             )
-        if ti.is_float and not oi.is_float:
+        if ti.is_float != oi.is_float:
             raise InputError(f"tensor '{name}' is {oi.dtype} in {_describe(role_o, other)} but {ti.dtype} in {role_t}")
 
 

@@ -13,7 +13,8 @@ from pluggy import HookimplMarker, HookspecMarker
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-    from mergebench.core.registry import BasePreparer, Evaluator, Executor, ExpertTrainer, MergeMethod, Suite
+    from mergebench.core.registry import MergeMethod
+    from mergebench.study.components import BasePreparer, Evaluator, Executor, ExpertTrainer, Suite
     from mergebench.core.tensor_io import ModelSource
 
 hookspec = HookspecMarker("mergebench")

@@ -11,7 +11,7 @@ import pluggy
 
 from mergebench.core import hookspecs
 from mergebench.core.errors import InputError, PluginError
-from mergebench.core.registry import BasePreparer, Evaluator, Executor, ExpertTrainer, MergeMethod, Registry, Suite
+from mergebench.core.registry import MergeMethod, Registry
 
 ENTRY_POINT_GROUP = "mergebench"
 LOAD_PLUGINS_ENV = "MERGEBENCH_LOAD_PLUGINS"
@@ -19,6 +19,7 @@ LOAD_PLUGINS_ENV = "MERGEBENCH_LOAD_PLUGINS"
 PLUGIN_MODULES_ENV = "MERGEBENCH_PLUGINS"
 
 BUILTIN_PLUGINS = (
+    "mergebench.study.components",  # the study's component kinds (no hooks of its own)
     "mergebench.core.sources",
     "mergebench.plugins.average",
     "mergebench.plugins.task_arithmetic",
@@ -26,21 +27,22 @@ BUILTIN_PLUGINS = (
     "mergebench.plugins.dare_ties",
     "mergebench.plugins.base_preparers",
     "mergebench.plugins.expert_trainers",
+    "mergebench.plugins.hf_trainer",
     "mergebench.evaluators.lm_eval_adapter",
     "mergebench.study.executors",
     "mergebench.suites.micro_t0",
     "mergebench.suites.t0_paper",
 )
 
-# hook name -> (registry kind, component class)
+# hook name -> (registry kind, component class); the study adds its kinds (mergebench.study.components)
 REGISTRATION_HOOKS: dict[str, tuple[str, type]] = {
     "register_merge_methods": ("merge method", MergeMethod),
-    "register_base_preparers": ("base preparer", BasePreparer),
-    "register_expert_trainers": ("expert trainer", ExpertTrainer),
-    "register_evaluators": ("evaluator", Evaluator),
-    "register_suites": ("suite", Suite),
-    "register_executors": ("executor", Executor),
 }
+
+
+def add_component_kind(hook_name: str, kind: str, cls: type) -> None:
+    """Declare that components registered through ``hook_name`` are ``cls`` instances called ``kind``."""
+    REGISTRATION_HOOKS[hook_name] = (kind, cls)
 
 
 class PluginManager(pluggy.PluginManager):
@@ -74,19 +76,19 @@ class PluginManager(pluggy.PluginManager):
     def merge_methods(self) -> Registry[MergeMethod]:
         return self.registry("register_merge_methods")
 
-    def base_preparers(self) -> Registry[BasePreparer]:
+    def base_preparers(self) -> Registry:
         return self.registry("register_base_preparers")
 
-    def expert_trainers(self) -> Registry[ExpertTrainer]:
+    def expert_trainers(self) -> Registry:
         return self.registry("register_expert_trainers")
 
-    def evaluators(self) -> Registry[Evaluator]:
+    def evaluators(self) -> Registry:
         return self.registry("register_evaluators")
 
-    def suites(self) -> Registry[Suite]:
+    def suites(self) -> Registry:
         return self.registry("register_suites")
 
-    def executors(self) -> Registry[Executor]:
+    def executors(self) -> Registry:
         return self.registry("register_executors")
 
     def resolve_model(self, reference: str, allow_pickle: bool = False):

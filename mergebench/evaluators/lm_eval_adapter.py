@@ -23,7 +23,8 @@ import yaml
 
 from mergebench.core.errors import InputError, MergebenchError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import Evaluator, Param
+from mergebench.core.registry import Param
+from mergebench.study.components import Evaluator
 from mergebench.study.contracts import SuiteData
 from mergebench.study.weights import load_state_dict
 
@@ -109,7 +110,8 @@ class LMEvalSession:
     """Tasks indexed once and one HFLM wrapper; ``evaluate`` swaps a model's weights in and scores it."""
 
     def __init__(self, task_dir: Path, task_names: list[str], model, tokenizer, batch_size: int = 64,
-                 max_length: int | None = None, include_defaults: bool = False):
+                 max_length: int | None = None, include_defaults: bool = False, limit: int | None = None,
+                 model_args: Mapping[str, Any] | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; mergebench shows its own
@@ -122,8 +124,9 @@ class LMEvalSession:
             manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=include_defaults)
             self.task_dict = get_task_dict(task_names, manager)
         self.task_names = task_names
+        self.limit = limit or None
         self.model = model.eval()
-        kwargs = {"max_length": max_length} if max_length else {}
+        kwargs = {**(model_args or {}), **({"max_length": max_length} if max_length else {})}
         self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         self.lm.tok_encode = _memoised_tok_encode(self.lm.tok_encode)
 
@@ -138,7 +141,7 @@ class LMEvalSession:
                 raise InputError(f"weights do not fit the evaluated architecture (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
         with torch.no_grad(), _quiet():
-            out = evaluator.evaluate(self.lm, self.task_dict, bootstrap_iters=0, verbosity="ERROR")
+            out = evaluator.evaluate(self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0, verbosity="ERROR")
         scores = {}
         for name in self.task_names:
             result = out["results"][name]
@@ -192,32 +195,100 @@ def _longest_answer_bytes(files: Mapping[str, str]) -> int:
     return longest
 
 
+def parse_model_args(text: str) -> dict[str, Any]:
+    """lm-eval's ``model_args`` string ("k=v,k=v") as a dict, values typed as lm-eval types them."""
+    from lm_eval.utils import simple_parse_args_string
+
+    try:
+        return simple_parse_args_string(text) if text else {}
+    except ValueError:
+        raise InputError(f"evaluator 'lm-eval': model_args must look like 'key=value,key=value', got {text!r}") from None
+
+
+def _task_dir(tmp: Path, suite, data: SuiteData | None, datasets: list[str], split: str) -> tuple[Path, bool]:
+    """Task configs for ``datasets``: rendered from the suite's built data, or the hub suite's own YAMLs."""
+    if data is None and suite.task_dir is not None:  # not built: its own YAMLs plus lm-eval's built-in tasks
+        return Path(suite.task_dir), True
+    write_task_configs(tmp, suite_tasks(suite, data, datasets), split)
+    return tmp, False
+
+
+def load_for_eval(model_dir: Path, device: str, dtype: str):
+    """A causal LM and its tokenizer on ``device`` in ``dtype`` ("auto": as the model's config says)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device), tok
+
+
 class SuiteSession(LMEvalSession):
     """An LMEvalSession over some datasets of a suite, for one split, with its task configs in a temp dir."""
 
     def __init__(self, model_dir: Path, suite, data: SuiteData | None, datasets: list[str], params: dict):
         import tempfile
 
-        from mergebench.training import load_model
-
         self._tmp = tempfile.TemporaryDirectory(prefix="mergebench-tasks-")
-        if suite.task_dir is not None:  # hub suite: its own YAMLs plus lm-eval's built-in tasks
-            task_dir, include_defaults = Path(suite.task_dir), True
-        else:
-            task_dir, include_defaults = Path(self._tmp.name), False
-            write_task_configs(task_dir, suite_tasks(suite, data, datasets), params["split"])
-        model, tokenizer = load_model(Path(model_dir))
+        task_dir, include_defaults = _task_dir(Path(self._tmp.name), suite, data, list(datasets), params["split"])
+        model, tokenizer = load_for_eval(Path(model_dir), params["device"], params["dtype"])
         super().__init__(task_dir, list(datasets), model, tokenizer, batch_size=params["batch_size"],
-                         include_defaults=include_defaults)
+                         include_defaults=include_defaults, limit=params["limit"],
+                         model_args=parse_model_args(params["model_args"]))
 
 
 def _session(model_dir, suite, data, datasets, params):
+    if params["backend"] != "hf":
+        return None  # vLLM loads weights itself: no swapping, every model (and sweep point) is scored from disk
     return SuiteSession(Path(model_dir), suite, data, list(datasets), params)
+
+
+def vllm_model_args(model_dir: Path, params: dict) -> dict[str, Any]:
+    """The model_args of lm-eval's vLLM backend for one model directory (tensor parallelism from model_args)."""
+    args = {"pretrained": str(model_dir), "dtype": params["dtype"], "batch_size": params["batch_size"],
+            "data_parallel_size": 1}  # inside an executor's job: the executor spreads models, not vLLM
+    args.update(parse_model_args(params["model_args"]))
+    return args
+
+
+def _evaluate_vllm(models, suite, data, datasets, params) -> list[dict[str, float]]:
+    import tempfile
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise InputError("evaluator 'lm-eval' with backend vllm needs vLLM (pip install vllm; GPU only)") from None
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mergebench-tasks-") as tmp:
+        task_dir, include_defaults = _task_dir(Path(tmp), suite, data, list(datasets), params["split"])
+        manager = TaskManager(include_path=str(task_dir), include_defaults=include_defaults)
+        for m in models:
+            with _quiet():
+                out = simple_evaluate(model="vllm", model_args=vllm_model_args(Path(m), params), tasks=list(datasets),
+                                      task_manager=manager, limit=params["limit"] or None, bootstrap_iters=0)
+            scores = {}
+            for name in datasets:
+                result = out["results"][name]
+                metric = next(k for k in result if k.endswith(",none") and not k.endswith("_stderr,none"))
+                scores[name] = float(result[metric])
+            results.append(scores)
+    return results
 
 
 def _evaluate_suite(models, suite, data, datasets, params):
     if not models:
         return []
+    if params["backend"] == "vllm":
+        return _evaluate_vllm(models, suite, data, datasets, params)
     session = SuiteSession(Path(models[0]), suite, data, list(datasets), params)
     return [session.evaluate()] + [session.evaluate(load_state_dict(Path(m))) for m in models[1:]]
 
@@ -260,7 +331,14 @@ def register_evaluators(register):
             description="lm-evaluation-harness in-process: tasks indexed once, models swapped into one HFLM.",
             reference="Gao et al., The Language Model Evaluation Harness, doi:10.5281/zenodo.10256836",
             params=(Param("split", str, "test", "which split to score", choices=("validation", "test")),
-                    Param("batch_size", int, 64, "examples per forward pass", min=1)),
+                    Param("batch_size", int, 64, "examples per forward pass", min=1),
+                    Param("backend", str, "hf", "lm-eval model backend (vllm: GPU only, no weight swapping)",
+                          choices=("hf", "vllm")),
+                    Param("device", str, "cpu", "where the model runs: cpu, cuda, cuda:N"),
+                    Param("dtype", str, "float32", "weights' dtype while scoring (auto: the model's own)",
+                          choices=("auto", "float32", "bfloat16", "float16")),
+                    Param("model_args", str, "", "more lm-eval model_args, e.g. 'tensor_parallel_size=2,max_length=4096'"),
+                    Param("limit", int, 0, "score at most this many examples per task (0: all)", min=0)),
             evaluate=_evaluate_suite,
             session=_session,
             identity=_identity,

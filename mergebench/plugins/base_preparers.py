@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from mergebench.core.errors import InputError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import BasePreparer, Param
+from mergebench.core.registry import Param
+from mergebench.study.components import BasePreparer
 from mergebench.study.contracts import OnStep, PrepareInputs
 from mergebench.training import SIZES, TrainConfig, load_model, read_pairs, read_texts, save_model, train
 
@@ -53,8 +54,8 @@ def pretrain(params: dict[str, Any], workdir: Path, inputs: PrepareInputs) -> Pa
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(params["seed"])
     model = LlamaForCausalLM(llama_config(params["size"], len(tok)))
-    train(model, tok, train_config(params), texts=read_texts(corpus), on_step=on_step)
-    save_model(model, tok, workdir)
+    train(model.to(inputs.device), tok, train_config(params), texts=read_texts(corpus), on_step=on_step)
+    save_model(model.to("cpu"), tok, workdir)
     return workdir
 
 
@@ -69,9 +70,9 @@ def instruction_tune(params: dict[str, Any], workdir: Path, inputs: PrepareInput
     corpus, on_step = inputs.data.file("corpus", "train"), inputs.on_step
     model, tok = load_model(inputs.source)
     texts = read_texts(corpus) if corpus else []
-    train(model, tok, train_config(params, params["lm_fraction"] if texts else 0.0), pairs=read_pairs(data),
-          texts=texts, on_step=on_step)
-    save_model(model, tok, workdir)
+    train(model.to(inputs.device), tok, train_config(params, params["lm_fraction"] if texts else 0.0),
+          pairs=read_pairs(data), texts=texts, on_step=on_step)
+    save_model(model.to("cpu"), tok, workdir)
     return workdir
 
 
@@ -104,7 +105,7 @@ def register_base_preparers(register):
         params=(*training_params(150, 1e-3, seed=1),
                 Param("lm_fraction", float, 0.5, "share of each batch that is plain corpus text (against forgetting)",
                       min=0.0, max=1.0)),
-        prepare=instruction_tune))
+        prepare=instruction_tune, needs_source=True))
     register(BasePreparer(
         name="load",
         description="Use an existing local model directory or a hub model already in the local cache.",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import ExpertTrainer
+from mergebench.study.components import ExpertTrainer
 from mergebench.plugins.base_preparers import OnStep, train_config, training_params
 from mergebench.training import load_model, read_pairs, save_model, train
 
@@ -20,8 +20,8 @@ def full_finetune(base: Path, data: list[Path], params: dict[str, Any], workdir:
                   on_step: OnStep | None = None, device: str = "cpu") -> Path:
     """Every parameter of ``base`` trained on the prompt/target pairs in ``data`` (JSONL rows)."""
     model, tok = load_model(base)
-    train(model, tok, train_config(params), pairs=read_pairs(data), on_step=on_step)
-    save_model(model, tok, workdir)
+    train(model.to(device), tok, train_config(params), pairs=read_pairs(data), on_step=on_step)
+    save_model(model.to("cpu"), tok, workdir)
     return workdir
 
 

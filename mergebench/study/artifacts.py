@@ -16,7 +16,7 @@ from mergebench.study.cache import ArtifactCache
 from mergebench.core.errors import InputError
 from mergebench.core.plugin_manager import PluginManager
 from mergebench.core.registry import Component
-from mergebench.study.contracts import SUITE_FILE, ComponentChoice, OnStep, PrepareInputs, SuiteData
+from mergebench.study.contracts import ComponentChoice, OnStep, PrepareInputs, SuiteData
 
 
 
@@ -76,8 +76,7 @@ def suite(pm: PluginManager, cache: ArtifactCache, name: str, seed: int, params:
 
     def build(tmp: Path) -> None:
         built = SuiteData.coerce(component.build(tmp, seed, params), tmp, name, seed)
-        if not (tmp / SUITE_FILE).is_file() or isinstance(built, SuiteData):
-            SuiteData(name, tmp, built.files, built.tokenizer, seed, built.version or component.version).write()
+        SuiteData(name, tmp, built.files, built.tokenizer, seed, built.version or component.version).write()
     return SuiteData.load(cache.get_or_build("suite", spec, build))
 
 
@@ -149,13 +148,15 @@ def _evaluation_specs(pm: PluginManager, model_dir: Path, data: SuiteData, datas
     import dataclasses
 
     from mergebench.core.hashing import sha256_file
+    from mergebench.study.weights import load_state_dict
 
     suite_specs = pm.suites().get(data.suite).datasets() if data.suite in pm.suites() else {}
     component = pm.evaluators().get(evaluator.name)
     # what else decides its scores (lm-eval: its version and the task configs' scoring functions)
     extra = component.identity() if component.identity is not None else {}
     params = component.resolve_params({**evaluator.params, "split": split})
-    shared = {**_ident(pm, component, component.session), "identity": extra, "params": params,
+    # load_state_dict: what reads the weights a session scores
+    shared = {**_ident(pm, component, component.session, load_state_dict), "identity": extra, "params": params,
               "model": model_identity(model_dir)}
     specs = {}
     for dataset in datasets:

@@ -128,6 +128,13 @@ def _choice(value: Any, key: str, registry, default: str, legacy_params: Any = N
     return ComponentChoice(name, component.resolve_params(params))
 
 
+def _sets(value: Any, param: str) -> bool:
+    """Whether a component's config entry sets ``param`` explicitly."""
+    if not isinstance(value, dict):
+        return False
+    return param in value or param in (value.get("params") or {})
+
+
 def _legacy_bases(data: dict[str, Any], pm: PluginManager, where: str) -> list[dict[str, Any]]:
     """The micro suite's keys (sizes, base_kinds, pretrain, instruction_tune) as ``bases`` entries."""
     from mergebench.training import SIZES
@@ -174,6 +181,9 @@ def _bases(entries: Any, pm: PluginManager, where: str) -> list[BaseChoice]:
             raise InputError(f"{where}: {key} names no preparer (e.g. preparer: load, params: {{model: ...}})")
         preparer = _choice({"name": entry["preparer"], "params": entry.get("params")}, key, preparers, "")
         source = entry.get("from")
+        if preparers.get(preparer.name).needs_source and source is None:
+            raise InputError(f"{where}: {key} ({size}, {kind}): base preparer '{preparer.name}' starts from another "
+                             f"base; name it with from: (e.g. from: pretrained)")
         if source is not None and not any(b.size == size and b.kind == source for b in out):
             raise InputError(f"{where}: {key} ({size}, {kind}) starts from base kind '{source}', which no earlier "
                              f"entry of size '{size}' defines")
@@ -250,6 +260,9 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
     cfg.device = data.get("device", cfg.device)
     if not isinstance(cfg.device, str) or not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise InputError(f"{where}: device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if "device" in cfg.evaluator.params and cfg.device != "cpu" and not _sets(data.get("evaluator"), "device"):
+        # the run's device, unless the evaluator's own parameters choose another
+        cfg.evaluator = ComponentChoice(cfg.evaluator.name, {**cfg.evaluator.params, "device": cfg.device})
     cfg.storage = data.get("storage")
     if cfg.storage is not None and not isinstance(cfg.storage, str):
         raise InputError(f"{where}: storage must be a directory path, got {cfg.storage!r}")

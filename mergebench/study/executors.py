@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 from mergebench.core.errors import InputError, MergebenchError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import Executor, Param
+from mergebench.core.registry import Param
+from mergebench.study.components import Executor
 from mergebench.study import jobs
 
 

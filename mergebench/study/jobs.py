@@ -134,7 +134,8 @@ class TrainJob(Job):
 
 def session(model_dir: Path, suite: str, data: SuiteData | None, datasets: tuple[str, ...],
             evaluator: ComponentChoice, split: str):
-    """This process's evaluation session for (evaluator, architecture, suite data, split, datasets), made once."""
+    """This process's evaluation session for (evaluator, architecture, suite data, split, datasets), made once;
+    None when the evaluator has none or cannot swap weights with these parameters (vLLM)."""
     # one session per architecture: models of another size (another config) need their own wrapper
     architecture = (Path(model_dir) / "config.json").read_bytes() if (Path(model_dir) / "config.json").is_file() else b""
     params = {**evaluator.params, "split": split}
@@ -143,7 +144,9 @@ def session(model_dir: Path, suite: str, data: SuiteData | None, datasets: tuple
     if key not in _SESSIONS:
         pm = _pm()
         component = pm.evaluators().get(evaluator.name)
-        _SESSIONS[key] = component.session(Path(model_dir), pm.suites().get(suite), data, list(datasets), params)
+        params = component.resolve_params(params)
+        _SESSIONS[key] = (None if component.session is None else
+                          component.session(Path(model_dir), pm.suites().get(suite), data, list(datasets), params))
     return _SESSIONS[key]
 
 
@@ -152,11 +155,12 @@ def score_model(model_dir: Path, suite: str, data: SuiteData | None, datasets: l
     """One model directory's scores, through the evaluator's session when it has one."""
     pm = _pm()
     component = pm.evaluators().get(evaluator.name)
-    if component.session is not None:
+    s = session(model_dir, suite, data, tuple(datasets), evaluator, split)
+    if s is not None:
         from mergebench.study.weights import load_state_dict
 
-        return session(model_dir, suite, data, tuple(datasets), evaluator, split).evaluate(load_state_dict(model_dir))
-    params = {**evaluator.params, "split": split}
+        return s.evaluate(load_state_dict(model_dir))
+    params = component.resolve_params({**evaluator.params, "split": split})
     return component.evaluate([Path(model_dir)], pm.suites().get(suite), data, list(datasets), params)[0]
 
 
@@ -265,14 +269,11 @@ class SweepJob(Job):
     def run(self) -> SweepResult:
         import tempfile
 
-        from mergebench.core import in_memory
         from mergebench.study.normalise import normalise
-        from mergebench.study.weights import load_state_dict
 
         started = time.perf_counter()
         pm = _pm()
         method = pm.merge_methods().get(self.method)
-        evaluator = pm.evaluators().get(self.evaluator.name)
         held_in = {c: list(self.held_in[c]) for c in self.categories}
         val_datasets = [d for c in self.categories for d in held_in[c]]
         output = Path(self.output)
@@ -290,7 +291,7 @@ class SweepJob(Job):
                 return score_dir(Path(tmp) / "merged")
 
         points: list[SweepPoint] = []
-        if evaluator.session is None:
+        if session(Path(self.base_dir), self.suite, self.data, tuple(val_datasets), self.evaluator, "validation") is None:
             # no weight-swapping session: every point is merged to disk and scored from there
             for params in self.grid:
                 scores = score_engine(params)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import DatasetSpec, Param, Suite
+from mergebench.core.registry import Param
+from mergebench.study.components import DatasetSpec, Suite
 from mergebench.suites.world import (COLOURS, COUNTRIES, FOODS, HOBBIES, JOB_SECTOR, PETS, SECTORS, World,
                                      CITY_COUNTRY, Person)
 

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergebench import hookimpl
-from mergebench.core.registry import BasePreparer, DatasetSpec, Evaluator, ExpertTrainer, Param, Suite
+from mergebench.core.registry import Param
+from mergebench.study.components import BasePreparer, DatasetSpec, Evaluator, ExpertTrainer, Suite
 from mergebench.study.contracts import PrepareInputs, SuiteData
 
 SUITE = "toy-study"
@@ -161,7 +162,7 @@ def register_base_preparers(register):
     register(BasePreparer(
         name="toy_shift", description="Another base plus a constant (a toy 'instruction-tuned' variant).",
         params=(Param("amount", float, 0.1, "added to every weight"),),
-        prepare=toy_shift))
+        prepare=toy_shift, needs_source=True))
 
 
 @hookimpl
