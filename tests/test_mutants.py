@@ -598,7 +598,7 @@ def test_database_waits_for_another_writer_instead_of_failing(tmp_path):
     import threading
 
     db = ResultsDB(tmp_path / "r.sqlite")
-    other = sqlite3.connect(tmp_path / "r.sqlite", isolation_level=None)
+    other = sqlite3.connect(tmp_path / "r.sqlite", isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     release = threading.Timer(5.5, lambda: other.execute("ROLLBACK"))
     release.start()

@@ -84,12 +84,19 @@ def load(params: dict[str, Any], workdir: Path | None, inputs: PrepareInputs | N
         if not (path / "config.json").is_file():
             raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
         return path.resolve()
-    try:
-        from huggingface_hub import snapshot_download
+    import os
 
-        return Path(snapshot_download(reference, local_files_only=True))
+    # read at call time, not at huggingface_hub's import: a config or a worker's environment may set it
+    cache_dir = params.get("cache_dir") or os.environ.get("HF_HUB_CACHE") or None
+    try:
+        import huggingface_hub
+
+        return Path(huggingface_hub.snapshot_download(reference, revision=params.get("revision") or None,
+                                                      cache_dir=cache_dir, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means: not a directory, not in the cache
-        raise InputError(f"{reference}: neither a model directory nor a model in the local Hugging Face cache") from None
+        raise InputError(f"{reference}: neither a model directory nor a model in the local Hugging Face cache"
+                         f"{f' ({cache_dir})' if cache_dir else ''}; nothing is downloaded (fetch it first, e.g. "
+                         f"`huggingface-cli download {reference}`)") from None
 
 
 @hookimpl
@@ -109,5 +116,7 @@ def register_base_preparers(register):
     register(BasePreparer(
         name="load",
         description="Use an existing local model directory or a hub model already in the local cache.",
-        params=(Param("model", str, "", "model directory or hub id"),),
+        params=(Param("model", str, "", "model directory or hub id"),
+                Param("revision", str, "", "hub revision (branch, tag or commit) in the cache; empty: main"),
+                Param("cache_dir", str, "", "Hugging Face hub cache to look in (empty: HF_HUB_CACHE or the default)")),
         prepare=load, cached=False))

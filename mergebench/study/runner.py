@@ -226,8 +226,9 @@ class Runner:
             if cfg.multitask is not None:  # the longest jobs (multitask) first: no long tail at the end
                 for kind in m.bases:
                     submit(m, seed, size, kind, self.categories, cfg.multitask, "multitask")
+            # only the experts some merge uses: the first max(N) of this seed's order
             for kind in m.bases:
-                for category in self.categories:
+                for category in expert_order(self.categories, seed)[:max(cfg.n_experts)]:
                     submit(m, seed, size, kind, [category], cfg.expert_trainer, "expert")
         self.reporter.stage("train experts", len(futures))
 
