@@ -607,3 +607,69 @@ def test_database_waits_for_another_writer_instead_of_failing(tmp_path):
     finally:
         release.join()
     assert db.meta("k") == 1
+
+
+# ---- merge maths helpers and the methods' checks (core/merge_ops.py, plugins/) -----------------------------
+
+from mergebench.core.merge_ops import drop_and_rescale_, magnitude_mask  # noqa: E402
+from mergebench.plugins import average as average_plugin, dare_ties as dare_plugin, ties as ties_plugin  # noqa: E402
+
+
+def test_magnitude_mask_is_boolean_at_the_edges():
+    x = torch.tensor([0.0, -1.0, 2.0, 0.0])
+    for k, expected in ((0, [False] * 4), (-1, [False] * 4), (4, [True] * 4), (9, [True] * 4),
+                        (2, [False, True, True, False]), (3, [True, True, True, False])):
+        mask = magnitude_mask(x, k)
+        assert mask.dtype == torch.bool and mask.tolist() == expected, k
+
+
+def _u16(numel, seed):
+    """The documented stream: 32-bit draws viewed as pairs of 16-bit words, read as unsigned [0, 65536)."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**31), 2**31, ((numel + 1) // 2,), generator=g, dtype=torch.int32)
+    return words.view(torch.int16)[:numel].to(torch.int32) + 32768
+
+
+def test_random_keep_mask_keeps_exactly_the_uniforms_below_density():
+    n = 1 << 20
+    # density 1.0 is left out: its threshold 32768 does not fit the int16 comparison (all False); the
+    # methods never draw at density >= 1 (random_drop_ returns early), see docs/testing.md
+    for density in (0.0, 0.75, 65535 / 65536, 0.2):
+        g = torch.Generator().manual_seed(5)
+        keep = random_keep_mask(n, density, g)
+        assert torch.equal(keep, _u16(n, 5) < round(density * 65536)), density
+    assert not random_keep_mask(n, 0.0, torch.Generator().manual_seed(1)).any()
+
+
+def test_drop_and_rescale_draws_from_the_given_generator_and_skips_density_one_or_more():
+    tau = torch.arange(1.0, 65.0)
+    out = drop_and_rescale_(tau.clone(), 0.5, torch.Generator().manual_seed(9))
+    assert torch.equal(out, tau * (_u16(64, 9) < 32768) / 0.5)
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(drop_and_rescale_(tau.clone(), 1.5, g), tau)
+    assert torch.equal(drop_and_rescale_(tau.clone(), 1.0, g), tau)
+
+
+def test_method_checks_refuse_with_their_messages():
+    with pytest.raises(ParameterError) as e:
+        average_plugin._check({}, (1.0, -1.0))
+    assert str(e.value) == "average: the expert weights sum to 0, so their mean is undefined"
+    with pytest.raises(ParameterError) as e:
+        dare_plugin._check({"density": 0.0}, (1.0, 1.0))
+    assert str(e.value) == "parameter 'density' of merge method 'dare_ties' must be > 0 (it rescales by 1/density)"
+    with pytest.raises(ParameterError) as e:
+        dare_plugin._check({"density": 0.5}, (1.0, 0.0))
+    assert str(e.value) == "sign election needs positive expert weights, got [1.0, 0.0]"
+    with pytest.raises(ParameterError) as e:
+        ties_plugin.positive_weights({}, (2.0, -1.0))
+    assert str(e.value) == "sign election needs positive expert weights, got [2.0, -1.0]"
+    dare_plugin._check({"density": 1e-6}, (1.0, 2.0))
+
+
+def test_ties_picks_one_pre_pass_per_trim_scope():
+    tensor = ties_plugin.tensor_threshold({"trim_scope": "tensor", "density": 0.3}, 2)
+    assert (tensor.density, tensor.n, tensor.k) == (0.3, 2, None)
+    assert ties_plugin.tensor_threshold({"trim_scope": "global", "density": 0.3}, 2) is None
+    whole = ties_plugin.global_threshold({"trim_scope": "global", "density": 0.4}, 3)
+    assert (whole.density, whole.n, whole.k) == (0.4, 3, None)
+    assert ties_plugin.global_threshold({"trim_scope": "tensor", "density": 0.4}, 3) is None

@@ -63,8 +63,12 @@ def _cache():
 @click.option("--executor", default=None, help="Where jobs run: local (default) or ray (`mergebench plugins` lists more).")
 @click.option("--address", default=None, help="Ray cluster address for --executor ray ('auto': the running cluster).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard at the end.")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Do nothing: print every job the run would do, what each needs, and missing inputs (offline).")
+@click.option("--gpu-memory", type=float, default=80.0, show_default=True, help="GiB per GPU, for --plan's GPU counts.")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: machine-readable output.")
 def run(config: Path | None, run_dir: Path, workers: int | None, executor: str | None, address: str | None,
-        no_leaderboard: bool) -> None:
+        no_leaderboard: bool, show_plan: bool, gpu_memory: float, as_json: bool) -> None:
     """Run the study: build, train, merge (sweeping on validation), evaluate, and print the leaderboard.
 
     With no CONFIG: the built-in study in miniature on the micro suite. Rerun to resume: completed
@@ -75,10 +79,6 @@ def run(config: Path | None, run_dir: Path, workers: int | None, executor: str |
     from mergebench.study.runner import Runner
 
     quiet_libraries()
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise InputError("mergebench run evaluates with lm-eval: pip install 'mergebench[eval]'") from None
     pm = get_plugin_manager()
     cfg = run_config.load(config, pm)
     if workers is not None or executor is not None or address is not None:
@@ -91,6 +91,20 @@ def run(config: Path | None, run_dir: Path, workers: int | None, executor: str |
                 chosen["params"]["address"] = address
             changes["executor"] = chosen
         cfg = run_config.parse({**cfg.to_dict(), **changes}, pm, "the command line")
+    if show_plan:
+        from mergebench.study import plan as planning
+
+        made = planning.make_plan(cfg, pm, gpu_memory)
+        if as_json:
+            click.echo(planning.to_json(made), nl=False)
+        else:
+            _print_plan(made)
+        return
+    if cfg.evaluator.name == "lm-eval":
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise InputError("the lm-eval evaluator needs lm-eval: pip install 'mergebench[eval]'") from None
     started = time.perf_counter()
     with _progress() as progress:
         db = Runner(cfg, run_dir, pm, _cache(), RichReporter(progress)).run()
@@ -114,6 +128,39 @@ def init(path: Path, force: bool) -> None:
         raise InputError(f"{path} exists; use --force to overwrite it")
     path.write_text(EXAMPLE)
     stdout.print(f"wrote {path}; edit it, then `mergebench run {path}`")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes else "?"
+
+
+def _print_plan(plan) -> None:
+    if not stdout.is_terminal:
+        stdout.width = max(stdout.width, 140)
+    bases = Table(title="bases (from metadata; no weights read)")
+    for c in ("size", "kind", "model", "parameters", "where"):
+        bases.add_column(c)
+    for (size, kind), info in plan.bases.items():
+        count = "?" if info.parameters is None else f"{'~' if info.estimated else ''}{info.parameters / 1e9:.2f}B"
+        bases.add_row(size, kind, info.reference, count, "missing" if info.path is None and info.estimated else
+                      str(info.path or "built by the run"))
+    stdout.print(bases)
+    table = Table(title="jobs")
+    for c in ("kind", "what", "jobs", "sweep points", "GPUs each", "host memory each"):
+        table.add_column(c, justify="right" if c in ("jobs", "sweep points", "GPUs each", "host memory each") else "left")
+    for j in plan.jobs:
+        memory = "streamed" if j.kind == "sweep" and not j.resources.memory_bytes else _gib(j.resources.memory_bytes)
+        table.add_row(j.kind, j.what, str(j.count), str(j.points or ""), str(j.resources.gpus), memory)
+    stdout.print(table)
+    stdout.print("totals: " + ", ".join(f"{v} {k}" for k, v in plan.totals().items()))
+    for note in plan.notes:
+        stdout.print(f"[dim]note: {note}[/]")
+    if plan.missing:
+        stdout.print(f"[bold red]missing from the local cache ({len(plan.missing)}):[/]")
+        for m in plan.missing:
+            stdout.print(f"  {m}")
+    else:
+        stdout.print("every input is in the local cache")
 
 
 def _print_table(rows) -> None:

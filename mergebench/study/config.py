@@ -59,6 +59,9 @@ class RunConfig:
     workers: int = 2
     device: str = "cpu"
     storage: str | None = None  # a directory every worker sees (shared filesystem) for run outputs; None: run dir
+    # host memory a sweep may fill with the base's and experts' weights to score grid points without writing
+    # them; larger merges have each point written by the streaming engine and scored from disk
+    sweep_memory_gib: float = 16.0
 
     @property
     def sizes(self) -> list[str]:
@@ -78,12 +81,13 @@ class RunConfig:
                 "bases": [b.to_dict() for b in self.bases], "expert_trainer": self.expert_trainer.to_dict(),
                 "multitask": None if self.multitask is None else self.multitask.to_dict(),
                 "evaluator": self.evaluator.to_dict(), "executor": self.executor.to_dict(),
-                "workers": self.workers, "device": self.device, "storage": self.storage}
+                "workers": self.workers, "device": self.device, "storage": self.storage,
+                "sweep_memory_gib": self.sweep_memory_gib}
 
 
 KNOWN_KEYS = ("suite", "suite_params", "seeds", "sizes", "base_kinds", "n_experts", "methods", "search", "bases",
               "pretrain", "instruction_tune", "expert_trainer", "expert", "multitask", "evaluator", "executor",
-              "workers", "device", "storage")
+              "workers", "device", "storage", "sweep_memory_gib")
 
 
 def _list(value: Any, key: str, kind: type) -> list:
@@ -263,6 +267,10 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
     if "device" in cfg.evaluator.params and cfg.device != "cpu" and not _sets(data.get("evaluator"), "device"):
         # the run's device, unless the evaluator's own parameters choose another
         cfg.evaluator = ComponentChoice(cfg.evaluator.name, {**cfg.evaluator.params, "device": cfg.device})
+    cfg.sweep_memory_gib = data.get("sweep_memory_gib", cfg.sweep_memory_gib)
+    if isinstance(cfg.sweep_memory_gib, bool) or not isinstance(cfg.sweep_memory_gib, (int, float)) \
+            or cfg.sweep_memory_gib < 0:
+        raise InputError(f"{where}: sweep_memory_gib must be a number of GiB >= 0, got {cfg.sweep_memory_gib!r}")
     cfg.storage = data.get("storage")
     if cfg.storage is not None and not isinstance(cfg.storage, str):
         raise InputError(f"{where}: storage must be a directory path, got {cfg.storage!r}")

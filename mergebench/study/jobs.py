@@ -254,10 +254,16 @@ class SweepJob(Job):
     device: str = "cpu"
     name: str = ""
     resources: Resources = field(default_factory=Resources)
+    memory_limit: int = 16 << 30  # bytes of weights the in-memory path may hold; beyond: every point on disk
 
     @property
     def label(self) -> str:
         return self.name or f"{self.method} sweep"
+
+    def weights_bytes(self) -> int:
+        """The base's and experts' weights on disk: what the in-memory path would hold."""
+        dirs = [Path(self.base_dir), *map(Path, self.expert_dirs)]
+        return sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
 
     def _engine_merge(self, method, params: Mapping[str, Any], pm, output: Path):
         from mergebench.core import api
@@ -291,8 +297,11 @@ class SweepJob(Job):
                 return score_dir(Path(tmp) / "merged")
 
         points: list[SweepPoint] = []
-        if session(Path(self.base_dir), self.suite, self.data, tuple(val_datasets), self.evaluator, "validation") is None:
-            # no weight-swapping session: every point is merged to disk and scored from there
+        if (self.weights_bytes() > self.memory_limit or
+                session(Path(self.base_dir), self.suite, self.data, tuple(val_datasets), self.evaluator,
+                        "validation") is None):
+            # too large to hold in memory, or no weight-swapping session: every point is merged to disk by the
+            # streaming engine and scored from there
             for params in self.grid:
                 scores = score_engine(params)
                 points.append(SweepPoint(dict(params), normalised(scores), scores))

@@ -118,8 +118,16 @@ class Runner:
         self.held_out = {c: [d.name for d in ds] for c, ds in self.suite.held_out.items()}
         self.all_datasets = list(self.suite.datasets())
         self.source = jobs.source_fingerprint()  # the code this run started with; jobs check it
-        gpus = 1 if cfg.device.startswith("cuda") else 0
-        self.resources = Resources(cpus=1, gpus=gpus)
+        self.models_info: dict[tuple[str, str], Any] = {}
+
+    def _resources(self, size: str, kind: str, job: str, n: int = 0) -> Resources:
+        """What a job on the (size, kind) base asks of its machine, from the base's metadata (see plan.py)."""
+        from mergebench.study import plan
+
+        info = self.models_info.get((size, kind))
+        if info is None:
+            return Resources(cpus=1, gpus=1 if self.cfg.device.startswith("cuda") else 0)
+        return plan.job_resources(info, job, self.cfg, n)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -199,6 +207,10 @@ class Runner:
             for size in cfg.sizes:
                 bases = {b.kind: built[(size, b.kind)] for b in cfg.bases if b.size == size and b.studied}
                 out[(seed, size)] = _Models(data, bases)
+        from mergebench.study import plan
+
+        for b in cfg.bases:  # parameter counts from the built bases' headers: what jobs ask of executors
+            self.models_info[(b.size, b.kind)] = plan.describe_built(built[(b.size, b.kind)])
         return out
 
     def _on_step(self, stage: str, what: str):
@@ -219,7 +231,7 @@ class Runner:
         def submit(m: _Models, seed: int, size: str, kind: str, categories: list[str], trainer, role) -> None:
             job = jobs.TrainJob(root, m.data, m.bases[kind], tuple(categories), trainer,
                                 ModelRole(role, seed, size, kind, categories[0] if role == "expert" else None),
-                                device=cfg.device, seed=seed, resources=self.resources)
+                                device=cfg.device, seed=seed, resources=self._resources(size, kind, "train"))
             futures[pool.submit(job)] = _Tagged(job.label, job.role)
 
         for (seed, size), m in models.items():
@@ -260,7 +272,7 @@ class Runner:
 
     def _eval_job(self, path: Path, role: ModelRole, data: SuiteData, split: str, datasets: list[str]) -> jobs.EvalJob:
         return jobs.EvalJob(str(self.cache.root), path, self.cfg.suite, data, tuple(datasets), self.cfg.evaluator,
-                            split, role, resources=self.resources)
+                            split, role, resources=self._resources(role.size, role.base_kind, "evaluate"))
 
     def _eval_key(self, model: str, split: str, datasets: list[str]) -> str:
         return f"eval:{model}:{split}:{_hash([datasets, self.cfg.evaluator.to_dict(), self.cfg.suite_params])}"
@@ -308,7 +320,8 @@ class Runner:
                     test_datasets=tuple([d for c in categories for d in self.held_in[c]]
                                         + [d for ds in self.held_out.values() for d in ds]),
                     output=self._out_dir() / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}", device=cfg.device,
-                    name=f"{name}, N={n} ({size}, {kind}, seed {seed})", resources=self.resources)
+                    name=f"{name}, N={n} ({size}, {kind}, seed {seed})", resources=self._resources(size, kind, "sweep", n),
+                    memory_limit=int(cfg.sweep_memory_gib * 2**30))
                 futures[pool.submit(job)] = _Tagged(job.label, ModelRole("merge", seed, size, kind), key, spec,
                                                     (m, categories, job.output))
         self.reporter.stage("sweep merges", total)
