@@ -36,7 +36,8 @@ TINY = {
 
 
 def write_config(path: Path, **changes) -> Path:
-    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    """TINY with ``changes``; a key changed to None is left out."""
+    path.write_text(yaml.safe_dump({k: v for k, v in {**TINY, **changes}.items() if v is not None}))
     return path
 
 
@@ -72,6 +73,15 @@ def db_rows(run_dir: Path, sql: str):
     ({"search": {"ties": {"density": [1.5]}}}, ["density"]),
     ({"workers": 0}, ["workers must be an integer >= 1"]),
     ({"base_kinds": ["chat"]}, ["unknown base kind 'chat'"]),
+    ({"executor": "slurmm"}, ["unknown executor 'slurmm'"]),
+    ({"executor": {"name": "ray", "params": {"adress": "auto"}}}, ["unknown parameter 'adress'", "did you mean 'address'"]),
+    ({"evaluator": "lm-evl"}, ["unknown evaluator 'lm-evl'", "did you mean 'lm-eval'"]),
+    ({"expert_trainer": {"name": "hf_trainer", "params": {"stepz": 3}}}, ["unknown parameter 'stepz'"]),
+    ({"bases": [{"size": "x", "kind": "pretrained", "preparer": "lod"}], "pretrain": None, "instruction_tune": None}, ["unknown base preparer 'lod'"]),
+    ({"bases": [{"size": "x", "kind": "it", "preparer": "instruction_tune"}], "pretrain": None, "instruction_tune": None}, ["starts from another base", "from:"]),
+    ({"bases": [{"size": "x", "kind": "it", "preparer": "load", "from": "pretrained"}], "pretrain": None, "instruction_tune": None}, ["no earlier entry"]),
+    ({"bases": [{"size": "x", "preparer": "load"}], "pretrain": {"steps": 3}}, ["'bases' replaces 'pretrain'"]),
+    ({"device": "tpu"}, ["device must be"]),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, changes, fragments):
     config = write_config(tmp_path / "c.yaml", **changes)

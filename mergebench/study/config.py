@@ -35,8 +35,19 @@ instruction_tune: {}         # parameters of the `instruction_tune` base prepare
 expert_trainer: full_finetune
 expert: {}                   # parameters of the expert trainer, e.g. {steps: 300}
 multitask: {}                # parameters of the `multitask` trainer (the baseline)
-evaluator: {batch_size: 64}
+evaluator: {batch_size: 64}  # lm-eval's parameters; or {name: EVALUATOR, params: {...}} for another
 workers: 2                   # processes for training and evaluation (one CPU thread each)
+# executor: local            # or {name: ray, params: {address: auto}} (pip install 'mergebench[ray]')
+# device: cpu                # cuda: every stage on the GPU (jobs get theirs from the executor)
+# sweep_memory_gib: 16       # host memory a sweep may hold weights in; beyond it, points merge to disk
+#
+# Real models: `bases` replaces sizes / base_kinds / pretrain / instruction_tune, naming each base's preparer:
+# bases:
+#   - {size: 7b, kind: pretrained, preparer: load, params: {model: Qwen/Qwen2.5-7B}}
+#   - {size: 7b, kind: instruction_tuned, preparer: load, params: {model: Qwen/Qwen2.5-7B-Instruct}}
+# expert_trainer: {name: hf_trainer, params: {steps: 2000, lr: 3.0e-5, bf16: true}}
+# multitask: {name: hf_trainer, params: {steps: 8000}}     # or false: no multitask baseline
+# See examples/configs/paper-scale.yaml and `mergebench run CONFIG --plan`.
 """
 
 
