@@ -241,3 +241,14 @@ def test_global_trim_matches_naive_whole_model_top_k(pm, data):
     k = int(density * len(flat_base) + 0.5)
     want = naive_ties(flat_base, flat_experts, [1.0] * n, density, 1.0, global_k=[k] * n)
     assert torch.allclose(T(got[0] + got[1]), T(want), atol=1e-6), (got, want)
+
+
+def test_random_keep_mask_keeps_everything_at_density_one_and_nothing_at_zero():
+    """The threshold 32768 does not fit in int16: density 1 must not wrap around to 'keep nothing'."""
+    from mergebench.core.merge_ops import random_keep_mask
+
+    g = torch.Generator().manual_seed(0)
+    assert bool(random_keep_mask(1001, 1.0, g).all())
+    assert not bool(random_keep_mask(1001, 0.0, g).any())
+    kept = random_keep_mask(200_000, 0.25, g).float().mean().item()
+    assert abs(kept - 0.25) < 0.005

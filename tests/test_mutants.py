@@ -673,3 +673,20 @@ def test_ties_picks_one_pre_pass_per_trim_scope():
     whole = ties_plugin.global_threshold({"trim_scope": "global", "density": 0.4}, 3)
     assert (whole.density, whole.n, whole.k) == (0.4, 3, None)
     assert ties_plugin.global_threshold({"trim_scope": "tensor", "density": 0.4}, 3) is None
+
+
+def test_threshold_mask_reports_no_ties_used_when_none_are_allowed():
+    from mergebench.core.merge_ops import threshold_mask
+
+    mask, used = threshold_mask(torch.tensor([1.0, -2.0, 1.0]), 1.0, 0)
+    assert mask.tolist() == [False, True, False] and used == 0
+
+
+def test_ties_carries_the_tie_allowance_across_chunks():
+    # one expert, task vector (1, 1, 1, 1), density 0.5: threshold 1 with 2 tied entries to keep, the
+    # first two by index; merged in two chunks of 2 sharing one context, as the engine streams it
+    ctx = TensorContext("w", (1.0,), 0, [(1.0, 2)])
+    params = {"density": 0.5, "lambda": 1.0, "trim_scope": "tensor"}
+    first = ties_plugin.ties_delta(torch.zeros(2), [torch.ones(2)], params, ctx)
+    second = ties_plugin.ties_delta(torch.zeros(2), [torch.ones(2)], params, ctx)
+    assert first.tolist() == [1.0, 1.0] and second.tolist() == [0.0, 0.0]

@@ -334,3 +334,47 @@ def test_a_dataset_without_a_spec_in_the_suite_is_not_cached(setup):
     specs = setup.specs(["mc", "stray"])
     assert specs["stray"] is None and specs["mc"] is not None
     assert setup.cached(["mc", "stray"]) is None
+
+
+# ---- artefact cache keys follow the code that builds an artefact ----------------------------------------
+
+def test_a_changed_preparer_source_builds_a_new_base(tmp_path, monkeypatch):
+    """Editing a preparer's source (no version bump) must not return the base the old code built."""
+    import importlib
+    import sys
+
+    from mergebench.core.plugin_manager import make_plugin_manager
+    from mergebench.study import artifacts
+    from mergebench.study.cache import ArtifactCache
+    from mergebench.study.contracts import ComponentChoice
+
+    module = tmp_path / "editable_preparer.py"
+    source = '''
+import json
+from pathlib import Path
+from mergebench import hookimpl
+from mergebench.study.components import BasePreparer
+
+def prepare(params, workdir, inputs):
+    (Path(workdir) / "config.json").write_text(json.dumps({"value": VALUE}))
+    return workdir
+
+@hookimpl
+def register_base_preparers(register):
+    register(BasePreparer(name="editable", description="x", prepare=prepare))
+'''
+    module.write_text(source.replace("VALUE", "1"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = ArtifactCache(tmp_path / "cache")
+
+    def build() -> Path:
+        sys.modules.pop("editable_preparer", None)
+        pm = make_plugin_manager(entry_points=False)
+        pm.register(importlib.import_module("editable_preparer"), name="editable")
+        return artifacts.prepare_base(pm, cache, None, ComponentChoice("editable", {}), seed=0)
+
+    first = build()
+    assert build() == first  # unchanged code: the cached entry
+    module.write_text(source.replace("VALUE", "2"))
+    second = build()
+    assert second != first and json.loads((second / "config.json").read_text()) == {"value": 2}

@@ -308,26 +308,22 @@ def prepare_base(suite_params: tuple[str, ...], preparer: str, suite_name: str, 
                  params: tuple[str, ...], device: str, output: Path | None, force: bool) -> None:
     """Build a base model with any registered preparer: pretrain one, instruction-tune one (--base), or load
     one (--preparer load -p model=PATH_OR_HUB_ID)."""
-    from mergebench.study import artifacts
-    from mergebench.study.contracts import ComponentChoice
+    from mergebench.study import api
 
     quiet_libraries()
-    pm, cache = get_plugin_manager(), _cache()
-    component = pm.base_preparers().get(preparer)
+    component = get_plugin_manager().base_preparers().get(preparer)
     given = _parse_params(params)
     component.resolve_params(given)  # unknown or bad parameters fail before any work
     if component.needs_source and base is None:
         raise InputError(f"base preparer '{preparer}' starts from another base: it needs --base DIR")
     if base is not None and not (base / "config.json").is_file():
         raise InputError(f"{base}: not a model directory (no config.json)")
-    source = None if base is None else base.resolve()
+    kwargs = dict(suite=suite_name, suite_params=_parse_params(suite_params), seed=seed, source=base, device=device)
     if not component.cached:  # it points at an existing model: nothing to build, nothing to show
-        built = artifacts.prepare_base(pm, cache, None, ComponentChoice(preparer, given), 0, source=source, device=device)
+        built = api.prepare_base(preparer, given, **kwargs)
     else:
-        data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params))
         with _progress() as progress:
-            built = artifacts.prepare_base(pm, cache, data, ComponentChoice(preparer, given), 0, source=source,
-                                           device=device, on_step=_step_bar(progress, preparer))
+            built = api.prepare_base(preparer, given, on_step=_step_bar(progress, preparer), **kwargs)
     click.echo(str(_publish(Path(built), output, force)))
 
 
@@ -411,8 +407,7 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
 
     Scores are cached under MERGEBENCH_HOME by the contents of the model's files and the dataset's
     split, so evaluating the same model on the same data again is free."""
-    from mergebench.study import artifacts, jobs
-    from mergebench.study.contracts import ComponentChoice, ModelRole
+    from mergebench.study import api
     from mergebench.study.normalise import normalise
 
     quiet_libraries()
@@ -436,27 +431,23 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
             from mergebench.core.registry import _unknown_message
 
             raise InputError(_unknown_message(f"dataset '{d}'", f"suite '{suite_name}'", all_datasets))
-    cache = _cache()
-    evaluator = pm.evaluators().get(evaluator_name)
+    pm.evaluators().get(evaluator_name).resolve_params(  # bad parameters fail before any work
+        {**_parse_params(eval_params), **({"batch_size": batch_size} if batch_size is not None else {})})
     given = {**_parse_params(eval_params), **({"batch_size": batch_size} if batch_size is not None else {})}
-    choice = ComponentChoice(evaluator_name, {k: v for k, v in evaluator.resolve_params({**given, "split": split}).items()
-                                              if k != "split"})
-    data = artifacts.suite(pm, cache, suite_name, seed, _parse_params(suite_params)) if suite_component.build else None
     started = time.perf_counter()
-    results: dict[str, dict[str, float]] = {}
-    cached: list[str] = []
     with _progress() as progress:
         task = progress.add_task("evaluate", total=len(models), item="")
-        for m in models:
+
+        def on_model(m) -> None:
+            if progress.tasks[task].completed or progress.tasks[task].fields["item"]:
+                progress.advance(task)
             progress.update(task, item=str(m))
-            # the runner's own evaluation job: the cache first, then one session per process for every model
-            job = jobs.EvalJob(str(cache.root), m, suite_name, data, tuple(chosen), choice, split,
-                               ModelRole("base", seed, "-", "-"), use_cache=not no_cache)
-            result = job.run()
-            if result.cached:
-                cached.append(str(m))
-            results[str(m)] = result.scores
-            progress.advance(task)
+        scored = api.evaluate(models, suite=suite_name, datasets=chosen, split=split, evaluator=evaluator_name,
+                              params=given, suite_params=_parse_params(suite_params), seed=seed,
+                              use_cache=not no_cache, on_model=on_model)
+        progress.update(task, completed=len(models))
+    results = {m: scores for m, (scores, _) in scored.items()}
+    cached = [m for m, (_, hit) in scored.items() if hit]
     seconds = time.perf_counter() - started
     normalised = {}
     if base_ref or experts:

@@ -71,7 +71,10 @@ def random_keep_mask(numel: int, density: float, generator: torch.Generator) -> 
     Drawing a tensor in consecutive chunks of even length gives the same flags as one draw.
     """
     words = torch.randint(-(2**31), 2**31, ((numel + 1) // 2,), generator=generator, dtype=torch.int32)
-    return words.view(torch.int16)[:numel] < round(density * 65536) - 32768
+    threshold = round(density * 65536) - 32768
+    if threshold > 32767:  # density 1 (or within 2^-17 of it): keep all; the draws above still advance the stream
+        return torch.ones(numel, dtype=torch.bool)
+    return words.view(torch.int16)[:numel] < threshold
 
 
 def random_drop_(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
