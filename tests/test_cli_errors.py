@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mergebench.cli.main import cli
 from mergebench.core import writer as writer_module
 
-from conftest import load_dir, toy_tensors, write_model
+from conftest import load_dir, write_model
 
 
 def invoke(*args: str):

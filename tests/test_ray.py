@@ -65,3 +65,38 @@ def test_jobs_get_the_gpus_they_declare(tmp_path):
     finally:
         pool.shutdown()
     assert set(seen) <= {"0", "1"} and all(len(s) == 1 for s in seen)
+
+
+def test_jobs_are_placed_on_the_node_that_has_what_they_ask(tmp_path):
+    """On a simulated two-node cluster (one node without GPUs, one with), GPU jobs land on the GPU node and
+    CPU-only jobs may land anywhere; the executor connects to the cluster by its address."""
+    from ray.cluster_utils import Cluster
+
+    from mergebench.study.contracts import Resources
+    from mergebench.study.executors import ExecutorOptions, start_ray
+
+    class Where:
+        label = "where"
+
+        def __init__(self, gpus):
+            self.resources = Resources(cpus=1, gpus=gpus)
+
+        def run(self):
+            import ray
+
+            return ray.get_runtime_context().get_node_id()
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    try:
+        pool = start_ray({"address": cluster.address, "num_cpus": 0, "num_gpus": 0, "max_retries": 0,
+                          "log_to_driver": False},
+                         ExecutorOptions(workers=2, env={"PYTHONPATH": os.pathsep.join(sys.path)}))
+        try:
+            on_gpu = {f.result(timeout=120) for f in [pool.submit(Where(1)) for _ in range(3)]}
+        finally:
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
+    assert on_gpu == {gpu_node.node_id}

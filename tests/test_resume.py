@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from toy_study import EXAMPLE, plugin_env, write_config
 

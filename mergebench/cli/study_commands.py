@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -482,7 +480,6 @@ def _print_eval(results, normalised, suite_component, chosen, split, seconds, la
     table.add_column("metric")
     for m in results:
         table.add_column(labels[m], justify="right")
-    specs = suite_component.datasets()
     for group in ("held_in", "held_out"):
         for category, ds in getattr(suite_component, group).items():
             for d in ds:

@@ -7,13 +7,13 @@ that ``mergebench merge``, the expert trainers and the evaluator read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mergebench.core.errors import InputError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import Param
 from mergebench.study.components import BasePreparer
-from mergebench.study.contracts import OnStep, PrepareInputs
+from mergebench.study.contracts import PrepareInputs
 from mergebench.training import SIZES, TrainConfig, load_model, read_pairs, read_texts, save_model, train
 
 
