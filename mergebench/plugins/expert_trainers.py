@@ -12,7 +12,8 @@ from typing import Any
 
 from mergebench.core.hookspecs import hookimpl
 from mergebench.study.components import ExpertTrainer
-from mergebench.plugins.base_preparers import OnStep, train_config, training_params
+from mergebench.plugins.base_preparers import train_config, training_params
+from mergebench.study.contracts import OnStep
 from mergebench.training import load_model, read_pairs, save_model, train
 
 
