@@ -1,9 +1,10 @@
 """Issue 16, point 4: the random and trimming conventions hold end to end, against independent references.
 
-- DARE: every expert draws its keep-mask from its own random stream; the masks are recomputed here from
-  the documented derivation (sha256 of "seed\\0name\\0stream" -> CPU generator -> 32-bit words -> two
-  16-bit uniforms each, low half first), without mergebench's helpers, and the merged files must equal
-  the reference whatever the chunk size or thread count (and device, where a GPU exists).
+- DARE: every expert draws its keep-mask from its own random stream, keyed by its content (sha256 of the tensor's
+  stored bytes, 128 bits); the masks are recomputed here from the documented derivation (sha256 of
+  "seed\\0name\\0key" -> CPU generator -> 32-bit words -> two 16-bit uniforms each, low half first),
+  without mergebench's helpers, and the merged files must equal the reference whatever the chunk size,
+  thread count, expert order (and device, where a GPU exists).
 - Trimming (TIES, either scope, and every chunked method): on bf16 data built so that the k-th largest
   magnitude is repeated many times, a merge streamed in tiny chunks equals the whole-tensor merge and a
   naive sort-based reference bit for bit.
@@ -28,13 +29,18 @@ TIE_CHUNKS = (14, 126)  # the trimming tests' tensors span 2 to 138 chunks (chun
 
 # ---- an independent DARE reference ---------------------------------------------------------------
 
-def ref_stream_seed(seed: int, name: str, stream: int) -> int:
+def ref_key(tensor: torch.Tensor) -> str:
+    """An expert's stream key for one tensor: the first 32 hex digits of sha256 of its bytes as stored."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+
+
+def ref_stream_seed(seed: int, name: str, stream) -> int:
     """The documented derivation: the first 8 bytes (little endian) of sha256("seed\\0name\\0stream"), 63 bits."""
     digest = hashlib.sha256(f"{seed}\x00{name}\x00{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (1 << 63)
 
 
-def ref_keep_mask(seed: int, name: str, stream: int, numel: int, density: float) -> torch.Tensor:
+def ref_keep_mask(seed: int, name: str, stream, numel: int, density: float) -> torch.Tensor:
     """Bernoulli(density) flags of one expert's stream: ceil(numel / 2) uniform 32-bit words, each split
     into two 16-bit uniforms (low half first); keep when uniform < round(density * 2**16)."""
     g = torch.Generator(device="cpu")
@@ -68,7 +74,7 @@ def ref_dare_ties(base, experts, weights, density, seed, name):
     taus = []
     for t, e in enumerate(experts):
         tau = e.reshape(-1).to(torch.float64) - flat.to(torch.float64)
-        taus.append(tau * ref_keep_mask(seed, name, t, flat.numel(), density))
+        taus.append(tau * ref_keep_mask(seed, name, ref_key(e), flat.numel(), density))
     merged = ref_disjoint_mean(taus, weights).div_(density)  # the rescale, applied once (a float32 op)
     return (flat.to(torch.float32) + merged).view(base.shape)
 
@@ -178,26 +184,27 @@ def test_dare_masks_differ_between_experts_and_each_is_its_own_stream(power_mode
     numel = merged.numel()
     for t, mask in enumerate(masks):
         assert abs(mask.float().mean().item() - 0.5) < 0.05
-        assert torch.equal(mask, ref_keep_mask(11, "w", t, numel, 0.5)), t
+        key = ref_key(torch.full(MASK_SHAPE, float(2**t)))
+        assert torch.equal(mask, ref_keep_mask(11, "w", key, numel, 0.5)), t
 
 
-def test_dare_mask_belongs_to_the_expert_position_not_to_its_data_or_the_others(power_models, tmp_path, pm):
-    """The documented convention: stream t is the t-th expert's, whatever model sits there and however
-    many experts follow. (So listing the same experts in another order reassigns the masks: the output
-    is not invariant under expert order; see the report of issue 16.)"""
+def test_dare_mask_belongs_to_the_experts_content_not_to_its_position(power_models, tmp_path, pm):
+    """An expert's mask follows its content: the same experts in another order give the same masks and the
+    same merged file; an expert keeps its mask whichever other experts it is merged with."""
     root = power_models
     reordered = _merge("dare_ties", root, 3, tmp_path / "a", pm, experts=[root / "p2", root / "p0", root / "p1"],
                        seed=11, density=0.5)["w"]
-    masks = decode_masks(reordered, [4, 1, 2])
-    pair = decode_masks(_merge("dare_ties", root, 2, tmp_path / "b", pm, experts=[root / "p0", root / "p1"],
-                               seed=11, density=0.5)["w"], [1, 2])
-    numel = reordered.numel()
-    for t in range(3):
-        assert torch.equal(masks[t], ref_keep_mask(11, "w", t, numel, 0.5)), t
-    assert torch.equal(pair[0], masks[0]) and torch.equal(pair[1], masks[1])
     straight = _merge("dare_ties", root, 3, tmp_path / "c", pm, experts=[root / f"p{t}" for t in range(3)],
                       seed=11, density=0.5)["w"]
-    assert not torch.equal(straight, reordered)  # same models, same weights, another order: other masks
+    assert torch.equal(straight, reordered)  # same models, same weights, another order: the same merge
+    masks = decode_masks(reordered, [4, 1, 2])
+    pair = decode_masks(_merge("dare_ties", root, 2, tmp_path / "b", pm, experts=[root / "p1", root / "p0"],
+                               seed=11, density=0.5)["w"], [2, 1])
+    numel = reordered.numel()
+    for t, power in enumerate([4, 1, 2]):
+        key = ref_key(torch.full(MASK_SHAPE, float(power)))
+        assert torch.equal(masks[t], ref_keep_mask(11, "w", key, numel, 0.5)), t
+    assert torch.equal(pair[0], masks[2]) and torch.equal(pair[1], masks[1])
 
 
 # ---- trimming on bf16 data with many exact ties at the threshold ----------------------------------

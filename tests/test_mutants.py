@@ -501,7 +501,10 @@ def test_in_memory_dare_ties_uses_the_engines_per_tensor_streams(methods):
     experts = [{"w": base["w"] + torch.randn(8, 8)} for _ in range(3)]
     dare = methods.get("dare_ties")
     out = in_memory.merge(dare, {"density": 0.5, "lambda": 1.0}, base, experts, seed=3)
-    ctx = TensorContext("w", (1.0, 1.0, 1.0), 3)
+    from mergebench.core.context import content_key
+
+    # the streams follow each expert's stored bytes, as in the engine
+    ctx = TensorContext("w", (1.0, 1.0, 1.0), 3, streams=tuple(content_key(e["w"]) for e in experts))
     taus = [(e["w"] - base["w"]).reshape(-1) * random_keep_mask(64, 0.5, ctx.generator_for(t))
             for t, e in enumerate(experts)]
     expected = base["w"].reshape(-1) + ties_merge_(taus, (1.0, 1.0, 1.0)) / 0.5

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from mergebench.core.card import write_card
-from mergebench.core.context import TensorContext
+from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import InputError, MergebenchError, OutputError, ParameterError
 from mergebench.core.hashing import combined_sha256, sha256_file
 from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
@@ -339,9 +339,11 @@ def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
     if _identical(raws):
         _finite_or_fail(template_raw, roles[0], name)
         return template_raw.to(out_dtype, copy=True), False
-    ctx = TensorContext(name=name, weights=plan.weights, seed=seed,
-                        analysis=analysis.result_for(name) if analysis is not None else None)
     method = plan.method
+    # a stochastic method's streams follow each expert's content for this tensor (order- and layout-free)
+    streams = tuple(content_key(r) for r in _split(plan, raws)[1]) if method.stochastic else None
+    ctx = TensorContext(name=name, weights=plan.weights, seed=seed, streams=streams,
+                        analysis=analysis.result_for(name) if analysis is not None else None)
     if not method.elementwise:  # whole tensors in float32: (N + 2) copies of this tensor at most
         f32 = []
         for raw, role in zip(raws, roles):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mergebench.core.context import TensorContext
+from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import MergebenchError
 from mergebench.core.registry import MergeMethod
 
@@ -52,7 +52,9 @@ def _per_tensor(method: MergeMethod, params: dict[str, Any], base: StateDict | N
         if method.elementwise:
             f32 = [x.reshape(-1) for x in f32]
         b, ex = (f32[0], f32[1:]) if base is not None else (None, f32)
-        ctx = TensorContext(name=name, weights=weights, seed=seed)
+        # a stochastic method's streams follow each expert's stored bytes, exactly as in the engine
+        streams = tuple(content_key(e[name]) for e in experts) if method.stochastic else None
+        ctx = TensorContext(name=name, weights=weights, seed=seed, streams=streams)
         if method.tensor_analysis is not None:
             per_tensor = method.tensor_analysis(params, len(experts))
             if per_tensor is not None:

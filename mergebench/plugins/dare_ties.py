@@ -4,8 +4,9 @@
     theta  = theta_0 + lambda * disjoint_mean(tau^, elected sign)      (as in ``ties``)
 
 Randomness: one CPU stream per (seed, tensor name, expert), consumed in order, two 16-bit uniforms
-per 32-bit draw (so density is effectively rounded to a multiple of 1/65536); the output is the same
-whatever the tensor order, sharding, chunking, thread count or device. mergekit's
+per 32-bit draw (so density is effectively rounded to a multiple of 1/65536). An expert's stream is keyed
+by a hash (sha256) of its stored bytes for that tensor (``TensorContext.streams``), not by its position: the same
+experts listed in any order, any sharding, chunking, thread count or device give the same output. mergekit's
 ``dare_ties`` and peft's ``dare_ties`` do the same maths with other random streams, so outputs agree
 in distribution, not bit for bit. The drop is per element, so there is no trim scope to choose.
 """
