@@ -316,3 +316,201 @@ def test_recipe_hashes_are_checked_per_expert_without_a_base(toy_models, tmp_pat
     assert str(err.value) == (f"expert 2 ({paths[1]}): content sha256 {shas[1][:12]}... differs from the recipe's "
                               "ffffffffffff...; the input changed since the recipe was written")
     assert not (tmp_path / "o3").exists()
+
+
+def test_card_inputs_hold_weights_and_resolved_paths(toy_models, tmp_path, monkeypatch, pm):
+    """Relative paths are recorded resolved; hub ids as given; each expert carries its own weight."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--toy-expert"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in toy_models["e2"].iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / digest).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    result = mergebench.merge("ties", base="base", experts=[os.path.join("e0"), "e1", "acme/toy-expert"],
+                              weights=[0.5, 2.0, 3.0], output=tmp_path / "out", plugin_manager=pm)
+    got = [(i["role"], i["reference"], i["path"], i.get("weight")) for i in result.inputs]
+    assert got == [("base", "base", str(tmp_path / "base"), None), ("expert 1", "e0", str(tmp_path / "e0"), 0.5),
+                   ("expert 2", "e1", str(tmp_path / "e1"), 2.0),
+                   ("expert 3", "acme/toy-expert", "acme/toy-expert", 3.0)]
+
+
+def test_cpu_merges_use_cache_sized_chunks_and_gpus_large_ones():
+    assert engine._chunk_size(torch.device("cpu")) == 1 << 18
+    assert engine._chunk_size(torch.device("cuda", 0)) == 1 << 24
+
+
+def test_empty_and_one_element_float_tensors(toy_models, tmp_path, pm):
+    """An empty float tensor merges (copied); NaN in a one-element tensor is found like any other."""
+    base = {**toy_tensors(0), "empty": torch.zeros(0), "scalar": torch.tensor([2.0])}
+    e1 = {**toy_tensors(1), "empty": torch.zeros(0), "scalar": torch.tensor([4.0])}
+    a, b = write_model(tmp_path / "a", base), write_model(tmp_path / "b", e1)
+    result = mergebench.merge("average", experts=[a, b], output=tmp_path / "out", plugin_manager=pm)
+    from safetensors.torch import load_file
+
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert out["empty"].shape == (0,) and out["empty"].dtype == torch.float32
+    assert torch.equal(out["scalar"], torch.tensor([3.0]))
+    assert result.tensors_copied == 2  # position_ids and the empty tensor
+    bad = write_model(tmp_path / "bad", {**e1, "scalar": torch.tensor([float("nan")])})
+    with pytest.raises(InputError) as err:
+        mergebench.merge("average", experts=[a, bad], output=tmp_path / "o2", plugin_manager=pm)
+    assert str(err.value) == f"expert 2 ({bad}): tensor 'scalar' contains NaN or Inf values"
+
+
+def test_nan_messages_name_the_right_input(toy_models, tmp_path, pm):
+    nan_base = {n: t.clone() for n, t in toy_tensors(0).items()}
+    nan_base["layer.1.weight"][0, 0] = float("nan")
+    bad = write_model(tmp_path / "bad", nan_base)
+    with pytest.raises(InputError) as err:
+        mergebench.merge("task_arithmetic", base=bad, experts=[toy_models["e0"]], output=tmp_path / "o",
+                         plugin_manager=pm)
+    assert str(err.value) == f"base ({bad}): tensor 'layer.1.weight' contains NaN or Inf values"
+    for method in ("average", "ties"):  # not elementwise / elementwise
+        kw = {} if method == "average" else {"base": toy_models["base"]}
+        with pytest.raises(InputError) as err:
+            mergebench.merge(method, experts=[toy_models["e0"], bad], output=tmp_path / "o", plugin_manager=pm, **kw)
+        assert str(err.value) == f"expert 2 ({bad}): tensor 'layer.1.weight' contains NaN or Inf values"
+
+
+def test_inputs_of_different_float_dtypes_are_merged_not_copied(tmp_path, pm):
+    from safetensors.torch import load_file
+
+    t = toy_tensors(0)
+    a = write_model(tmp_path / "a", t)
+    b16 = {n: (v + 1).to(torch.bfloat16) if v.is_floating_point() else v for n, v in t.items()}
+    b = write_model(tmp_path / "b", b16)
+    result = mergebench.merge("average", experts=[a, b], output=tmp_path / "out", plugin_manager=pm)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert result.tensors_merged == 3
+    want = (t["layer.0.weight"] + b16["layer.0.weight"].float()) / 2
+    torch.testing.assert_close(out["layer.0.weight"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_identical_large_tensors_are_copied_and_different_ones_merged(tmp_path, pm):
+    """Inputs longer than the 4096-element prefix the identity check compares first."""
+    big = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    other = big.clone()
+    other[4500] += 1.0  # differs only after the prefix
+    a = write_model(tmp_path / "a", {"same": big, "late": big.clone()})
+    b = write_model(tmp_path / "b", {"same": big.clone(), "late": other})
+    result = mergebench.merge("average", experts=[a, b], output=tmp_path / "out", plugin_manager=pm)
+    assert (result.tensors_copied, result.tensors_merged) == (1, 1)
+    from safetensors.torch import load_file
+
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["same"], big)
+    assert out["late"][4500] == (big[4500] + other[4500]) / 2
+
+
+def test_identical_inputs_are_checked_and_cast_to_the_output_dtype(tmp_path, pm):
+    from safetensors.torch import load_file
+
+    t = toy_tensors(0)
+    a = write_model(tmp_path / "a", t)
+    b = write_model(tmp_path / "b", {**toy_tensors(1), "layer.0.bias": t["layer.0.bias"].clone()})
+    mergebench.merge("average", experts=[a, b], output=tmp_path / "out", dtype="bfloat16", plugin_manager=pm)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert out["layer.0.bias"].dtype == torch.bfloat16
+    assert torch.equal(out["layer.0.bias"], t["layer.0.bias"].to(torch.bfloat16))
+    nan = {n: v.clone() for n, v in t.items()}
+    nan["layer.0.bias"][0] = float("inf")
+    c, d = write_model(tmp_path / "c", nan), write_model(tmp_path / "d", nan)
+    with pytest.raises(InputError) as err:
+        mergebench.merge("average", experts=[c, d], output=tmp_path / "o2", plugin_manager=pm)
+    assert str(err.value) == f"expert 1 ({c}): tensor 'layer.0.bias' contains NaN or Inf values"
+
+
+def test_a_whole_tensor_method_sees_whole_tensors(toy_models, tmp_path, pm, monkeypatch):
+    """elementwise=False: the method gets each tensor whole, even when it is larger than a chunk."""
+    monkeypatch.setattr(engine, "CHUNK", 8)
+    seen = []
+
+    def centre(base, experts, params, ctx):
+        seen.append((ctx.name, tuple(experts[0].shape)))
+        return experts[0] - experts[0].mean() + experts[1] * 0
+
+    pm.register(_plugin(MergeMethod(name="centre", description="", merge=centre, needs_base=False)))
+    result = mergebench.merge("centre", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
+                              plugin_manager=pm, threads=1)
+    assert (result.tensors_merged, result.tensors_copied) == (3, 1)
+    from safetensors.torch import load_file
+
+    e0, out = load_file(toy_models["e0"] / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(seen) == [("layer.0.bias", (16,)), ("layer.0.weight", (16, 8)), ("layer.1.weight", (4, 16))]
+    for name in ("layer.0.bias", "layer.0.weight", "layer.1.weight"):
+        torch.testing.assert_close(out[name], e0[name] - e0[name].mean(), rtol=0, atol=1e-6)
+
+
+def test_a_whole_tensor_method_gets_float32_copies_of_half_precision_inputs(tmp_path, pm):
+    from safetensors.torch import load_file
+
+    dtypes = []
+
+    def first(base, experts, params, ctx):
+        dtypes.extend(e.dtype for e in experts)
+        return experts[0] / 3
+
+    pm.register(_plugin(MergeMethod(name="first", description="", merge=first, needs_base=False)))
+    t = {n: v.to(torch.bfloat16) if v.is_floating_point() else v for n, v in toy_tensors(0).items()}
+    a, b = write_model(tmp_path / "a", t), write_model(tmp_path / "b", toy_tensors(1, dtype=torch.bfloat16))
+    mergebench.merge("first", experts=[a, b], output=tmp_path / "out", dtype="float32", plugin_manager=pm)
+    assert set(dtypes) == {torch.float32}
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["layer.0.weight"], t["layer.0.weight"].float() / 3)  # divided in float32, not bf16
+
+
+def test_a_whole_tensor_method_never_sees_nan_inputs(toy_models, tmp_path, pm):
+    calls = []
+    pm.register(_plugin(MergeMethod(name="firstw", description="", needs_base=False,
+                                    merge=lambda base, experts, params, ctx: calls.append(ctx.name) or experts[0])))
+    nan = {n: v.clone() for n, v in toy_tensors(0).items()}
+    nan["layer.1.weight"][1, 2] = float("nan")
+    bad = write_model(tmp_path / "bad", nan)
+    with pytest.raises(InputError) as err:
+        mergebench.merge("firstw", experts=[toy_models["e0"], bad], output=tmp_path / "o", plugin_manager=pm,
+                         threads=1)
+    assert str(err.value) == f"expert 2 ({bad}): tensor 'layer.1.weight' contains NaN or Inf values"
+    assert "layer.1.weight" not in calls and not (tmp_path / "o").exists()
+
+
+def test_a_whole_tensor_method_may_write_into_its_float32_inputs(toy_models, tmp_path, pm):
+    """The engine hands the method copies: in-place maths on an input is the method's own business."""
+    from safetensors.torch import load_file
+
+    pm.register(_plugin(MergeMethod(name="double", description="", needs_base=False,
+                                    merge=lambda base, experts, params, ctx: experts[0].mul_(2))))
+    before = (toy_models["e0"] / "model.safetensors").read_bytes()
+    mergebench.merge("double", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "o", plugin_manager=pm,
+                     threads=1)
+    e0, out = load_file(toy_models["e0"] / "model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
+    for name in ("layer.0.bias", "layer.0.weight", "layer.1.weight"):
+        assert torch.equal(out[name], e0[name] * 2), name
+    assert (toy_models["e0"] / "model.safetensors").read_bytes() == before
+
+
+def test_a_whole_tensor_method_gets_the_base_and_its_parameters(toy_models, tmp_path, pm):
+    from safetensors.torch import load_file
+
+    from mergebench import Param
+
+    pm.register(_plugin(MergeMethod(name="scaled", description="", params=[Param("k", float, 1.0, "scale")],
+                                    merge=lambda base, experts, params, ctx: base + params["k"] * experts[0])))
+    mergebench.merge("scaled", base=toy_models["base"], experts=[toy_models["e0"], toy_models["e1"]], k=0.5,
+                     output=tmp_path / "o", plugin_manager=pm)
+    base, e0 = load_file(toy_models["base"] / "model.safetensors"), load_file(toy_models["e0"] / "model.safetensors")
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    torch.testing.assert_close(out["layer.0.weight"], base["layer.0.weight"] + 0.5 * e0["layer.0.weight"],
+                               rtol=0, atol=0)
