@@ -122,7 +122,9 @@ def test_rouge_and_exact_match_scoring():
 def test_lm_eval_is_a_registered_evaluator():
     evaluator = make_plugin_manager(entry_points=False).evaluators().get("lm-eval")
     assert evaluator.plugin == "mergebench.evaluators.lm_eval_adapter"
-    assert evaluator.resolve_params({"split": "validation"}) == {"split": "validation", "batch_size": 64}
+    assert evaluator.resolve_params({"split": "validation"}) == {
+        "split": "validation", "batch_size": 64, "backend": "hf", "device": "cpu", "dtype": "float32",
+        "model_args": "", "limit": 0}
 
 
 def test_exact_match_tasks_generate_no_further_than_the_longest_answer(tmp_path, pm):

@@ -263,7 +263,7 @@ def test_evaluations_are_cached_by_model_and_data_contents(built, tmp_path, monk
     assert len(new) == 24 and all((e / "score.json").is_file() for e in new)  # 12 datasets x 2 models
 
 
-def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path):
+def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path, monkeypatch):
     """A worker that evaluates a tiny and then a small model (same suite, same datasets) must not swap the
     small model's weights into the tiny model's wrapper."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -277,6 +277,7 @@ def test_a_worker_keeps_one_evaluation_session_per_architecture(built, tmp_path)
     small = base.parent / "small-model"  # beside the tiny base, as cache entries of one kind are
     save_model(LlamaForCausalLM(llama_config("small", len(tok))), tok, small)
     evaluator = ComponentChoice("lm-eval", {"batch_size": 64})
+    monkeypatch.setattr(jobs, "_SESSIONS", {})  # this worker's sessions only (other tests share the process)
     for model in (base, small, base):
         job = jobs.EvalJob(str(tmp_path / "cache"), model, "micro-t0", manifest, ("micro_sentiment",), evaluator,
                            "validation", ModelRole("base", 0, "tiny", "pretrained"))

@@ -119,8 +119,13 @@ def test_grids_and_expert_order(pm):
 def test_study_records_every_unit_and_result(study):
     run_dir, _, _ = study
     kinds = dict(db_rows(run_dir, "SELECT kind, count(*) FROM units GROUP BY kind"))
-    # 2 bases x (8 experts + multitask + base) = 20 models on test, 16 experts on validation; 2 x 3 sweeps
-    assert kinds == {"evaluation": 36, "sweep": 6}
+    # only the experts a merge uses are trained (N = 2: the first 2 of the seed's order):
+    # 2 bases x (2 experts + multitask + base) = 8 models on test, 4 experts on validation; 2 x 3 sweeps
+    assert kinds == {"evaluation": 12, "sweep": 6}
+    trained = db_rows(run_dir, "SELECT base_kind, category FROM models WHERE role = 'expert' ORDER BY category")
+    order = expert_order(list(json.loads(db_rows(run_dir, "SELECT value FROM meta WHERE key = 'suite'")[0][0])
+                              ["held_in"]), 0)
+    assert sorted({c for _, c in trained}) == sorted(order[:2]) and len(trained) == 4
     merges = db_rows(run_dir, "SELECT base_kind, n, method, params, held_in, held_out, experts FROM merges")
     assert len(merges) == 6
     for kind, n, method, params, held_in, held_out, experts in merges:
