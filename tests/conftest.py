@@ -108,3 +108,22 @@ def tiny_llamas(tmp_path_factory):
         expert.save_pretrained(root / f"e{i}", max_shard_size="8KB")
         paths[f"e{i}"] = root / f"e{i}"
     return paths
+
+
+def write_hub_snapshot(cache: Path, repo_id: str, source: Path,
+                       commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """``source``'s files in the hub cache layout huggingface_hub writes (blobs named by sha256, snapshot
+    symlinks, refs/main); returns the snapshot directory."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in Path(source).iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / digest).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    return snapshot

@@ -16,7 +16,7 @@ import mergebench
 from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import InputError
 
-from conftest import load_dir, toy_tensors, write_model
+from conftest import load_dir, toy_tensors, write_hub_snapshot, write_model
 
 METHODS = ["average", "task_arithmetic", "ties", "dare_ties"]
 
@@ -199,17 +199,7 @@ def test_card_redoes_the_merge_and_refuses_changed_inputs(toy_models, tmp_path):
 def test_hub_id_resolves_through_the_local_hf_cache(toy_models, tmp_path, monkeypatch, pm):
     """A fake hub cache laid out as huggingface_hub does (blobs named by sha256, snapshot symlinks)."""
     cache = tmp_path / "hub"
-    repo = cache / "models--acme--toy-expert"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for f in toy_models["e0"].iterdir():
-        digest = sha(f)
-        (repo / "blobs" / digest).write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    write_hub_snapshot(cache, "acme/toy-expert", toy_models["e0"])
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     result = mergebench.merge("average", experts=["acme/toy-expert", toy_models["e1"]], output=tmp_path / "o",

@@ -17,7 +17,7 @@ from mergebench.core.errors import InputError, MergebenchError
 from mergebench.core.registry import MergeMethod
 from mergebench import hookimpl
 
-from conftest import load_dir, toy_tensors, write_model
+from conftest import toy_tensors, write_hub_snapshot, write_model
 
 
 # --- the writer thread ---------------------------------------------------------------------------
@@ -320,22 +320,10 @@ def test_recipe_hashes_are_checked_per_expert_without_a_base(toy_models, tmp_pat
 
 def test_card_inputs_hold_weights_and_resolved_paths(toy_models, tmp_path, monkeypatch, pm):
     """Relative paths are recorded resolved; hub ids as given; each expert carries its own weight."""
-    import hashlib
     import os
-    from pathlib import Path
 
     cache = tmp_path / "hub"
-    repo = cache / "models--acme--toy-expert"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for f in toy_models["e2"].iterdir():
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        (repo / "blobs" / digest).write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    write_hub_snapshot(cache, "acme/toy-expert", toy_models["e2"])
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
