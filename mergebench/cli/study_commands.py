@@ -429,9 +429,8 @@ def eval_command(suite_params: tuple[str, ...], models: tuple[Path, ...], suite_
             from mergebench.core.registry import _unknown_message
 
             raise InputError(_unknown_message(f"dataset '{d}'", f"suite '{suite_name}'", all_datasets))
-    pm.evaluators().get(evaluator_name).resolve_params(  # bad parameters fail before any work
-        {**_parse_params(eval_params), **({"batch_size": batch_size} if batch_size is not None else {})})
     given = {**_parse_params(eval_params), **({"batch_size": batch_size} if batch_size is not None else {})}
+    pm.evaluators().get(evaluator_name).resolve_params(given)  # bad parameters fail before any work
     started = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("evaluate", total=len(models), item="")

@@ -6,6 +6,7 @@ that ``mergebench merge``, the expert trainers and the evaluator read.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,26 @@ def instruction_tune(params: dict[str, Any], workdir: Path, inputs: PrepareInput
     return workdir
 
 
+def _hub_cache_dir(params: dict[str, Any]) -> str | None:
+    # read at call time, not at huggingface_hub's import: a config or a worker's environment may set it
+    return params.get("cache_dir") or os.environ.get("HF_HUB_CACHE") or None
+
+
+def find_model(params: dict[str, Any]) -> Path | None:
+    """``params["model"]`` as a local model directory: itself, or the hub id's snapshot in the local Hugging Face
+    cache (``revision``, ``cache_dir``); None when it is neither. Never downloads."""
+    path = Path(params["model"]).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        import huggingface_hub
+
+        return Path(huggingface_hub.snapshot_download(params["model"], revision=params.get("revision") or None,
+                                                      cache_dir=_hub_cache_dir(params), local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means: not in the cache
+        return None
+
+
 def load(params: dict[str, Any], workdir: Path | None, inputs: PrepareInputs | None = None) -> Path:
     """An existing model directory (or a hub id already in the local cache), used as it is."""
     reference = params["model"]
@@ -84,19 +105,13 @@ def load(params: dict[str, Any], workdir: Path | None, inputs: PrepareInputs | N
         if not (path / "config.json").is_file():
             raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
         return path.resolve()
-    import os
-
-    # read at call time, not at huggingface_hub's import: a config or a worker's environment may set it
-    cache_dir = params.get("cache_dir") or os.environ.get("HF_HUB_CACHE") or None
-    try:
-        import huggingface_hub
-
-        return Path(huggingface_hub.snapshot_download(reference, revision=params.get("revision") or None,
-                                                      cache_dir=cache_dir, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure means: not a directory, not in the cache
+    found = find_model(params)
+    if found is None:
+        cache_dir = _hub_cache_dir(params)
         raise InputError(f"{reference}: neither a model directory nor a model in the local Hugging Face cache"
                          f"{f' ({cache_dir})' if cache_dir else ''}; nothing is downloaded (fetch it first, e.g. "
-                         f"`huggingface-cli download {reference}`)") from None
+                         f"`huggingface-cli download {reference}`)")
+    return found
 
 
 @hookimpl

@@ -61,11 +61,6 @@ def _ident(pm: PluginManager, component: Component, *also: Callable) -> dict[str
             "code": code_hash(fn, *also)}
 
 
-def load_suite_data(directory: Path) -> SuiteData:
-    """A built suite's data with every path re-rooted at ``directory`` (cache entries move when built)."""
-    return SuiteData.load(directory)
-
-
 def suite(pm: PluginManager, cache: ArtifactCache, name: str, seed: int, params: dict[str, Any]) -> SuiteData:
     """The generated suite ``name`` for ``seed`` (built once)."""
     component = pm.suites().get(name)

@@ -91,25 +91,13 @@ def _guess_from_name(reference: str) -> int | None:
     return int(float(m.group(1)) * (1e9 if m.group(2) in "bB" else 1e6))
 
 
-def _resolve_local(reference: str, params: dict[str, Any]) -> Path | None:
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        import huggingface_hub
-
-        cache_dir = params.get("cache_dir") or os.environ.get("HF_HUB_CACHE") or None
-        return Path(huggingface_hub.snapshot_download(reference, revision=params.get("revision") or None,
-                                                      cache_dir=cache_dir, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not in the cache
-        return None
-
-
 def describe_base(base: BaseChoice, pm: PluginManager, built: dict[tuple[str, str], ModelInfo]) -> ModelInfo:
     """What a base will be, from metadata: a loaded model's files, a pretrained size's config, or its source's."""
     params = dict(base.preparer.params)
     if "model" in params and params["model"]:  # the `load` preparer (or any that points at a model)
-        path = _resolve_local(params["model"], params)
+        from mergebench.plugins.base_preparers import find_model
+
+        path = find_model(params)
         counted = _safetensors_parameters(path) if path is not None else None
         if counted is not None:
             return ModelInfo(params["model"], path, counted[0], counted[1])
