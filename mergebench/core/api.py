@@ -18,6 +18,7 @@ def merge(
     experts: Sequence[str | Path],
     output: str | Path,
     weights: Sequence[float] | None = None,
+    expert_params: Sequence[dict[str, Any]] | None = None,
     seed: int = 0,
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
@@ -33,6 +34,7 @@ def merge(
 
     Method parameters go as keyword arguments; ``lambda`` may be spelled ``lambda_``:
     ``merge("ties", base="b", experts=["e1", "e2"], output="out", density=0.2, lambda_=0.8)``.
+    ``expert_params`` gives each expert its own values of per-expert parameters (e.g. ``[{"density": 0.3}, {}]``).
     """
     params = {k[:-1] if k.endswith("_") else k: v for k, v in params.items()}
     weights = list(weights) if weights is not None else [1.0] * len(experts)
@@ -40,7 +42,8 @@ def merge(
         raise ParameterError(f"{len(weights)} weight(s) given for {len(experts)} expert(s); give one per expert")
     recipe = Recipe(
         method=method,
-        experts=[ModelInput(str(e), float(w)) for e, w in zip(experts, weights)],
+        experts=[ModelInput(str(e), float(w), parameters=dict(p))
+                 for e, w, p in zip(experts, weights, expert_params or [{}] * len(experts))],
         base=ModelInput(str(base)) if base is not None else None,
         parameters=params,
         seed=seed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -42,6 +42,8 @@ class TensorContext:
     offset: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     streams: tuple[str, ...] | None = None
+    # per expert, the values of the parameters declared ``per_expert`` that the recipe set for that expert
+    expert_params: tuple[Mapping[str, Any], ...] = ()
     _generators: dict[int, torch.Generator] = field(default_factory=dict, repr=False)
 
     def generator_for(self, stream: int) -> torch.Generator:
@@ -53,6 +55,13 @@ class TensorContext:
             g.manual_seed(tensor_seed(self.seed, self.name, key))
             self._generators[stream] = g
         return self._generators[stream]
+
+    def expert_values(self, name: str, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Each expert's value of per-expert parameter ``name``: its own when the recipe gave one, else
+        ``params[name]`` (the method-level value)."""
+        n = len(self.weights)
+        own = self.expert_params or ({},) * n
+        return tuple(p.get(name, params[name]) for p in own)
 
     @property
     def generator(self) -> torch.Generator:

@@ -68,6 +68,7 @@ class _Plan:
     method: MergeMethod
     params: dict[str, Any]
     weights: tuple[float, ...]
+    expert_params: tuple[dict[str, Any], ...]
     base: ModelSource | None
     experts: list[ModelSource]
     template: ModelSource
@@ -151,6 +152,8 @@ def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, de
     weights = tuple(float(e.weight) for e in recipe.experts)
     if not all(math.isfinite(w) for w in weights):
         raise ParameterError(f"expert weights must be finite numbers, got {list(weights)}")
+    expert_params = tuple(method.resolve_expert_params(e.parameters, f"expert {i + 1}")
+                          for i, e in enumerate(recipe.experts))
     if method.check is not None:
         method.check(params, weights)
     if method.needs_base and recipe.base is None:
@@ -170,7 +173,7 @@ def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, de
     for i, expert in enumerate(experts):
         if expert is not template:
             _check_compatible(template, role_t, expert, f"expert {i + 1}")
-    return _Plan(method, params, weights, base, experts, template, template.ordered_names(), out_dtype, torch_device)
+    return _Plan(method, params, weights, expert_params, base, experts, template, template.ordered_names(), out_dtype, torch_device)
 
 
 class _Writer:
@@ -342,7 +345,7 @@ def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
     method = plan.method
     # a stochastic method's streams follow each expert's content for this tensor (order- and layout-free)
     streams = tuple(content_key(r) for r in _split(plan, raws)[1]) if method.stochastic else None
-    ctx = TensorContext(name=name, weights=plan.weights, seed=seed, streams=streams,
+    ctx = TensorContext(name=name, weights=plan.weights, seed=seed, streams=streams, expert_params=plan.expert_params,
                         analysis=analysis.result_for(name) if analysis is not None else None)
     if not method.elementwise:  # whole tensors in float32: (N + 2) copies of this tensor at most
         f32 = []

@@ -32,7 +32,8 @@ def _identical(tensors: list[torch.Tensor]) -> bool:
 
 
 def _per_tensor(method: MergeMethod, params: dict[str, Any], base: StateDict | None, experts: list[StateDict],
-                weights: tuple[float, ...], seed: int, fn) -> dict[str, torch.Tensor | None]:
+                weights: tuple[float, ...], seed: int, fn,
+                expert_params: tuple[dict[str, Any], ...] = ()) -> dict[str, torch.Tensor | None]:
     """``fn(base_t, expert_ts, ctx)`` per float tensor; None where every input is the same."""
     if not supports(method, params, len(experts)):
         raise MergebenchError(f"merge method '{method.name}' needs a whole-model pre-pass; merge it with the engine")
@@ -54,7 +55,7 @@ def _per_tensor(method: MergeMethod, params: dict[str, Any], base: StateDict | N
         b, ex = (f32[0], f32[1:]) if base is not None else (None, f32)
         # a stochastic method's streams follow each expert's stored bytes, exactly as in the engine
         streams = tuple(content_key(e[name]) for e in experts) if method.stochastic else None
-        ctx = TensorContext(name=name, weights=weights, seed=seed, streams=streams)
+        ctx = TensorContext(name=name, weights=weights, seed=seed, streams=streams, expert_params=expert_params)
         if method.tensor_analysis is not None:
             per_tensor = method.tensor_analysis(params, len(experts))
             if per_tensor is not None:
@@ -65,13 +66,22 @@ def _per_tensor(method: MergeMethod, params: dict[str, Any], base: StateDict | N
     return out
 
 
+def _expert_params(method: MergeMethod, given, n: int) -> tuple[dict[str, Any], ...]:
+    given = list(given or [{}] * n)
+    return tuple(method.resolve_expert_params(g, f"expert {i + 1}") for i, g in enumerate(given))
+
+
 def merge(method: MergeMethod, params: Mapping[str, Any], base: StateDict | None, experts: list[StateDict],
-          weights: tuple[float, ...] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The merged state dict (float32 for merged tensors, inputs' dtype for copied ones)."""
+          weights: tuple[float, ...] | None = None, seed: int = 0,
+          expert_params: list[Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+    """The merged state dict (float32 for merged tensors, inputs' dtype for copied ones).
+
+    ``expert_params``: per expert, its own values of the method's per-expert parameters."""
     params = method.resolve_params(params)
     weights = weights or tuple(1.0 for _ in experts)
     merged = _per_tensor(method, params, base, experts, weights, seed,
-                         lambda b, ex, ctx: method.merge(b, ex, params, ctx))
+                         lambda b, ex, ctx: method.merge(b, ex, params, ctx),
+                         _expert_params(method, expert_params, len(experts)))
     template = base if base is not None else experts[0]
     return {n: (template[n] if m is None else m).view(template[n].shape) for n, m in merged.items()}
 

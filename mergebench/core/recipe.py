@@ -13,7 +13,7 @@ from mergebench.core.errors import ParameterError
 
 RECIPE_MARKER = "# mergebench recipe"
 _KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size"}
-_INPUT_KEYS = {"path", "weight", "sha256"}
+_INPUT_KEYS = {"path", "weight", "sha256", "parameters"}
 
 
 @dataclass
@@ -21,6 +21,8 @@ class ModelInput:
     path: str
     weight: float = 1.0
     sha256: str | None = None  # when set, the merge fails unless the input still has this hash
+    # this expert's own values of the method's per-expert parameters (density, gamma, epsilon, ...)
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Recipe:
                 d["weight"] = m.weight
             if m.sha256:
                 d["sha256"] = m.sha256
+            if m.parameters:
+                d["parameters"] = dict(m.parameters)
             return d
 
         out: dict[str, Any] = {"method": self.method}
@@ -62,12 +66,16 @@ def _model(value: Any, where: str) -> ModelInput:
     if isinstance(value, dict):
         unknown = set(value) - _INPUT_KEYS
         if unknown or "path" not in value:
-            raise ParameterError(f"recipe: {where} needs 'path' and may have 'weight', 'sha256' (got {sorted(value)})")
+            raise ParameterError(f"recipe: {where} needs 'path' and may have 'weight', 'sha256', 'parameters' "
+                                 f"(got {sorted(value)})")
         try:
             weight = float(value.get("weight", 1.0))
         except (TypeError, ValueError):
             raise ParameterError(f"recipe: {where} weight {value.get('weight')!r} is not a number") from None
-        return ModelInput(str(value["path"]), weight, value.get("sha256"))
+        own = value.get("parameters") or {}
+        if not isinstance(own, dict):
+            raise ParameterError(f"recipe: {where} 'parameters' must be a mapping of name: value")
+        return ModelInput(str(value["path"]), weight, value.get("sha256"), dict(own))
     raise ParameterError(f"recipe: {where} must be a path or a mapping with 'path', got {value!r}")
 
 

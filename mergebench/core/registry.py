@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Protocol, TypeVar
 
 from mergebench.core.errors import ParameterError, PluginError
 
@@ -37,6 +37,9 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple[Any, ...] | None = None
+    # True when each expert may have its own value (mergekit's per-model "tensor parameters": weight,
+    # density, gamma, epsilon): the method reads them with ``ctx.expert_values(name, params)``.
+    per_expert: bool = False
 
     def describe_range(self) -> str:
         if self.choices is not None:
@@ -117,20 +120,52 @@ class Component:
         owner = f"{self.kind} '{self.name}'"
         return {n: (p.coerce(given[n], owner) if n in given else p.default) for n, p in known.items()}
 
+    def resolve_expert_params(self, given: Mapping[str, Any] | None, who: str) -> dict[str, Any]:
+        """One expert's own parameter values: only parameters declared ``per_expert``, coerced."""
+        given = dict(given or {})
+        owner = f"{self.kind} '{self.name}' ({who})"
+        out = {}
+        for name, value in given.items():
+            try:
+                p = self.param(name)
+            except KeyError:
+                raise ParameterError(_unknown_message(f"parameter '{name}'", owner,
+                                                      [q.name for q in self.params if q.per_expert])) from None
+            if not p.per_expert:
+                per = [q.name for q in self.params if q.per_expert]
+                raise ParameterError(f"parameter '{name}' of {self.kind} '{self.name}' is one value for the whole merge, "
+                                     f"not per expert (per-expert: {', '.join(per) or 'none'}); set it in 'parameters'")
+            out[name] = p.coerce(value, owner)
+        return out
+
+
+class MergeFn(Protocol):
+    """The maths of a merge method over the tensors of one parameter name.
+
+    ``base``: the base's tensor in float32, or None when the method does not need a base and none was
+    given. ``experts``: one float32 tensor per expert, in the recipe's order. For a method declared
+    ``elementwise`` these are flat consecutive chunks of the tensor (``ctx.offset`` is the first
+    element); otherwise whole tensors in their shape. ``params``: every declared parameter, resolved
+    for this tensor (gradients and filters already applied). ``ctx``: the tensor's name, per-expert
+    weights and per-expert parameter values, the seed and random streams, pre-pass results.
+
+    Ownership: ``base`` and ``experts`` are scratch copies made for this call; the method may
+    overwrite them in place and may return one of them, but must not keep a reference after
+    returning. Returns the merged float32 tensor, shaped as its inputs.
+    """
+
+    def __call__(self, base: "torch.Tensor | None", experts: "list[torch.Tensor]", params: dict[str, Any],
+                 ctx: "TensorContext") -> "torch.Tensor": ...
+
 
 @dataclass(frozen=True)
 class MergeMethod(Component):
-    """A merge method: its metadata and the maths over the tensors of one parameter name.
+    """A merge method: its metadata and its maths (a :class:`MergeFn`) over the tensors of one name."""
 
-    ``merge(base, experts, params, ctx) -> merged`` receives float32 tensors of one name (``base`` is
-    None when the method does not need it and none was given), the resolved parameters and a
-    :class:`~mergebench.core.context.TensorContext`; it returns the merged float32 tensor.
-    """
-
-    merge: Callable[..., "torch.Tensor"] | None = None
+    merge: MergeFn | None = None
     # For methods of the form theta_0 + scale * delta(...): the lambda-free maths and the scale's name.
     # A sweep computes delta once and applies every scale on top; ``merge`` is derived when omitted.
-    delta: Callable[..., "torch.Tensor"] | None = None
+    delta: MergeFn | None = None
     scale_param: str | None = None
     # Cross-parameter checks run before any tensor is read: check(params, weights) raises ParameterError.
     check: Callable[[dict[str, Any], tuple[float, ...]], None] | None = None
