@@ -179,6 +179,10 @@ class MergeMethod(Component):
     # magnitude threshold); ``analysis`` runs over the whole model before any tensor is merged.
     tensor_analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
     analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
+    # For a method mergekit also has (same name, same parameter names): the values of our extra convention
+    # parameters that reproduce mergekit 0.1.5's numbers, applied when a mergekit config does not set them
+    # (e.g. {"rescale": "l1"}). Our own recipes keep the defaults above (the papers' conventions).
+    mergekit_defaults: Mapping[str, Any] = field(default_factory=dict)
     # Hyperparameter grid a sweep should try, e.g. {"lambda": [0.0, 0.1, ...], "density": [0.1, 0.2]}.
     search_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
@@ -194,6 +198,9 @@ class MergeMethod(Component):
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise PluginError(f"merge method '{self.name}' declares a parameter twice: {names}")
+        for key in self.mergekit_defaults:
+            if key not in names:
+                raise PluginError(f"merge method '{self.name}' has a mergekit default for undeclared parameter '{key}'")
         for key in self.search_space:
             if key not in names:
                 raise PluginError(f"merge method '{self.name}' searches over undeclared parameter '{key}'")
