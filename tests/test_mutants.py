@@ -464,11 +464,11 @@ def test_in_memory_task_arithmetic_and_its_delta_by_hand(methods):
     assert torch.equal(in_memory.merge(ta, {}, base, experts)["w"], torch.tensor([[5.0, 2.0], [3.0, 3.0]]))
     delta = in_memory.merge_delta(ta, {"lambda": 0.5}, base, experts, weights=(1.0, 2.0))
     assert delta["same"] is None and delta["ids"] is None
-    assert torch.equal(delta["w"], torch.tensor([7.0, 0.0, 0.0, 0.0]))  # flat: the method is elementwise
+    assert torch.equal(delta["w"], torch.tensor([[7.0, 0.0], [0.0, 0.0]]))
     scaled = in_memory.apply_delta(base, delta, 0.5)
     assert torch.equal(scaled["w"], torch.tensor([[4.5, 2.0], [3.0, 4.0]])) and scaled["w"].shape == (2, 2)
     assert _same(scaled["ids"], base["ids"]) and _same(scaled["same"], base["same"])
-    assert torch.equal(in_memory.merge_delta(ta, {}, base, experts)["w"], torch.tensor([4.0, 0.0, 0.0, -1.0]))
+    assert torch.equal(in_memory.merge_delta(ta, {}, base, experts)["w"], torch.tensor([[4.0, 0.0], [0.0, -1.0]]))
     assert _unchanged([base] + experts, snapshot)
     with pytest.raises(MergebenchError) as e:
         in_memory.merge_delta(methods.get("average"), {}, base, experts)
@@ -484,13 +484,7 @@ def test_in_memory_ties_by_hand(methods):
     assert torch.equal(out["w"], torch.tensor([[2.0, 2.0], [3.0, 3.0]]))
     # density 0.25 keeps 1 each: tau0 -> (0, 0, 0, -2), tau1 -> (3, 0, 0, 0): delta (3, 0, 0, -2)
     assert torch.equal(in_memory.merge_delta(ties, {"density": 0.25}, base, experts)["w"],
-                       torch.tensor([3.0, 0.0, 0.0, -2.0]))
-    assert in_memory.supports(ties, {"trim_scope": "tensor"}, 2)
-    assert not in_memory.supports(ties, {"trim_scope": "global", "density": 0.2}, 2)
-    assert in_memory.supports(methods.get("average"), {}, 2)
-    with pytest.raises(MergebenchError) as e:
-        in_memory.merge(ties, {"trim_scope": "global"}, base, experts)
-    assert str(e.value) == "merge method 'ties' needs a whole-model pre-pass; merge it with the engine"
+                       torch.tensor([[3.0, 0.0], [0.0, -2.0]]))
     with pytest.raises(ParameterError):
         in_memory.merge(ties, {}, base, experts, weights=(1.0, 0.0))
 
@@ -544,7 +538,7 @@ def test_in_memory_dare_ties_default_seed_is_0_and_its_delta_scales_like_the_mer
     assert not torch.equal(in_memory.merge_delta(dare, {}, base, experts)["w"], delta["w"])
     base2, experts2 = _models()
     assert torch.equal(in_memory.merge_delta(methods.get("ties"), {"density": 0.5}, base2, experts2)["w"],
-                       torch.tensor([2.0, 0.0, 0.0, -2.0]))  # see test_in_memory_ties_by_hand
+                       torch.tensor([[2.0, 0.0], [0.0, -2.0]]))  # see test_in_memory_ties_by_hand
 
 
 def test_in_memory_hands_a_methods_per_tensor_pre_pass_to_it():

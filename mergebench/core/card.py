@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mergebench.core.recipe import RECIPE_MARKER, ModelInput, Recipe
+from mergebench.core.recipe import RECIPE_MARKER, ModelInput, OutputSlice, Recipe, SliceSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergebench.core.engine import MergeResult
@@ -27,10 +27,21 @@ def _pinned_recipe(recipe: Recipe, result: MergeResult) -> Recipe:
     base = None
     if recipe.base is not None:
         base = ModelInput(by_role["base"]["path"], sha256=by_role["base"]["sha256"])
-    experts = [ModelInput(by_role[f"expert {i + 1}"]["path"], e.weight, by_role[f"expert {i + 1}"]["sha256"])
-               for i, e in enumerate(recipe.experts)]
+    experts = [ModelInput(by_role[f"expert {i + 1}"]["path"], e.weight, by_role[f"expert {i + 1}"]["sha256"],
+                          dict(e.parameters)) for i, e in enumerate(recipe.experts)]
+    paths = {m.path: p.path for m, p in zip(([recipe.base] if base else []) + recipe.experts, ([base] if base else []) + experts)}
+    slices = [OutputSlice([SliceSource(paths[src.model], src.layer_range) for src in sl.sources]) for sl in recipe.slices]
     return Recipe(recipe.method, experts, base, dict(result.parameters), recipe.seed,
-                  recipe.dtype, None, recipe.max_shard_size)
+                  recipe.dtype, None, recipe.max_shard_size, slices)
+
+
+def _given_block(recipe: Recipe) -> str:
+    if recipe.given is None:
+        return ""
+    import yaml
+
+    return ("\n## Configuration as given\n\nThe mergekit configuration this merge was asked for; the recipe above is "
+            "what it resolved to.\n\n```yaml\n" + yaml.safe_dump(recipe.given, sort_keys=False) + "```\n")
 
 
 def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: MergeResult, dtype: str) -> None:
@@ -54,6 +65,8 @@ def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: Mer
         "tensors_copied": result.tensors_copied,
         "recipe": pinned.to_dict(),
     }
+    if recipe.given is not None:
+        record["config_given"] = recipe.given  # the mergekit config exactly as the user wrote it
     (directory / "mergebench.json").write_text(json.dumps(record, indent=2) + "\n")
 
     params = ", ".join(f"{k}={v}" for k, v in result.parameters.items()) or "none"
@@ -89,5 +102,5 @@ Redo this merge with `mergebench merge README.md -o OUT` (inputs whose content c
 ```yaml
 {RECIPE_MARKER}
 {pinned.to_yaml()}```
-"""
+{_given_block(recipe)}"""
     (directory / "README.md").write_text(card)

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,8 @@ from mergebench.core.errors import InputError, MergebenchError, OutputError, Par
 from mergebench.core.hashing import combined_sha256, sha256_file
 from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
 from mergebench.core.recipe import ModelInput, Recipe
-from mergebench.core.registry import MergeMethod
+from mergebench.core.registry import MergeFn, MergeMethod
+from mergebench.core.tensor_params import ParameterPlan, TensorParams, layer_index
 from mergebench.core.tensor_io import ModelSource, TensorInfo, iter_config_files
 from mergebench.core.writer import AtomicDirectory, OutputTensor, ShardWriter, parse_size, plan_shards
 
@@ -63,18 +64,56 @@ class MergeResult:
     inputs: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: the input tensors it is merged from, and its position over the layers.
+
+    ``inputs`` are (source index, tensor name in that source), the base's first when the plan has one;
+    ``experts`` are the recipe's expert indices of the other inputs (for their weights and own
+    parameters); ``t`` is the layer position gradients are evaluated at.
+    """
+
+    name: str
+    inputs: tuple[tuple[int, str], ...]
+    experts: tuple[int, ...]
+    t: float = 0.0
+
+
 @dataclass
 class _Plan:
+    """Everything a merge needs, resolved from metadata before any tensor is read."""
+
     method: MergeMethod
-    params: dict[str, Any]
-    weights: tuple[float, ...]
-    expert_params: tuple[dict[str, Any], ...]
-    base: ModelSource | None
-    experts: list[ModelSource]
-    template: ModelSource
-    names: list[str]
+    params: dict[str, Any]  # method-level values (settings that vary per tensor as given)
+    settings: ParameterPlan
+    sources: list[ModelSource]  # the base first when there is one, then the recipe's experts
+    has_base: bool
+    jobs: list[TensorJob]
+    tensor_params: dict[str, TensorParams]
     out_dtype: torch.dtype | None
     device: torch.device
+    layers: int | None = None  # the output's layer count when slices changed it
+
+    @property
+    def base(self) -> ModelSource | None:
+        return self.sources[0] if self.has_base else None
+
+    @property
+    def experts(self) -> list[ModelSource]:
+        return self.sources[1:] if self.has_base else self.sources
+
+    @property
+    def template(self) -> ModelSource:
+        return self.sources[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [j.name for j in self.jobs]
+
+    def info(self, job: TensorJob) -> TensorInfo:
+        """The output tensor's metadata: its first input's, under the output name."""
+        source, name = job.inputs[0]
+        return replace(self.sources[source].tensors[name], name=job.name)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -146,16 +185,11 @@ def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, de
             pm: PluginManager) -> _Plan:
     """Every check that needs no tensor data, in the order that fails cheapest first."""
     method = pm.merge_methods().get(recipe.method)
-    params = method.resolve_params(recipe.parameters)
     if not recipe.experts:
         raise ParameterError("no experts given: a merge needs at least one expert (--expert PATH)")
-    weights = tuple(float(e.weight) for e in recipe.experts)
-    if not all(math.isfinite(w) for w in weights):
-        raise ParameterError(f"expert weights must be finite numbers, got {list(weights)}")
-    expert_params = tuple(method.resolve_expert_params(e.parameters, f"expert {i + 1}")
-                          for i, e in enumerate(recipe.experts))
-    if method.check is not None:
-        method.check(params, weights)
+    settings = ParameterPlan(method, recipe.parameters, [e.parameters for e in recipe.experts],
+                             [e.weight for e in recipe.experts])
+    settings.for_tensor("")  # method-level values and cross-checks, before any file is opened
     if method.needs_base and recipe.base is None:
         raise ParameterError(f"merge method '{method.name}' needs a base model (--base PATH)")
     out_dtype = parse_dtype(recipe.dtype)
@@ -168,12 +202,52 @@ def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, de
     for source in ([base] if base else []) + experts:
         if source.root is not None and _inside(output, source.root):
             raise OutputError(f"{output}: the output would be inside the input model directory {source.root}")
-    template = base if base is not None else experts[0]
-    role_t = "the base" if base is not None else "expert 1"
-    for i, expert in enumerate(experts):
-        if expert is not template:
-            _check_compatible(template, role_t, expert, f"expert {i + 1}")
-    return _Plan(method, params, weights, expert_params, base, experts, template, template.ordered_names(), out_dtype, torch_device)
+    sources = ([base] if base is not None else []) + experts
+    if recipe.slices:
+        from mergebench.core.slices import slice_jobs
+
+        jobs, layers = slice_jobs(recipe, sources, base is not None)
+    else:
+        template = sources[0]
+        role_t = "the base" if base is not None else "expert 1"
+        for i, expert in enumerate(experts):
+            if expert is not template:
+                _check_compatible(template, role_t, expert, f"expert {i + 1}")
+        jobs, layers = identity_jobs(template.ordered_names(), len(sources), base is not None), None
+    return build_plan(method, settings, sources, base is not None, jobs, out_dtype, torch_device, layers)
+
+
+def identity_jobs(names: list[str], n_sources: int, has_base: bool) -> list[TensorJob]:
+    """Every tensor merged from the same name in every input; gradients run over the numbered layers."""
+    indices = [i for i in map(layer_index, names) if i is not None]
+    last = max(indices, default=0)
+    experts = tuple(range(n_sources - has_base))
+    return [TensorJob(n, tuple((s, n) for s in range(n_sources)), experts,
+                      (layer_index(n) or 0) / last if last and layer_index(n) is not None else 0.0)
+            for n in names]
+
+
+def build_plan(method: MergeMethod, settings: ParameterPlan, sources: list[ModelSource], has_base: bool,
+               jobs: list[TensorJob], out_dtype: torch.dtype | None, device: torch.device,
+               layers: int | None = None) -> _Plan:
+    """Resolve every tensor's parameters and run the method's checks on each distinct set of values."""
+    tensor_params: dict[str, TensorParams] = {}
+    checked: set = set()
+    for job in jobs:
+        tp = settings.for_tensor(job.name, job.t, job.experts)
+        if not all(math.isfinite(w) for w in tp.weights):
+            raise ParameterError(f"expert weights must be finite numbers, got {list(tp.weights)} for tensor '{job.name}'")
+        key = (tuple(sorted(tp.params.items())), tp.weights, tuple(tuple(sorted(e.items())) for e in tp.expert_params))
+        if method.check is not None and key not in checked:
+            method.check(dict(tp.params), tp.weights)
+            checked.add(key)
+        tensor_params[job.name] = tp
+    params = settings.method_level()
+    if method.analysis is not None and settings.varies and method.analysis(dict(tensor_params[jobs[0].name].params)
+                                                                           if jobs else params, len(sources) - has_base):
+        raise ParameterError(f"merge method '{method.name}' with these parameters needs one pre-pass over the whole "
+                             f"model, so its parameters cannot vary by tensor (no gradients or filters)")
+    return _Plan(method, params, settings, sources, has_base, jobs, tensor_params, out_dtype, device, layers)
 
 
 class _Writer:
@@ -240,28 +314,28 @@ def _out_dtype(plan: _Plan, info: TensorInfo) -> torch.dtype:
     return plan.out_dtype if (plan.out_dtype is not None and info.is_float) else info.dtype
 
 
-def _sources(plan: _Plan) -> list[ModelSource]:
-    return ([plan.base] if plan.base is not None else []) + plan.experts
+def _role(plan: _Plan, source: int) -> str:
+    if plan.has_base and source == 0:
+        return _describe("base", plan.sources[0])
+    return _describe(f"expert {source + 1 - plan.has_base}", plan.sources[source])
 
 
-def _inputs(plan: _Plan, name: str) -> tuple[list[torch.Tensor], list[str]]:
-    sources = _sources(plan)
-    roles = (["base"] if plan.base is not None else []) + [f"expert {i + 1}" for i in range(len(plan.experts))]
-    return [s.load(name) for s in sources], [_describe(r, s) for r, s in zip(roles, sources)]
+def _inputs(plan: _Plan, job: TensorJob) -> tuple[list[torch.Tensor], list[str]]:
+    return ([plan.sources[s].load(n) for s, n in job.inputs], [_role(plan, s) for s, _ in job.inputs])
 
 
 def _split(plan: _Plan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    return (tensors[0], tensors[1:]) if plan.base is not None else (None, tensors)
+    return (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
 
 
 class _Chunks:
     """Reads one tensor of every input as float32 chunks into reused buffers, checking each for NaN/Inf."""
 
-    def __init__(self, plan: _Plan, buffers: list[torch.Tensor], name: str, check: bool = True):
-        raws, self.roles = _inputs(plan, name)
+    def __init__(self, plan: _Plan, buffers: list[torch.Tensor], job: TensorJob, check: bool = True):
+        raws, self.roles = _inputs(plan, job)
         self.check = check
         self.flat = [r.reshape(-1) for r in raws]
-        self.buffers, self.name, self.plan = buffers, name, plan
+        self.buffers, self.name, self.plan = buffers, job.name, plan
         self.numel = self.flat[0].numel()
 
     def __iter__(self):
@@ -291,30 +365,33 @@ def _identical(raws: list[torch.Tensor]) -> bool:
 
 def _chunk_buffers(plan: _Plan) -> list[torch.Tensor]:
     """One float32 chunk buffer per input, on the merge device."""
-    return [torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device) for _ in _sources(plan)]
+    return [torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device) for _ in plan.sources]
 
 
-def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], names: list[str],
+def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], jobs: list[TensorJob],
              progress: ProgressCallback | None = None) -> None:
-    """Stream ``names`` through every pass of ``analysis``; the first pass also checks for NaN/Inf."""
-    infos = plan.template.tensors
-    total = sum(infos[n].nbytes for n in names)
+    """Stream ``jobs``' inputs through every pass of ``analysis``; the first pass also checks for NaN/Inf."""
+    total = sum(plan.info(j).nbytes for j in jobs)
     for p in range(analysis.passes):
         done = 0
-        for name in names:
-            for _, _, (base, experts) in _Chunks(plan, buffers, name, check=p == 0):
-                analysis.observe(p, name, base, experts)
-            done += infos[name].nbytes
+        for job in jobs:
+            for _, _, (base, experts) in _Chunks(plan, buffers, job, check=p == 0):
+                analysis.observe(p, job.name, base, experts)
+            done += plan.info(job).nbytes
             if progress:
-                progress(f"whole-model analysis, pass {p + 1}/{analysis.passes}", done, total, name)
+                progress(f"whole-model analysis, pass {p + 1}/{analysis.passes}", done, total, job.name)
         analysis.end_pass(p)
 
 
-def _run_analysis(plan: _Plan, progress: ProgressCallback | None):
+def run_analysis(plan: _Plan, progress: ProgressCallback | None = None):
+    """The method's whole-model pre-pass over every floating-point tensor, or None when it has none."""
     analysis = plan.method.analysis(plan.params, len(plan.experts)) if plan.method.analysis else None
     if analysis is None:
         return None
-    floats = [n for n in plan.names if plan.template.tensors[n].is_float]
+    floats = [j for j in plan.jobs if plan.info(j).is_float]
+    if len({j.experts for j in floats}) > 1:
+        raise ParameterError(f"merge method '{plan.method.name}' with these parameters needs one pre-pass over the "
+                             f"whole model, so every tensor must be merged from the same inputs (no slices)")
     _observe(analysis, plan, _chunk_buffers(plan), floats, progress)
     return analysis
 
@@ -331,50 +408,70 @@ def _check_finite_output(plan: _Plan, out: torch.Tensor, name: str) -> None:
         raise MergebenchError(f"merge method '{plan.method.name}' produced NaN or Inf in tensor '{name}'{hint}")
 
 
-def _merge_one(plan: _Plan, name: str, info: TensorInfo, analysis, seed: int,
-               buffers: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """The output tensor for ``name`` and whether it went through the method's maths."""
-    raws, roles = _inputs(plan, name)
-    out_dtype = _out_dtype(plan, info)
-    template_raw = raws[0]  # the base, or expert 1 when there is none
+def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list[torch.Tensor],
+                 fn: MergeFn | None = None) -> torch.Tensor | None:
+    """The one per-tensor merge path, for the streaming engine and in-memory sweeps alike.
+
+    Returns ``fn``'s result (default: the method's ``merge``) for ``job`` in the output dtype, or None
+    when there is nothing to merge: a non-float tensor, or inputs that are all the same bytes (the
+    caller copies the first input). Conventions: inputs are checked for NaN/Inf; a stochastic method's
+    random streams follow each expert's stored bytes for this tensor (order- and layout-free); an
+    elementwise method streams through float32 chunks of every input (per-tensor pre-pass first),
+    any other method gets whole float32 tensors ((N + 2) copies of this tensor at most).
+    """
+    info = plan.info(job)
     if not info.is_float:
-        return template_raw.clone(), False
+        return None
+    raws, roles = _inputs(plan, job)
     if _identical(raws):
-        _finite_or_fail(template_raw, roles[0], name)
-        return template_raw.to(out_dtype, copy=True), False
+        _finite_or_fail(raws[0], roles[0], job.name)
+        return None
     method = plan.method
-    # a stochastic method's streams follow each expert's content for this tensor (order- and layout-free)
+    fn = fn or method.merge
+    tp = plan.tensor_params[job.name]
+    out_dtype = _out_dtype(plan, info)
     streams = tuple(content_key(r) for r in _split(plan, raws)[1]) if method.stochastic else None
-    ctx = TensorContext(name=name, weights=plan.weights, seed=seed, streams=streams, expert_params=plan.expert_params,
-                        analysis=analysis.result_for(name) if analysis is not None else None)
-    if not method.elementwise:  # whole tensors in float32: (N + 2) copies of this tensor at most
+    ctx = TensorContext(name=job.name, weights=tp.weights, seed=seed, streams=streams, expert_params=tp.expert_params,
+                        analysis=analysis.result_for(job.name) if analysis is not None else None)
+    params = dict(tp.params)
+    if not method.elementwise:
         f32 = []
         for raw, role in zip(raws, roles):
             x = raw.to(plan.device, torch.float32, copy=True)
-            _finite_or_fail(x, role, name)
+            _finite_or_fail(x, role, job.name)
             f32.append(x)
         base, experts = _split(plan, f32)
-        merged = method.merge(base, experts, plan.params, ctx)
-        _check_output(plan, merged, name, info.shape)
+        merged = fn(base, experts, params, ctx)
+        _check_output(plan, merged, job.name, info.shape)
         out = merged.to("cpu", out_dtype)
-        _check_finite_output(plan, out, name)
-        return out, True
+        _check_finite_output(plan, out, job.name)
+        return out
     checked = analysis is not None  # the whole-model pre-pass already checked every input
     if method.tensor_analysis is not None and ctx.analysis is None:
-        per_tensor = method.tensor_analysis(plan.params, len(plan.experts))
+        per_tensor = method.tensor_analysis(params, len(tp.weights))
         if per_tensor is not None:
-            _observe(per_tensor, plan, buffers, [name])
-            ctx.analysis = per_tensor.result_for(name)
+            _observe(per_tensor, plan, buffers, [job])
+            ctx.analysis = per_tensor.result_for(job.name)
             checked = True
     out = torch.empty(info.numel, dtype=out_dtype)
-    for offset, n, (base, experts) in _Chunks(plan, buffers, name, check=not checked):
+    for offset, n, (base, experts) in _Chunks(plan, buffers, job, check=not checked):
         ctx.offset = offset
-        merged = method.merge(base, experts, plan.params, ctx)
-        _check_output(plan, merged, name, (n,))
+        merged = fn(base, experts, params, ctx)
+        _check_output(plan, merged, job.name, (n,))
         piece = out[offset:offset + n]
         piece.copy_(merged)
-        _check_finite_output(plan, piece if out_dtype == torch.float16 else merged, name)
-    return out.view(info.shape), True
+        _check_finite_output(plan, piece if out_dtype == torch.float16 else merged, job.name)
+    return out.view(info.shape)
+
+
+def _merge_one(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The output tensor for ``job`` and whether it went through the method's maths."""
+    merged = merge_tensor(plan, job, analysis, seed, buffers)
+    if merged is not None:
+        return merged, True
+    source, name = job.inputs[0]
+    raw = plan.sources[source].load(name)  # the base, or expert 1 when there is none
+    return raw.to(_out_dtype(plan, plan.info(job)), copy=True), False
 
 
 def _copy_config_files(plan: _Plan, directory: Path) -> None:
@@ -383,11 +480,15 @@ def _copy_config_files(plan: _Plan, directory: Path) -> None:
     for path in iter_config_files(plan.template.root):
         shutil.copy2(path, directory / path.name)
     config_path = directory / "config.json"
-    if plan.out_dtype is not None and config_path.is_file():
+    if (plan.out_dtype is not None or plan.layers is not None) and config_path.is_file():
         config = json.loads(config_path.read_text())
         for key in ("torch_dtype", "dtype"):
-            if key in config:
+            if key in config and plan.out_dtype is not None:
                 config[key] = DTYPE_CONFIG_NAMES.get(plan.out_dtype, str(plan.out_dtype))
+        if plan.layers is not None:  # slices stacked a different number of layers
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if key in config:
+                    config[key] = plan.layers
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -401,36 +502,36 @@ def _hash_inputs(plan: _Plan, pool: ThreadPoolExecutor) -> list[tuple[str, Model
     return jobs
 
 
-def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: int, writer: "_Writer",
+def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, workers: int, writer: "_Writer",
                    progress: ProgressCallback | None) -> int:
     """Merge every tensor in ``order`` on ``workers`` threads, handing results to the writer in order.
 
     Each worker merges whole tensors with its own chunk buffers and one intra-op thread, so the cores
     are used without synchronising inside small ops; results do not depend on which worker ran them.
     """
-    infos = plan.template.tensors
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
         free.put(_chunk_buffers(plan))
 
-    def task(name: str) -> tuple[torch.Tensor, bool]:
+    def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
         torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
         buffers = free.get()
         try:
-            return _merge_one(plan, name, infos[name], analysis, seed, buffers)
+            return _merge_one(plan, job, analysis, seed, buffers)
         finally:
             free.put(buffers)
-            for source in _sources(plan):
-                source.release(name)
+            for source, name in job.inputs:
+                plan.sources[source].release(name)
 
-    def out_bytes(name: str) -> int:
-        return infos[name].numel * _out_dtype(plan, infos[name]).itemsize
+    def out_bytes(job: TensorJob) -> int:
+        info = plan.info(job)
+        return info.numel * _out_dtype(plan, info).itemsize
 
     # Finished-or-running outputs are held until written in order; a budget of twice the largest
     # output lets one worker get through many small tensors while another merges the embedding.
     budget = 2 * max(out_bytes(n) for n in order)
-    total, done, merged_count = sum(infos[n].nbytes for n in order), 0, 0
-    pending: deque[tuple[str, Future]] = deque()
+    total, done, merged_count = sum(plan.info(j).nbytes for j in order), 0, 0
+    pending: deque[tuple[TensorJob, Future]] = deque()
     pending_bytes = 0
 
     def write_oldest() -> None:
@@ -439,20 +540,20 @@ def _merge_tensors(plan: _Plan, order: list[str], analysis, seed: int, workers: 
         tensor, merged = future.result()
         pending_bytes -= out_bytes(finished)
         merged_count += merged
-        writer.put(finished, tensor)
-        done += infos[finished].nbytes
+        writer.put(finished.name, tensor)
+        done += plan.info(finished).nbytes
         if progress:
-            progress("merging", done, total, finished)
+            progress("merging", done, total, finished.name)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
-            for name in order:
-                while pending and (pending_bytes + out_bytes(name) > budget or len(pending) >= 64):
+            for job in order:
+                while pending and (pending_bytes + out_bytes(job) > budget or len(pending) >= 64):
                     write_oldest()
-                for source in _sources(plan):
-                    source.prefetch(name)
-                pending.append((name, pool.submit(task, name)))
-                pending_bytes += out_bytes(name)
+                for source, name in job.inputs:
+                    plan.sources[source].prefetch(name)
+                pending.append((job, pool.submit(task, job)))
+                pending_bytes += out_bytes(job)
             while pending:
                 write_oldest()
         except BaseException:
@@ -490,8 +591,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     pm = pm or get_plugin_manager()
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
-    check_free_space(output, sum(plan.template.tensors[n].numel * _out_dtype(plan, plan.template.tensors[n]).itemsize
-                                 for n in plan.names))
+    check_free_space(output, sum(plan.info(j).numel * _out_dtype(plan, plan.info(j)).itemsize for j in plan.jobs))
     old_threads = torch.get_num_threads()
     # On a GPU one host thread feeds the device; on the CPU, one worker per core.
     workers = threads or (1 if plan.device.type == "cuda" else old_threads)
@@ -499,12 +599,12 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
         with AtomicDirectory(output, force) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             hash_jobs = _hash_inputs(plan, hasher)
             torch.set_num_threads(workers)  # the whole-model pre-pass runs on one thread, intra-op parallel
-            analysis = _run_analysis(plan, progress)
-            infos = plan.template.tensors
-            shards = plan_shards([OutputTensor(n, _out_dtype(plan, infos[n]), infos[n].shape) for n in plan.names],
-                                 parse_size(recipe.max_shard_size))
+            analysis = run_analysis(plan, progress)
+            jobs = {j.name: j for j in plan.jobs}
+            shards = plan_shards([OutputTensor(j.name, _out_dtype(plan, plan.info(j)), plan.info(j).shape)
+                                  for j in plan.jobs], parse_size(recipe.max_shard_size))
             writer = _Writer(ShardWriter(tmp, shards, {"merged_with": "mergebench", "method": plan.method.name}))
-            order = [t.name for s in shards for t in s.tensors]
+            order = [jobs[t.name] for s in shards for t in s.tensors]
             try:
                 merged_count = _merge_tensors(plan, order, analysis, recipe.seed, workers, writer, progress)
             except BaseException:
@@ -518,7 +618,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
             write_card(tmp, recipe, plan.method, result, _dtype_words(plan))
     finally:
         torch.set_num_threads(old_threads)
-        for source in _sources(plan):
+        for source in plan.sources:
             source.close()
     return result
 

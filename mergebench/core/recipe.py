@@ -12,17 +12,32 @@ import yaml
 from mergebench.core.errors import ParameterError
 
 RECIPE_MARKER = "# mergebench recipe"
-_KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size"}
+_KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size", "slices"}
 _INPUT_KEYS = {"path", "weight", "sha256", "parameters"}
 
 
 @dataclass
 class ModelInput:
     path: str
-    weight: float = 1.0
+    weight: Any = 1.0  # a number, or a gradient / filter list (mergebench.core.tensor_params)
     sha256: str | None = None  # when set, the merge fails unless the input still has this hash
     # this expert's own values of the method's per-expert parameters (density, gamma, epsilon, ...)
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSource:
+    """Layers ``layer_range`` = [start, end) of one input model (the base or a recipe expert by its path)."""
+
+    model: str
+    layer_range: tuple[int, int]
+
+
+@dataclass
+class OutputSlice:
+    """Output layers merged from the same number of layers of each source (mergekit's ``slices``)."""
+
+    sources: list[SliceSource]
 
 
 @dataclass
@@ -35,6 +50,10 @@ class Recipe:
     dtype: str | None = None
     output: str | None = None
     max_shard_size: str | int = "5GB"
+    # frankenmerges and per-slice merges: the output's layers slice by slice; empty = every layer of every input
+    slices: list[OutputSlice] = field(default_factory=list)
+    # the configuration as the user gave it (a mergekit config), recorded in the model card beside the recipe
+    given: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         def model(m: ModelInput, weight: bool) -> dict[str, Any]:
@@ -54,6 +73,9 @@ class Recipe:
         out["seed"] = self.seed
         out["dtype"] = self.dtype
         out["max_shard_size"] = self.max_shard_size
+        if self.slices:
+            out["slices"] = [{"sources": [{"model": src.model, "layer_range": list(src.layer_range)}
+                                          for src in sl.sources]} for sl in self.slices]
         return out
 
     def to_yaml(self) -> str:
@@ -68,10 +90,12 @@ def _model(value: Any, where: str) -> ModelInput:
         if unknown or "path" not in value:
             raise ParameterError(f"recipe: {where} needs 'path' and may have 'weight', 'sha256', 'parameters' "
                                  f"(got {sorted(value)})")
-        try:
-            weight = float(value.get("weight", 1.0))
-        except (TypeError, ValueError):
-            raise ParameterError(f"recipe: {where} weight {value.get('weight')!r} is not a number") from None
+        weight = value.get("weight", 1.0)
+        if not isinstance(weight, (list, dict)):  # a gradient or filters are checked per tensor
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise ParameterError(f"recipe: {where} weight {value.get('weight')!r} is not a number") from None
         own = value.get("parameters") or {}
         if not isinstance(own, dict):
             raise ParameterError(f"recipe: {where} 'parameters' must be a mapping of name: value")
@@ -79,7 +103,25 @@ def _model(value: Any, where: str) -> ModelInput:
     raise ParameterError(f"recipe: {where} must be a path or a mapping with 'path', got {value!r}")
 
 
-def parse_recipe(data: Any, source: str) -> Recipe:
+def _slices(value: Any, source: str) -> list[OutputSlice]:
+    if not value:
+        return []
+    out = []
+    try:
+        for entry in value:
+            out.append(OutputSlice([SliceSource(str(s["model"]), (int(s["layer_range"][0]), int(s["layer_range"][1])))
+                                    for s in entry["sources"]]))
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ParameterError(f"{source}: 'slices' is a list of {{sources: [{{model, layer_range: [start, end]}}]}}") from None
+    return out
+
+
+def parse_recipe(data: Any, source: str, pm=None) -> Recipe:
+    """A recipe from its YAML data: mergebench's own form, or a mergekit config (``merge_method``)."""
+    from mergebench.core.mergekit_config import from_mergekit, is_mergekit_config
+
+    if is_mergekit_config(data):
+        return from_mergekit(data, source, pm)
     if not isinstance(data, dict):
         raise ParameterError(f"{source}: a recipe is a YAML mapping with at least 'method' and 'experts'")
     unknown = set(data) - _KEYS
@@ -105,14 +147,16 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         dtype=data.get("dtype"),
         output=data.get("output"),
         max_shard_size=data.get("max_shard_size", "5GB"),
+        slices=_slices(data.get("slices"), source),
     )
 
 
 _BLOCK = re.compile(r"```yaml\n(" + re.escape(RECIPE_MARKER) + r".*?)```", re.DOTALL)
 
 
-def load_recipe(path: Path) -> Recipe:
-    """A recipe from a YAML file, or from the recipe block of a merged model's README.md card."""
+def load_recipe(path: Path, pm=None) -> Recipe:
+    """A recipe from a YAML file (ours or a mergekit config), or from the recipe block of a merged model's
+    README.md card."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -126,4 +170,4 @@ def load_recipe(path: Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParameterError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(data, str(path), pm)
