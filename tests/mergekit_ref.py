@@ -97,3 +97,39 @@ def read_model(directory: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(directory).glob("*.safetensors")):
         tensors.update(load_file(f))
     return tensors
+
+
+_MANY = """
+import json, sys, traceback, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+opts = MergeOptions(allow_crimes=True, quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=0)
+errors = {}
+for name, cfg, out in json.load(open(sys.argv[1])):
+    try:
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out, opts)
+    except Exception:
+        errors[name] = traceback.format_exc()[-2000:]
+json.dump(errors, open(sys.argv[2], "w"))
+"""
+
+
+def run_mergekit_many(configs: dict[str, dict], root: Path) -> dict[str, dict[str, torch.Tensor] | str]:
+    """Several merges in one mergekit process (its import costs seconds): name -> state dict, or the
+    error text when mergekit refused that config."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for name, config in configs.items():
+        cfg = root / f"{name}.mergekit.yml"
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        jobs.append((name, str(cfg), str(root / f"{name}-mergekit")))
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([str(venv() / "bin" / "python"), "-c", _MANY, str(root / "jobs.json"),
+                           str(root / "errors.json")], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"mergekit runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    errors = json.loads((root / "errors.json").read_text())
+    return {name: errors.get(name) or read_model(Path(out)) for name, _, out in jobs}

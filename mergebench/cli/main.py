@@ -52,16 +52,13 @@ def os_error_message(exc: OSError) -> str | None:
 class MergebenchGroup(click.Group):
     """Turns user errors into one line and exit 2, and other exceptions into a short internal-error line."""
 
-    _plugin_commands_loaded = False
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        if not MergebenchGroup._plugin_commands_loaded:
             try:
                 get_plugin_manager().hook.register_commands(cli=self)
             except MergebenchError as exc:
                 click.echo(f"Error: {exc}", err=True)
                 sys.exit(2)
-            MergebenchGroup._plugin_commands_loaded = True
         return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -148,6 +145,8 @@ def make_progress(console: Console = stderr) -> Progress:
 @click.option("--expert", "-e", "experts", multiple=True, help="An expert model (repeat for each).")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="A method parameter (repeatable).")
 @click.option("--weight", "-w", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order.")
+@click.option("-P", "--expert-param", "expert_params", multiple=True, metavar="N:NAME=VALUE",
+              help="Expert N's own value of a per-expert parameter, e.g. 2:density=0.3 (repeatable).")
 @click.option("--seed", type=int, default=None, help="Seed for stochastic methods (default 0).")
 @click.option("--dtype", default=None, help="Output dtype (default: the base's): float32, bfloat16, float16.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model directory.")
@@ -158,32 +157,17 @@ def make_progress(console: Console = stderr) -> Progress:
 @click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], params: tuple[str, ...],
-          weights: tuple[float, ...], seed: int | None, dtype: str | None, output: Path | None, force: bool,
+          weights: tuple[float, ...], expert_params: tuple[str, ...], seed: int | None, dtype: str | None, output: Path | None, force: bool,
           allow_pickle: bool, max_shard_size: str | None, device: str, threads: int | None, quiet: bool) -> None:
     """Merge experts with METHOD, or as a RECIPE (.yaml, or a merged model's README.md) says.
 
     \b
     mergebench merge ties --base base/ -e math/ -e code/ -p density=0.2 -p lambda=0.8 -o merged/
-    mergebench merge recipe.yaml -o merged/
+    mergebench merge mergekit-config.yml -o merged/    (a mergekit config, as it is)
     """
     from mergebench.core.engine import run
-    from mergebench.core.recipe import ModelInput, Recipe, load_recipe
 
-    recipe_path = Path(method_or_recipe)
-    if recipe_path.suffix.lower() in (".yaml", ".yml", ".md"):
-        if base or experts or weights:
-            raise ParameterError("give the models either in the recipe or with --base/--expert, not both")
-        recipe = load_recipe(recipe_path)
-        recipe.parameters.update(_parse_params(params))
-    else:
-        if weights and len(weights) != len(experts):
-            raise ParameterError(f"{len(weights)} --weight value(s) for {len(experts)} --expert(s); give one per expert")
-        recipe = Recipe(
-            method=method_or_recipe,
-            experts=[ModelInput(e, w) for e, w in zip(experts, weights or [1.0] * len(experts))],
-            base=ModelInput(base) if base else None,
-            parameters=_parse_params(params),
-        )
+    recipe = _recipe(method_or_recipe, base, experts, params, weights, expert_params)
     if seed is not None:
         recipe.seed = seed
     if dtype is not None:
@@ -204,6 +188,73 @@ def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], par
         f"Merged {len(recipe.experts)} expert(s) with [bold]{result.method}[/] ({params_text}, seed {result.seed}): "
         f"{result.tensors_merged} tensors merged, {result.tensors_copied} copied, {result.seconds:.2f} s -> {result.output}"
     )
+
+
+def _recipe(method_or_recipe: str, base: str | None, experts: tuple[str, ...], params: tuple[str, ...],
+            weights: tuple[float, ...], expert_params: tuple[str, ...]):
+    """The recipe a merge command describes: a recipe file (ours or mergekit's) or METHOD with options."""
+    from mergebench.core.recipe import ModelInput, Recipe, load_recipe
+
+    recipe_path = Path(method_or_recipe)
+    if recipe_path.suffix.lower() in (".yaml", ".yml", ".md"):
+        if base or experts or weights:
+            raise ParameterError("give the models either in the recipe or with --base/--expert, not both")
+        recipe = load_recipe(recipe_path)
+        recipe.parameters.update(_parse_params(params))
+    else:
+        if weights and len(weights) != len(experts):
+            raise ParameterError(f"{len(weights)} --weight value(s) for {len(experts)} --expert(s); give one per expert")
+        recipe = Recipe(
+            method=method_or_recipe,
+            experts=[ModelInput(e, w) for e, w in zip(experts, weights or [1.0] * len(experts))],
+            base=ModelInput(base) if base else None,
+            parameters=_parse_params(params),
+        )
+    for item in expert_params:
+        index, _, assignment = item.partition(":")
+        if not index.strip().isdigit() or not 1 <= int(index) <= len(recipe.experts) or "=" not in assignment:
+            raise ParameterError(f"--expert-param '{item}': expected N:NAME=VALUE with N from 1 to {len(recipe.experts)}")
+        recipe.experts[int(index) - 1].parameters.update(_parse_params((assignment,)))
+    return recipe
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "recipe"]), default="table", show_default=True,
+              help="table: the per-tensor plan; json: the same, machine-readable; recipe: the mergebench recipe.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt checkpoints (their metadata needs loading).")
+def convert(config: Path, fmt: str, allow_pickle: bool) -> None:
+    """Show what a merge CONFIG (a mergekit config or a recipe) resolves to, per tensor, reading no tensor.
+
+    \b
+    mergebench convert mergekit-config.yml              # every tensor: inputs, layer position, parameters
+    mergebench convert mergekit-config.yml --format recipe > recipe.yaml
+    """
+    import dataclasses
+
+    from mergebench.core.engine import describe
+    from mergebench.core.recipe import load_recipe
+
+    recipe = load_recipe(config)
+    if fmt == "recipe":
+        click.echo(recipe.to_yaml(), nl=False)
+        return
+    rows = describe(recipe, allow_pickle=allow_pickle)
+    if fmt == "json":
+        click.echo(json.dumps({"method": recipe.method, "tensors": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        return
+    table = Table(title=f"{recipe.method}: {len(rows)} output tensors")
+    for col in ("tensor", "inputs", "t", "parameters", "weights", "per-expert", "dtype"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        same = all(i.split(": ", 1)[1] == r.name for i in r.inputs)  # the usual case: the same name in every input
+        inputs = ", ".join(i.split(": ", 1)[0] for i in r.inputs) if same else "\n".join(r.inputs)
+        table.add_row(r.name, inputs, f"{r.t:.3g}",
+                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()),
+                      ", ".join(f"{w:.4g}" for w in r.weights),
+                      "; ".join(", ".join(f"{k}={v}" for k, v in e.items()) for e in r.expert_params if e) or "-",
+                      r.dtype)
+    stdout.print(table)
 
 
 def _method_record(m) -> dict[str, Any]:

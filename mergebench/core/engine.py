@@ -181,9 +181,10 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
-def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, device: str,
-            pm: PluginManager) -> _Plan:
-    """Every check that needs no tensor data, in the order that fails cheapest first."""
+def prepare(recipe: Recipe, output: Path | None, *, force: bool = False, allow_pickle: bool = False,
+            device: str = "cpu", pm: PluginManager) -> _Plan:
+    """Every check that needs no tensor data, in the order that fails cheapest first (``output`` None:
+    plan only, as ``mergebench convert`` shows it)."""
     method = pm.merge_methods().get(recipe.method)
     if not recipe.experts:
         raise ParameterError("no experts given: a merge needs at least one expert (--expert PATH)")
@@ -195,12 +196,13 @@ def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, de
     out_dtype = parse_dtype(recipe.dtype)
     torch_device = parse_device(device)
     parse_size(recipe.max_shard_size)
-    AtomicDirectory(output, force).check()
+    if output is not None:
+        AtomicDirectory(output, force).check()
 
     base = pm.resolve_model(recipe.base.path, allow_pickle) if recipe.base else None
     experts = [pm.resolve_model(e.path, allow_pickle) for e in recipe.experts]
     for source in ([base] if base else []) + experts:
-        if source.root is not None and _inside(output, source.root):
+        if output is not None and source.root is not None and _inside(output, source.root):
             raise OutputError(f"{output}: the output would be inside the input model directory {source.root}")
     sources = ([base] if base is not None else []) + experts
     if recipe.slices:
@@ -215,6 +217,36 @@ def prepare(recipe: Recipe, output: Path, *, force: bool, allow_pickle: bool, de
                 _check_compatible(template, role_t, expert, f"expert {i + 1}")
         jobs, layers = identity_jobs(template.ordered_names(), len(sources), base is not None), None
     return build_plan(method, settings, sources, base is not None, jobs, out_dtype, torch_device, layers)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor as a merge will produce it (what ``mergebench convert`` shows)."""
+
+    name: str
+    inputs: tuple[str, ...]  # "role: tensor name"
+    t: float
+    params: dict[str, Any]
+    weights: tuple[float, ...]
+    expert_params: tuple[dict[str, Any], ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def describe(recipe: Recipe, *, allow_pickle: bool = False, pm: PluginManager | None = None) -> list[PlannedTensor]:
+    """The resolved per-tensor plan of ``recipe`` from metadata alone (no tensor is read)."""
+    plan = prepare(recipe, None, allow_pickle=allow_pickle, pm=pm or get_plugin_manager())
+    try:
+        rows = []
+        for job in plan.jobs:
+            tp, info = plan.tensor_params[job.name], plan.info(job)
+            rows.append(PlannedTensor(job.name, tuple(f"{_role(plan, s).split(' (')[0]}: {n}" for s, n in job.inputs),
+                                      job.t, dict(tp.params), tp.weights, tuple(dict(e) for e in tp.expert_params),
+                                      str(_out_dtype(plan, info)).removeprefix("torch."), info.shape))
+        return rows
+    finally:
+        for source in plan.sources:
+            source.close()
 
 
 def identity_jobs(names: list[str], n_sources: int, has_base: bool) -> list[TensorJob]:

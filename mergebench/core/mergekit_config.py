@@ -10,10 +10,10 @@ How a config maps onto a recipe:
 - the method's ``mergekit_defaults`` (its convention parameters set to mergekit's behaviour, e.g. DARE's
   L1 rescale) are applied first, then the config's top-level ``parameters``;
 - a model's ``weight`` becomes the expert's weight, its other parameters the expert's own parameters;
-- ``base_model`` becomes the base. For a method that uses a base, a ``models`` entry naming the base is
-  the base itself (mergekit merges it as the base too). For a method that needs none (``linear``,
-  ``karcher``, ...), the base listed in ``models`` is one more input with its weight, and a base not
-  listed is passed as the base (as mergekit adds it).
+- ``base_model`` becomes the base. For a method that uses a base (``ignores_base`` false), a ``models``
+  entry naming the base is the base itself (mergekit merges it as the base too). For a method that
+  ignores it (``linear``, ``karcher``, ``passthrough``), the base listed in ``models`` is one more input
+  with its weight, and a base not listed takes no part.
 - The output dtype is ``out_dtype``, else ``dtype``. mergekit also *computes* in ``dtype``; mergebench
   always computes in float32 and rounds once when writing, so on bfloat16 inputs the two can differ by
   bfloat16 rounding (they agree to float32 rounding when ``dtype: float32``).
@@ -82,7 +82,7 @@ def from_mergekit(data: Mapping[str, Any], source: str, pm=None) -> Recipe:
 
     experts: list[ModelInput] = []
     by_model: dict[str, ModelInput] = {}
-    uses_base = method.needs_base
+    uses_base = not method.ignores_base
 
     def add(model: str, params: dict[str, Any], where: str) -> None:
         if uses_base and model == base:
@@ -108,9 +108,7 @@ def from_mergekit(data: Mapping[str, Any], source: str, pm=None) -> Recipe:
             if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
                 raise ParameterError(f"{where} needs 'model' and may have 'parameters' (got {entry!r})")
             add(_model_ref(entry["model"], where), _settings(entry.get("parameters"), where), where)
-        listed_base = base is not None and any((e if isinstance(e, str) else e.get("model")) == base
-                                               for e in data["models"])
-        recipe_base = base if (uses_base or not listed_base) else None
+        recipe_base = base if uses_base else None
     else:
         if not isinstance(data["slices"], list):
             raise ParameterError(f"{source}: 'slices' must be a list")
@@ -136,8 +134,6 @@ def from_mergekit(data: Mapping[str, Any], source: str, pm=None) -> Recipe:
                 srcs.append(SliceSource(model, (rng[0], rng[1])))
             slices.append(OutputSlice(srcs))
         recipe_base = base if uses_base else None
-        if base is not None and not uses_base and base not in by_model:
-            recipe_base = None  # a base that no slice uses and the method does not need: nothing to pass
     if not experts:
         raise ParameterError(f"{source}: no model to merge besides the base")
     return Recipe(

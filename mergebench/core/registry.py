@@ -170,6 +170,9 @@ class MergeMethod(Component):
     # Cross-parameter checks run before any tensor is read: check(params, weights) raises ParameterError.
     check: Callable[[dict[str, Any], tuple[float, ...]], None] | None = None
     needs_base: bool = True
+    # True when a given base takes no part in the maths (linear, karcher, passthrough): reading a mergekit
+    # config, a base listed among the models is then one more input, as mergekit treats it
+    ignores_base: bool = False
     stochastic: bool = False
     # True when each output entry depends only on the same entry of the inputs (plus ctx.analysis):
     # the engine then streams the tensor through ``merge`` in cache-sized flat chunks.

@@ -34,6 +34,7 @@ def register_merge_methods(register):
             merge=average,
             check=_check,
             needs_base=False,
+            ignores_base=True,
             elementwise=True,
         )
     )
