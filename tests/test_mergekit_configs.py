@@ -182,7 +182,7 @@ def _cli(*args: str):
     ({"modules": {}}, "multi-module configs (modules:) are not supported"),
     ({"tokenizer": {"source": "union"}}, "the tokenizer: block"),
     ({"frobnicate": 1}, "mergekit config key 'frobnicate' is not supported"),
-    ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
+    ({"tokenizer_source": "other/model"}, "tokenizer_source 'other/model' is neither 'base', 'union' nor one of"),
 ])
 def test_an_unsupported_key_is_one_clear_error_before_any_tensor_is_read(tmp_path, toy_models, extra, message):
     cfg = {"merge_method": "task_arithmetic", "base_model": str(toy_models["base"]),

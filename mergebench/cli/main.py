@@ -147,6 +147,8 @@ def make_progress(console: Console = stderr) -> Progress:
 @click.option("--weight", "-w", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order.")
 @click.option("-P", "--expert-param", "expert_params", multiple=True, metavar="N:NAME=VALUE",
               help="Expert N's own value of a per-expert parameter, e.g. 2:density=0.3 (repeatable).")
+@click.option("--tokenizer-source", default=None, metavar="base|union|MODEL",
+              help="When vocabularies differ: the output's tokenizer; embedding rows are aligned by token.")
 @click.option("--seed", type=int, default=None, help="Seed for stochastic methods (default 0).")
 @click.option("--dtype", default=None, help="Output dtype (default: the base's): float32, bfloat16, float16.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model directory.")
@@ -157,7 +159,7 @@ def make_progress(console: Console = stderr) -> Progress:
 @click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], params: tuple[str, ...],
-          weights: tuple[float, ...], expert_params: tuple[str, ...], seed: int | None, dtype: str | None, output: Path | None, force: bool,
+          weights: tuple[float, ...], expert_params: tuple[str, ...], tokenizer_source: str | None, seed: int | None, dtype: str | None, output: Path | None, force: bool,
           allow_pickle: bool, max_shard_size: str | None, device: str, threads: int | None, quiet: bool) -> None:
     """Merge experts with METHOD, or as a RECIPE (.yaml, or a merged model's README.md) says.
 
@@ -168,6 +170,8 @@ def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], par
     from mergebench.core.engine import run
 
     recipe = _recipe(method_or_recipe, base, experts, params, weights, expert_params)
+    if tokenizer_source is not None:
+        recipe.tokenizer_source = tokenizer_source
     if seed is not None:
         recipe.seed = seed
     if dtype is not None:

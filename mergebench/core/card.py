@@ -31,8 +31,9 @@ def _pinned_recipe(recipe: Recipe, result: MergeResult) -> Recipe:
                           dict(e.parameters)) for i, e in enumerate(recipe.experts)]
     paths = {m.path: p.path for m, p in zip(([recipe.base] if base else []) + recipe.experts, ([base] if base else []) + experts)}
     slices = [OutputSlice([SliceSource(paths[src.model], src.layer_range) for src in sl.sources]) for sl in recipe.slices]
+    tok = paths.get(recipe.tokenizer_source, recipe.tokenizer_source)
     return Recipe(recipe.method, experts, base, dict(result.parameters), recipe.seed,
-                  recipe.dtype, None, recipe.max_shard_size, slices)
+                  recipe.dtype, None, recipe.max_shard_size, slices, tokenizer_source=tok)
 
 
 def _given_block(recipe: Recipe) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from mergebench.core.card import write_card
+from mergebench.core import vocab
 from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import InputError, MergebenchError, OutputError, ParameterError
 from mergebench.core.hashing import combined_sha256, sha256_file
@@ -93,6 +94,8 @@ class _Plan:
     out_dtype: torch.dtype | None
     device: torch.device
     layers: int | None = None  # the output's layer count when slices changed it
+    vocab: vocab.VocabAlignment | None = None  # when vocabularies are aligned by token
+    vocab_names: frozenset[str] = frozenset()  # the output tensors indexed by token
 
     @property
     def base(self) -> ModelSource | None:
@@ -113,7 +116,10 @@ class _Plan:
     def info(self, job: TensorJob) -> TensorInfo:
         """The output tensor's metadata: its first input's, under the output name."""
         source, name = job.inputs[0]
-        return replace(self.sources[source].tensors[name], name=job.name)
+        info = self.sources[source].tensors[name]
+        if self.vocab is not None and job.name in self.vocab_names:
+            return replace(info, name=job.name, shape=(self.vocab.size, *info.shape[1:]), dtype=info.dtype)
+        return replace(info, name=job.name)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -141,8 +147,10 @@ def _describe(role: str, source: ModelSource) -> str:
     return f"{role} ({source.reference})"
 
 
-def _check_compatible(template: ModelSource, role_t: str, other: ModelSource, role_o: str) -> None:
-    """Same architecture, same tensor names, same shapes, float where the template is float."""
+def _check_compatible(template: ModelSource, role_t: str, other: ModelSource, role_o: str,
+                      aligned: bool = False) -> None:
+    """Same architecture, same tensor names, same shapes, float where the template is float. Vocabulary
+    tensors may differ in rows only when they are ``aligned`` by token (a tokenizer_source is set)."""
     a, b = template.config, other.config
     if a is not None and b is not None:
         for key in ("model_type", "architectures"):
@@ -164,6 +172,11 @@ def _check_compatible(template: ModelSource, role_t: str, other: ModelSource, ro
             raise InputError(f"{_describe(role_o, other)} has a tensor '{name}' that {role_t} does not have")
     for name in names:
         ti, oi = template.tensors[name], other.tensors[name]
+        if ti.shape != oi.shape and vocab.is_vocab_tensor(name, ti.shape, vocab.vocab_size(template)) \
+                and vocab.is_vocab_tensor(name, oi.shape, vocab.vocab_size(other)) and ti.shape[1:] == oi.shape[1:]:
+            if aligned:
+                continue
+            raise vocab.mismatch_error(name, ti.shape[0], role_t, oi.shape[0], _describe(role_o, other))
         if ti.shape != oi.shape:
             raise InputError(
                 f"tensor '{name}' has shape {list(oi.shape)} in {_describe(role_o, other)} but "
@@ -205,6 +218,12 @@ def prepare(recipe: Recipe, output: Path | None, *, force: bool = False, allow_p
         if output is not None and source.root is not None and _inside(output, source.root):
             raise OutputError(f"{output}: the output would be inside the input model directory {source.root}")
     sources = ([base] if base is not None else []) + experts
+    alignment = None
+    if recipe.tokenizer_source is not None:
+        references = {e.path: i + (base is not None) for i, e in enumerate(recipe.experts)}
+        if recipe.base is not None:
+            references[recipe.base.path] = 0
+        alignment = vocab.build(recipe.tokenizer_source, sources, base is not None, references)
     if recipe.slices:
         from mergebench.core.slices import slice_jobs
 
@@ -214,9 +233,15 @@ def prepare(recipe: Recipe, output: Path | None, *, force: bool = False, allow_p
         role_t = "the base" if base is not None else "expert 1"
         for i, expert in enumerate(experts):
             if expert is not template:
-                _check_compatible(template, role_t, expert, f"expert {i + 1}")
+                _check_compatible(template, role_t, expert, f"expert {i + 1}", aligned=alignment is not None)
         jobs, layers = identity_jobs(template.ordered_names(), len(sources), base is not None), None
-    return build_plan(method, settings, sources, base is not None, jobs, out_dtype, torch_device, layers)
+    plan = build_plan(method, settings, sources, base is not None, jobs, out_dtype, torch_device, layers)
+    if alignment is not None:
+        plan.vocab = alignment
+        size = vocab.vocab_size(sources[0])
+        plan.vocab_names = frozenset(j.name for j in jobs if vocab.is_vocab_tensor(
+            j.inputs[0][1], sources[j.inputs[0][0]].tensors[j.inputs[0][1]].shape, size))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -353,7 +378,10 @@ def _role(plan: _Plan, source: int) -> str:
 
 
 def _inputs(plan: _Plan, job: TensorJob) -> tuple[list[torch.Tensor], list[str]]:
-    return ([plan.sources[s].load(n) for s, n in job.inputs], [_role(plan, s) for s, _ in job.inputs])
+    raws = [plan.sources[s].load(n) for s, n in job.inputs]
+    if plan.vocab is not None and job.name in plan.vocab_names:  # rows permuted into the output vocabulary
+        raws = plan.vocab.align([s for s, _ in job.inputs], raws)
+    return raws, [_role(plan, s) for s, _ in job.inputs]
 
 
 def _split(plan: _Plan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -501,8 +529,7 @@ def _merge_one(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list[t
     merged = merge_tensor(plan, job, analysis, seed, buffers)
     if merged is not None:
         return merged, True
-    source, name = job.inputs[0]
-    raw = plan.sources[source].load(name)  # the base, or expert 1 when there is none
+    raw = _inputs(plan, job)[0][0]  # the base, or expert 1 when there is none (aligned if by token)
     return raw.to(_out_dtype(plan, plan.info(job)), copy=True), False
 
 
@@ -512,11 +539,15 @@ def _copy_config_files(plan: _Plan, directory: Path) -> None:
     for path in iter_config_files(plan.template.root):
         shutil.copy2(path, directory / path.name)
     config_path = directory / "config.json"
-    if (plan.out_dtype is not None or plan.layers is not None) and config_path.is_file():
+    if plan.vocab is not None:
+        vocab.write_tokenizer(plan.vocab, directory)
+    if (plan.out_dtype is not None or plan.layers is not None or plan.vocab is not None) and config_path.is_file():
         config = json.loads(config_path.read_text())
         for key in ("torch_dtype", "dtype"):
             if key in config and plan.out_dtype is not None:
                 config[key] = DTYPE_CONFIG_NAMES.get(plan.out_dtype, str(plan.out_dtype))
+        if plan.vocab is not None:
+            config["vocab_size"] = plan.vocab.size
         if plan.layers is not None:  # slices stacked a different number of layers
             for key in ("num_hidden_layers", "n_layer", "num_layers"):
                 if key in config:

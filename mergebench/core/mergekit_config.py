@@ -3,7 +3,7 @@
 Accepted (mergekit 0.1.5's schema): ``merge_method``, ``base_model``, ``models`` (``model`` with
 ``parameters``), ``slices`` (``sources`` of ``model`` + ``layer_range``, with ``parameters``),
 top-level ``parameters``, gradients and filters in any parameter (see
-:mod:`mergebench.core.tensor_params`), ``dtype``, ``out_dtype`` and ``tokenizer_source: base``.
+:mod:`mergebench.core.tensor_params`), ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base``, ``union`` or a model: :mod:`mergebench.core.vocab`).
 Any other key, or a form we do not support, is one error naming it; nothing is ignored.
 
 How a config maps onto a recipe:
@@ -75,9 +75,8 @@ def from_mergekit(data: Mapping[str, Any], source: str, pm=None) -> Recipe:
         raise ParameterError(f"{source}: a mergekit config needs exactly one of 'models' or 'slices'")
     base = _model_ref(data["base_model"], f"{source}: base_model") if data.get("base_model") else None
     tok = data.get("tokenizer_source")
-    if tok is not None and tok != "base" and tok != base:
-        raise ParameterError(f"{source}: tokenizer_source: {tok} is not supported yet (only 'base': the output "
-                             f"gets the base model's tokenizer; vocabularies must then match)")
+    if tok is not None and not isinstance(tok, str):
+        raise ParameterError(f"{source}: tokenizer_source must be base, union or a model, got {tok!r}")
     parameters = {**method.mergekit_defaults, **_settings(data.get("parameters"), f"{source}: parameters")}
 
     experts: list[ModelInput] = []
@@ -143,5 +142,6 @@ def from_mergekit(data: Mapping[str, Any], source: str, pm=None) -> Recipe:
         parameters=parameters,
         dtype=data.get("out_dtype") or data.get("dtype"),
         slices=slices,
+        tokenizer_source=tok,
         given=dict(data),
     )

@@ -12,7 +12,8 @@ import yaml
 from mergebench.core.errors import ParameterError
 
 RECIPE_MARKER = "# mergebench recipe"
-_KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size", "slices"}
+_KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size", "slices",
+         "tokenizer_source"}
 _INPUT_KEYS = {"path", "weight", "sha256", "parameters"}
 
 
@@ -52,6 +53,8 @@ class Recipe:
     max_shard_size: str | int = "5GB"
     # frankenmerges and per-slice merges: the output's layers slice by slice; empty = every layer of every input
     slices: list[OutputSlice] = field(default_factory=list)
+    # the output vocabulary when the inputs' differ: "base", "union" or an input's path (mergebench.core.vocab)
+    tokenizer_source: str | None = None
     # the configuration as the user gave it (a mergekit config), recorded in the model card beside the recipe
     given: dict[str, Any] | None = None
 
@@ -73,6 +76,8 @@ class Recipe:
         out["seed"] = self.seed
         out["dtype"] = self.dtype
         out["max_shard_size"] = self.max_shard_size
+        if self.tokenizer_source is not None:
+            out["tokenizer_source"] = self.tokenizer_source
         if self.slices:
             out["slices"] = [{"sources": [{"model": src.model, "layer_range": list(src.layer_range)}
                                           for src in sl.sources]} for sl in self.slices]
@@ -148,6 +153,7 @@ def parse_recipe(data: Any, source: str, pm=None) -> Recipe:
         output=data.get("output"),
         max_shard_size=data.get("max_shard_size", "5GB"),
         slices=_slices(data.get("slices"), source),
+        tokenizer_source=data.get("tokenizer_source"),
     )
 
 
