@@ -39,6 +39,9 @@ class TensorContext:
     weights: tuple[float, ...]
     seed: int = 0
     analysis: Any = None  # what the method's pre-pass computed for this tensor
+    # per expert, the calibration statistic the method asked for (``MergeMethod.calibration``) for this tensor
+    # (e.g. the Gram matrix of a linear layer's inputs, a diagonal Fisher), or None where there is none
+    statistics: tuple[Any, ...] | None = None
     offset: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     streams: tuple[str, ...] | None = None

@@ -96,6 +96,8 @@ class _Plan:
     layers: int | None = None  # the output's layer count when slices changed it
     vocab: vocab.VocabAlignment | None = None  # when vocabularies are aligned by token
     vocab_names: frozenset[str] = frozenset()  # the output tensors indexed by token
+    # per recipe expert, its calibration statistics (``get(tensor_name) -> statistic | None``), for data-aware methods
+    statistics: list[Any] | None = None
 
     @property
     def base(self) -> ModelSource | None:
@@ -236,6 +238,9 @@ def prepare(recipe: Recipe, output: Path | None, *, force: bool = False, allow_p
                 _check_compatible(template, role_t, expert, f"expert {i + 1}", aligned=alignment is not None)
         jobs, layers = identity_jobs(template.ordered_names(), len(sources), base is not None), None
     plan = build_plan(method, settings, sources, base is not None, jobs, out_dtype, torch_device, layers)
+    if method.calibration is not None and method.calibration(dict(plan.params)) is not None and not recipe.calibration:
+        raise ParameterError(f"merge method '{method.name}' learns from data: give calibration data (recipe key "
+                             f"'calibration: {{data: FILE.jsonl}}' or --calibration-data FILE.jsonl)")
     if alignment is not None:
         plan.vocab = alignment
         size = vocab.vocab_size(sources[0])
@@ -473,8 +478,8 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
     """The one per-tensor merge path, for the streaming engine and in-memory sweeps alike.
 
     Returns ``fn``'s result (default: the method's ``merge``) for ``job`` in the output dtype, or None
-    when there is nothing to merge: a non-float tensor, or inputs that are all the same bytes (the
-    caller copies the first input). Conventions: inputs are checked for NaN/Inf; a stochastic method's
+    when there is nothing to merge: a non-float tensor, or inputs that are all the same bytes where the
+    method maps equal inputs to themselves (``fixed_point``; the caller copies the first input). Conventions: inputs are checked for NaN/Inf; a stochastic method's
     random streams follow each expert's stored bytes for this tensor (order- and layout-free); an
     elementwise method streams through float32 chunks of every input (per-tensor pre-pass first),
     any other method gets whole float32 tensors ((N + 2) copies of this tensor at most).
@@ -483,16 +488,20 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
     if not info.is_float:
         return None
     raws, roles = _inputs(plan, job)
-    if _identical(raws):
+    method = plan.method
+    tp = plan.tensor_params[job.name]
+    if _identical(raws) and (method.fixed_point is None or method.fixed_point(dict(tp.params), tp.weights,
+                                                                              tp.expert_params)):
         _finite_or_fail(raws[0], roles[0], job.name)
         return None
-    method = plan.method
     fn = fn or method.merge
-    tp = plan.tensor_params[job.name]
     out_dtype = _out_dtype(plan, info)
     streams = tuple(content_key(r) for r in _split(plan, raws)[1]) if method.stochastic else None
     ctx = TensorContext(name=job.name, weights=tp.weights, seed=seed, streams=streams, expert_params=tp.expert_params,
                         analysis=analysis.result_for(job.name) if analysis is not None else None)
+    if plan.statistics is not None:  # each expert's statistic for its own input tensor
+        names = [n for _, n in job.inputs[plan.has_base:]]
+        ctx.statistics = tuple(plan.statistics[e].get(n) for e, n in zip(job.experts, names))
     params = dict(tp.params)
     if not method.elementwise:
         f32 = []
@@ -626,6 +635,19 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     return merged_count
 
 
+def calibrate(plan: _Plan, data: dict[str, Any] | None, progress: ProgressCallback | None = None) -> None:
+    """Attach each expert's calibration statistics to ``plan`` when its method asks for them (computed once,
+    then read from the cache)."""
+    request = plan.method.calibration(dict(plan.params)) if plan.method.calibration is not None else None
+    if request is None:
+        return
+    from mergebench.core import calibration
+
+    spec = calibration.CalibrationData.parse(data)
+    plan.statistics = [calibration.statistics(source, request, spec, device=plan.device, progress=progress)
+                       for source in plan.experts]
+
+
 def check_free_space(output: Path, needed: int) -> None:
     """Refuse before writing when the output's filesystem cannot hold the merge (its size is known from
     metadata): failing after an hour of merging on a full disk helps nobody."""
@@ -655,6 +677,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
     check_free_space(output, sum(plan.info(j).numel * _out_dtype(plan, plan.info(j)).itemsize for j in plan.jobs))
+    calibrate(plan, recipe.calibration, progress)
     old_threads = torch.get_num_threads()
     # On a GPU one host thread feeds the device; on the CPU, one worker per core.
     workers = threads or (1 if plan.device.type == "cuda" else old_threads)

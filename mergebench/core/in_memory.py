@@ -55,7 +55,8 @@ class StateDictSource:
 
 def _per_tensor(method: MergeMethod, params: Mapping[str, Any], base: StateDict | None, experts: list[StateDict],
                 weights: Sequence[Any] | None, seed: int, fn: MergeFn,
-                expert_params: Sequence[Mapping[str, Any]] | None) -> dict[str, torch.Tensor | None]:
+                expert_params: Sequence[Mapping[str, Any]] | None,
+                statistics: Sequence[Any] | None = None) -> dict[str, torch.Tensor | None]:
     """``fn`` over every tensor through the engine's per-tensor path; None where there was nothing to merge."""
     n = len(experts)
     settings = ParameterPlan(method, params, list(expert_params or [{}] * n), list(weights or [1.0] * n))
@@ -67,6 +68,7 @@ def _per_tensor(method: MergeMethod, params: Mapping[str, Any], base: StateDict 
                                  f"expert {i + (base is None)}")
     jobs = engine.identity_jobs(template.ordered_names(), len(sources), base is not None)
     plan = engine.build_plan(method, settings, sources, base is not None, jobs, torch.float32, torch.device("cpu"))
+    plan.statistics = list(statistics) if statistics is not None else None
     analysis = engine.run_analysis(plan)
     buffers = engine._chunk_buffers(plan)
     return {job.name: engine.merge_tensor(plan, job, analysis, seed, buffers, fn) for job in jobs}
@@ -74,23 +76,26 @@ def _per_tensor(method: MergeMethod, params: Mapping[str, Any], base: StateDict 
 
 def merge(method: MergeMethod, params: Mapping[str, Any], base: StateDict | None, experts: list[StateDict],
           weights: Sequence[Any] | None = None, seed: int = 0,
-          expert_params: Sequence[Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+          expert_params: Sequence[Mapping[str, Any]] | None = None,
+          statistics: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
     """The merged state dict (float32 for merged tensors, inputs' dtype for copied ones).
 
     ``params`` and ``expert_params`` (per expert, its own values of per-expert parameters) may hold
-    gradients and filters, as in a recipe."""
-    merged = _per_tensor(method, params, base, experts, weights, seed, method.merge, expert_params)
+    gradients and filters, as in a recipe. ``statistics``: per expert, its calibration statistics
+    (``get(tensor_name)``) for a data-aware method."""
+    merged = _per_tensor(method, params, base, experts, weights, seed, method.merge, expert_params, statistics)
     template = base if base is not None else experts[0]
     return {n: template[n] if m is None else m for n, m in merged.items()}
 
 
 def merge_delta(method: MergeMethod, params: Mapping[str, Any], base: StateDict, experts: list[StateDict],
                 weights: Sequence[Any] | None = None, seed: int = 0,
-                expert_params: Sequence[Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor | None]:
+                expert_params: Sequence[Mapping[str, Any]] | None = None,
+                statistics: Sequence[Any] | None = None) -> dict[str, torch.Tensor | None]:
     """The method's scale-free merged task vector per tensor (None where inputs are identical)."""
     if method.delta is None or method.scale_param is None:
         raise MergebenchError(f"merge method '{method.name}' has no separate task vector to scale")
-    return _per_tensor(method, params, base, experts, weights, seed, method.delta, expert_params)
+    return _per_tensor(method, params, base, experts, weights, seed, method.delta, expert_params, statistics)
 
 
 def supports(method: MergeMethod, params: Mapping[str, Any], n_experts: int) -> bool:

@@ -13,7 +13,7 @@ from mergebench.core.errors import ParameterError
 
 RECIPE_MARKER = "# mergebench recipe"
 _KEYS = {"method", "base", "experts", "parameters", "seed", "dtype", "output", "max_shard_size", "slices",
-         "tokenizer_source"}
+         "tokenizer_source", "calibration"}
 _INPUT_KEYS = {"path", "weight", "sha256", "parameters"}
 
 
@@ -55,6 +55,9 @@ class Recipe:
     slices: list[OutputSlice] = field(default_factory=list)
     # the output vocabulary when the inputs' differ: "base", "union" or an input's path (mergebench.core.vocab)
     tokenizer_source: str | None = None
+    # data-aware methods: where calibration statistics come from, e.g. {"data": "calib.jsonl", "samples": 128}
+    # (mergebench.core.calibration.CalibrationData)
+    calibration: dict[str, Any] | None = None
     # the configuration as the user gave it (a mergekit config), recorded in the model card beside the recipe
     given: dict[str, Any] | None = None
 
@@ -78,6 +81,8 @@ class Recipe:
         out["max_shard_size"] = self.max_shard_size
         if self.tokenizer_source is not None:
             out["tokenizer_source"] = self.tokenizer_source
+        if self.calibration is not None:
+            out["calibration"] = dict(self.calibration)
         if self.slices:
             out["slices"] = [{"sources": [{"model": src.model, "layer_range": list(src.layer_range)}
                                           for src in sl.sources]} for sl in self.slices]
@@ -154,6 +159,7 @@ def parse_recipe(data: Any, source: str, pm=None) -> Recipe:
         max_shard_size=data.get("max_shard_size", "5GB"),
         slices=_slices(data.get("slices"), source),
         tokenizer_source=data.get("tokenizer_source"),
+        calibration=data.get("calibration"),
     )
 
 

@@ -170,6 +170,9 @@ class MergeMethod(Component):
     # Cross-parameter checks run before any tensor is read: check(params, weights) raises ParameterError.
     check: Callable[[dict[str, Any], tuple[float, ...]], None] | None = None
     needs_base: bool = True
+    # (params, weights, expert_params) -> whether f(x, ..., x) = x for these values: the engine then copies a
+    # tensor whose inputs are all the same bytes (a single input included) without the maths. None: always.
+    fixed_point: Callable[[dict[str, Any], tuple[float, ...], tuple[Mapping[str, Any], ...]], bool] | None = None
     # True when a given base takes no part in the maths (linear, karcher, passthrough): reading a mergekit
     # config, a base listed among the models is then one more input, as mergekit treats it
     ignores_base: bool = False
@@ -182,6 +185,11 @@ class MergeMethod(Component):
     # magnitude threshold); ``analysis`` runs over the whole model before any tensor is merged.
     tensor_analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
     analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
+    # Data-aware methods (RegMean, Fisher): params -> what to collect from calibration data through each expert
+    # (a mergebench.core.calibration.CalibrationRequest), or None when these parameters need nothing. The
+    # engine computes (or reads from its cache) the statistics before merging and hands each tensor's
+    # per-expert statistic to the maths as ``ctx.statistics``.
+    calibration: Callable[[dict[str, Any]], Any] | None = None
     # For a method mergekit also has (same name, same parameter names): the values of our extra convention
     # parameters that reproduce mergekit 0.1.5's numbers, applied when a mergekit config does not set them
     # (e.g. {"rescale": "l1"}). Our own recipes keep the defaults above (the papers' conventions).
