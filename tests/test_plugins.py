@@ -39,9 +39,12 @@ class MedianPlugin:
 
 def test_builtin_methods_declare_everything(pm):
     methods = {m.name: m for m in pm.merge_methods()}
-    assert set(methods) == {"average", "task_arithmetic", "ties", "dare_ties"}
+    mergekit = {"linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion",
+                "passthrough", "ram", "ramplus_tl", "sce", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}  # mergekit 0.1.5's 20 methods
+    assert mergekit | {"average"} <= set(methods)
     for m in methods.values():
-        assert m.description and "arXiv" in m.reference and m.plugin == f"mergebench.plugins.{m.name}"
+        assert m.description and m.reference and m.plugin.startswith("mergebench.plugins.")
         for p in m.params:
             assert p.description and p.type in (float, int, str, bool)
             assert p.coerce(p.default, m.name) == p.default  # defaults are valid values

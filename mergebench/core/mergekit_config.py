@@ -4,7 +4,8 @@ Accepted (mergekit 0.1.5's schema): ``merge_method``, ``base_model``, ``models``
 ``parameters``), ``slices`` (``sources`` of ``model`` + ``layer_range``, with ``parameters``),
 top-level ``parameters``, gradients and filters in any parameter (see
 :mod:`mergebench.core.tensor_params`), ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base``, ``union`` or a model: :mod:`mergebench.core.vocab`).
-Any other key, or a form we do not support, is one error naming it; nothing is ignored.
+Any other key, or a form we do not support, is one error naming it; nothing is ignored but mergekit's
+``int8_mask``, which only sets the dtype of mergekit's internal masks and never changes a number.
 
 How a config maps onto a recipe:
 - the method's ``mergekit_defaults`` (its convention parameters set to mergekit's behaviour, e.g. DARE's
@@ -77,7 +78,10 @@ def from_mergekit(data: Mapping[str, Any], source: str, pm=None) -> Recipe:
     tok = data.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
         raise ParameterError(f"{source}: tokenizer_source must be base, union or a model, got {tok!r}")
-    parameters = {**method.mergekit_defaults, **_settings(data.get("parameters"), f"{source}: parameters")}
+    given = _settings(data.get("parameters"), f"{source}: parameters")
+    if "int8_mask" in given and "int8_mask" not in {p.name for p in method.params}:
+        given.pop("int8_mask")  # mergekit stores its masks as int8 to save memory: it never changes a number
+    parameters = {**method.mergekit_defaults, **given}
 
     experts: list[ModelInput] = []
     by_model: dict[str, ModelInput] = {}

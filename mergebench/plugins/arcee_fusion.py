@@ -1,1 +1,90 @@
-"""(being written)"""
+"""Arcee Fusion: take the expert's update only where its importance is an outlier (above median + 1.5 IQR).
+
+    tau   = theta_1 - theta_0                           one expert, the other model is the base
+    p, q  = softmax(theta_1) + 1e-8, softmax(theta_0) + 1e-8     over the last dimension (a 1-D tensor is one row)
+    kl    = sum_j p_j log(p_j / q_j)                    one value per row
+    s     = |tau| * kl                                  importance, per entry
+    Q1, M, Q3 = s_(floor(q (n - 1))) for q = 1/4, 1/2, 3/4: entries of that rank in the sorted s (n = numel)
+    theta = theta_0 + tau * [s >= M + 1.5 (Q3 - Q1)]
+
+Not elementwise: the softmaxes are per row and the threshold comes from quantiles of the whole tensor.
+
+Conventions (there is no paper: mergekit's implementation, by Arcee, is the original):
+- Quantiles are the lower nearest rank floor(q (n - 1)) of the sorted scores, not interpolated (numpy's or
+  torch.quantile's default), as mergekit. We compute the rank with integers; mergekit multiplies in float32,
+  which agrees whenever n <= 2**24 (always when it samples, below).
+- ``quantile_sample``: for tensors of more than 1,000,000 entries mergekit estimates the three quantiles from
+  1,000,000 entries drawn with replacement from torch's global generator, so its output there is random
+  (unseeded unless --random-seed is given) and cannot be reproduced bit for bit. We compute the quantiles
+  exactly by default (``quantile_sample: 0``; three linear-time selections over the tensor): the merge is then
+  deterministic, independent of the seed, and equal to what mergekit's sample estimates (the sampled
+  quartiles sit within a few 1e-4 of the exact ones in rank). ``quantile_sample: S`` reproduces mergekit's
+  estimator on tensors of more than S entries (``mergekit_defaults``: S = 1,000,000), drawing from the
+  expert's random stream (``ctx.generator_for(0)``); that is why the method is declared stochastic, though with
+  the default its output does not depend on the seed. Below S entries both agree with mergekit to float32
+  rounding.
+- The threshold is inclusive (>=), as mergekit: where more than three quarters of the scores are equal (say 0,
+  rows the expert left unchanged), Q1 = M = Q3 and every entry at or above that value takes the expert's update.
+- Kept entries are theta_0 + (theta_1 - theta_0), which may differ from theta_1 in the last bit, as mergekit's.
+- The expert's weight is unused (one expert).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.registry import MergeMethod, Param
+from mergebench.plugins.model_stock import ordered_sum, unweighted_check
+
+SOFTMAX_EPS = 1e-8
+MERGEKIT_QUANTILE_SAMPLE = 1_000_000
+
+
+def importance(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|theta_1 - theta_0| * KL(softmax(theta_1) || softmax(theta_0)) per row, with the 1e-8 offsets of mergekit."""
+    p = F.softmax(expert, dim=-1).add_(SOFTMAX_EPS)
+    q = F.softmax(base, dim=-1).add_(SOFTMAX_EPS)
+    kl = ordered_sum(torch.div(p, q, out=q).log_().mul_(p)).unsqueeze(-1)
+    return torch.sub(expert, base, out=p).abs_().mul_(kl)
+
+
+def outlier_threshold(scores: torch.Tensor, sample: int, generator: torch.Generator | None) -> torch.Tensor:
+    """M + 1.5 (Q3 - Q1) of ``scores`` (lower nearest-rank quartiles); from ``sample`` entries drawn with replacement
+    when sample > 0 and the tensor has more entries than that."""
+    flat = scores.reshape(-1)
+    if 0 < sample < flat.numel():
+        flat = flat[torch.randint(flat.numel(), (sample,), generator=generator).to(flat.device)]
+    last = flat.numel() - 1
+    q1, median, q3 = (torch.kthvalue(flat, rank + 1).values for rank in (last // 4, last // 2, 3 * last // 4))
+    return median + 1.5 * (q3 - q1)
+
+
+def arcee_fusion(base, experts, params, ctx):
+    """theta_0 + tau * [|tau| kl >= median + 1.5 IQR]"""
+    (expert,) = experts
+    scores = importance(expert, base)
+    sample = params["quantile_sample"]
+    keep = scores >= outlier_threshold(scores, sample, ctx.generator_for(0) if sample else None)
+    return base.add_(expert.sub_(base).mul_(keep))
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(
+        MergeMethod(
+            name="arcee_fusion",
+            description="Take the expert's update where its importance (|update| x row KL) is an outlier.",
+            reference="Arcee AI, mergekit https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/"
+                      "arcee_fusion.py",
+            params=(
+                Param("quantile_sample", int, 0, "estimate the quartiles from this many random entries on larger "
+                      "tensors (0: exact; mergekit: 1000000)", min=0),
+            ),
+            merge=arcee_fusion,
+            check=unweighted_check("arcee_fusion", min_experts=1, max_experts=1),
+            stochastic=True,
+            mergekit_defaults={"quantile_sample": MERGEKIT_QUANTILE_SAMPLE},
+        )
+    )
