@@ -52,13 +52,16 @@ def os_error_message(exc: OSError) -> str | None:
 class MergebenchGroup(click.Group):
     """Turns user errors into one line and exit 2, and other exceptions into a short internal-error line."""
 
+    _plugin_commands_loaded = False
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not MergebenchGroup._plugin_commands_loaded:
             try:
                 get_plugin_manager().hook.register_commands(cli=self)
             except MergebenchError as exc:
                 click.echo(f"Error: {exc}", err=True)
                 sys.exit(2)
+            MergebenchGroup._plugin_commands_loaded = True
         return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -276,20 +279,36 @@ def _method_record(m) -> dict[str, Any]:
         "stochastic": m.stochastic,
         "parameters": [
             {"name": p.name, "type": p.type.__name__, "default": p.default, "range": p.describe_range(),
-             "description": p.description}
+             "description": p.description, "per_expert": p.per_expert}
             for p in m.params
         ],
         "search_space": {k: list(v) for k, v in m.search_space.items()},
     }
 
 
+def methods_markdown(records: list[dict[str, Any]]) -> str:
+    """The methods table of README.md and docs/methods.md (a test keeps both equal to this)."""
+    lines = ["| method | what it does | parameters (default; * per expert) | reference |", "|---|---|---|---|"]
+    for r in records:
+        params = ", ".join(f"`{p['name']}`{'*' if p['per_expert'] else ''}={p['default']}" for p in r["parameters"]) or "-"
+        flags = ", ".join(f for f, on in (("needs a base", r["needs_base"]), ("stochastic", r["stochastic"])) if on)
+        what = r["description"] + (f" ({flags})" if flags else "")
+        cells = [f"`{r['name']}`", what, params, r["reference"] or "-"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def methods(as_json: bool) -> None:
+@click.option("--markdown", is_flag=True, help="A Markdown table (what README.md and docs/methods.md show).")
+def methods(as_json: bool, markdown: bool) -> None:
     """List the registered merge methods with their parameters."""
     records = [_method_record(m) for m in get_plugin_manager().merge_methods()]
     if as_json:
         click.echo(json.dumps(records, indent=2))
+        return
+    if markdown:
+        click.echo(methods_markdown(records), nl=False)
         return
     table = Table(title="Merge methods", show_lines=True)
     for col in ("method", "parameters (default, range)", "reference", "plugin"):
@@ -337,3 +356,4 @@ def main() -> None:
 
 
 from mergebench.cli import study_commands  # noqa: E402,F401  (registers run, init, leaderboard, stages)
+from mergebench.cli import plugin_commands  # noqa: E402,F401  (registers plugin check)
