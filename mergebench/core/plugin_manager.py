@@ -32,6 +32,7 @@ BUILTIN_PLUGINS = (
     "mergebench.plugins.sce",
     "mergebench.plugins.ram",
     "mergebench.plugins.arcee_fusion",
+    "mergebench.plugins.subspace",
     "mergebench.plugins.base_preparers",
     "mergebench.plugins.expert_trainers",
     "mergebench.plugins.hf_trainer",

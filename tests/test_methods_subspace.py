@@ -1,0 +1,404 @@
+"""tsv_m, iso_c and iso_cts (mergebench/plugins/subspace.py) against references written out from the papers.
+
+The references below are numpy, float64, one singular direction at a time; they share nothing with the module
+but its documented conventions (which tensors, k, the Iso-CTS sizes, the numerical-rank rule). Besides them,
+properties that hold by the papers' definitions: Iso-C's spectrum is flat and its directions are the polar
+factor of the summed task vectors; TSV-M of tasks in mutually orthogonal subspaces is task arithmetic; one
+expert kept at full rank gives theta_0 + alpha tau. fusion-bench 0.2.33 was compared once by a script (see
+the module's report), not here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mergebench.core import in_memory
+from mergebench.core.api import merge as engine_merge
+from mergebench.core.conformance import check_method
+from mergebench.core.context import TensorContext
+from mergebench.core.plugin_manager import make_plugin_manager
+from mergebench.plugins import subspace
+
+from conftest import load_dir, write_model
+
+EPS32 = float(np.finfo(np.float32).eps)
+NAMES = ("tsv_m", "iso_c", "iso_cts")
+
+
+@pytest.fixture(scope="module")
+def spm():
+    """The built-in plugins, plus the subspace module where it is not built in yet."""
+    pm = make_plugin_manager(entry_points=False)
+    if "tsv_m" not in pm.merge_methods():
+        pm.register(subspace, name="mergebench.plugins.subspace")
+    return pm
+
+
+def method(spm, name):
+    return spm.merge_methods().get(name)
+
+
+# ---- the references --------------------------------------------------------------------------------------
+
+def ref_rank(s, shape, scale=None):
+    """Singular values above max(shape) * eps_float32 * scale (default: the largest)."""
+    if len(s) == 0:
+        return 0
+    scale = s[0] if scale is None else scale
+    return int(sum(1 for x in s if x > max(shape) * EPS32 * scale))
+
+
+def ref_svd(a):
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    return u, s, vt
+
+
+def ref_polar(a):
+    """P Q^T over the numerical rank of a = P S Q^T (the papers' orthogonalisation)."""
+    p, s, qt = ref_svd(a)
+    out = np.zeros_like(a)
+    for i in range(ref_rank(s, a.shape)):
+        out += np.outer(p[:, i], qt[i])
+    return out
+
+
+def outer_sum(us, sigmas, vs):
+    """sum_i sigma_i u_i v_i^T over the columns of us and vs."""
+    out = np.zeros((us.shape[0], vs.shape[0]))
+    for i, sigma in enumerate(sigmas):
+        out += sigma * np.outer(us[:, i], vs[:, i])
+    return out
+
+
+def ref_taus(base, experts, weights):
+    return [w * (e.astype(np.float64) - base.astype(np.float64)) for e, w in zip(experts, weights)]
+
+
+def ref_tsv_m(base, experts, weights, alpha, fraction=0.0):
+    taus, n = ref_taus(base, experts, weights), len(experts)
+    r = min(base.shape) if base.ndim == 2 else 0
+    k = (r // n if fraction == 0 else int(fraction * r)) if base.ndim == 2 else 0
+    if k == 0:
+        return base + alpha * sum(taus) / n
+    u_cols, v_cols, sigmas = [], [], []
+    for tau in taus:
+        u, s, vt = ref_svd(tau)
+        for i in range(min(k, ref_rank(s, tau.shape))):
+            u_cols.append(u[:, i])
+            v_cols.append(vt[i])
+            sigmas.append(s[i])
+    if not sigmas:
+        return base.astype(np.float64)
+    u_orth = ref_polar(np.stack(u_cols, axis=1))
+    v_orth = ref_polar(np.stack(v_cols, axis=1))
+    return base + alpha * outer_sum(u_orth, sigmas, v_orth)
+
+
+def ref_iso_c(base, experts, weights, alpha):
+    taus = ref_taus(base, experts, weights)
+    if base.ndim != 2:
+        return base + alpha * sum(taus) / len(taus)
+    u, s, vt = ref_svd(sum(taus))
+    kept = ref_rank(s, base.shape, max(s[0], max(np.linalg.norm(tau) for tau in taus)))
+    return base + alpha * outer_sum(u[:, :kept], [s.mean()] * kept, vt[:kept].T)
+
+
+def ref_iso_cts(base, experts, weights, alpha, common_fraction=0.8):
+    taus, n = ref_taus(base, experts, weights), len(experts)
+    if base.ndim != 2:
+        return base + alpha * sum(taus) / n
+    r = min(base.shape)
+    k_c = int(r * common_fraction)
+    specific = round((r - k_c) / n) * n
+    if specific > r:
+        specific -= n
+    k_c, share = r - specific, specific // n
+    u, s, vt = ref_svd(sum(taus))
+    common = min(k_c, ref_rank(s, base.shape, max(s[0], max(np.linalg.norm(tau) for tau in taus))))
+    u_c = u[:, :common]
+    slots = list(s[:k_c])
+    u_cols, v_cols = [], []
+    for tau in taus:
+        if share == 0:
+            break
+        w = tau - u_c @ (u_c.T @ tau)
+        uw, sw, vwt = ref_svd(w)
+        for i in range(min(share, ref_rank(sw, w.shape, np.linalg.norm(tau)))):
+            u_cols.append(uw[:, i])
+            v_cols.append(vwt[i])
+        slots += list(sw[:share])
+    u_cols += [u_c[:, i] for i in range(common)]
+    v_cols += [vt[i] for i in range(common)]
+    if not u_cols:
+        return base.astype(np.float64)
+    assert len(slots) == r
+    sigma = sum(slots) / r
+    u_orth = ref_polar(np.stack(u_cols, axis=1))
+    v_orth = ref_polar(np.stack(v_cols, axis=1))
+    return base + alpha * outer_sum(u_orth, [sigma] * u_orth.shape[1], v_orth)
+
+
+REFERENCES = {"tsv_m": (ref_tsv_m, "rank_fraction"), "iso_c": (ref_iso_c, None),
+              "iso_cts": (ref_iso_cts, "common_space_fraction")}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def call(m, base, experts, weights=None, **params):
+    """The method's maths on float32 scratch copies, as the engine calls it."""
+    weights = tuple(weights or (1.0,) * len(experts))
+    return m.merge(base.clone(), [e.clone() for e in experts], {**m.defaults(), **params},
+                   TensorContext(name="w", weights=weights))
+
+
+def reference(name, base, experts, weights=None, **params):
+    fn, extra = REFERENCES[name]
+    weights = weights or [1.0] * len(experts)
+    args = [params.get(extra)] if extra in params else []
+    out = fn(base.numpy(), [e.numpy() for e in experts], weights, params.get("alpha", 1.0), *args)
+    return torch.from_numpy(np.asarray(out, dtype=np.float64))
+
+
+def assert_matches(got, want):
+    # float32 SVDs against float64 ones: a few 1e-6 of the update's size
+    scale = max(float(want.abs().max()), 1e-30)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * scale)
+
+
+def low_rank(g, shape, rank, scale=1.0):
+    """A random matrix of exactly ``rank`` (well separated from 0), in float32."""
+    a = torch.randn(shape[0], rank, generator=g, dtype=torch.float64)
+    b = torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+    return (scale * a @ b / math.sqrt(rank)).float()
+
+
+def family(seed, shape, n, scale=0.1, rank=None):
+    """A base and n experts; their task vectors are random (full rank) or of the given rank."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    if rank is None:
+        return base, [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+    return base, [base + low_rank(g, shape, rank, scale) for _ in range(n)]
+
+
+# ---- against the references ------------------------------------------------------------------------------
+
+CASES = [  # (shape, n, tau rank or None for full)
+    ((9, 7), 1, None), ((9, 7), 2, None), ((7, 12), 3, None), ((16, 16), 5, None), ((24, 10), 8, None),
+    ((9, 7), 3, 2), ((12, 20), 2, 1), ((16, 11), 4, 3),
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape,n,rank", CASES)
+def test_matches_the_reference_on_matrices(spm, name, shape, n, rank):
+    base, experts = family(sum(shape) * 10 + n, shape, n, rank=rank)
+    assert_matches(call(method(spm, name), base, experts), reference(name, base, experts))
+
+
+@pytest.mark.parametrize("name,params", [
+    ("tsv_m", {"alpha": 0.7}), ("tsv_m", {"rank_fraction": 0.5}), ("tsv_m", {"rank_fraction": 0.2, "alpha": 2.0}),
+    ("tsv_m", {"rank_fraction": 1.0}),
+    ("iso_c", {"alpha": 1.6}),
+    ("iso_cts", {"common_space_fraction": 0.0}), ("iso_cts", {"common_space_fraction": 0.5, "alpha": 1.3}),
+    ("iso_cts", {"common_space_fraction": 0.95}), ("iso_cts", {"common_space_fraction": 1.0}),
+])
+@pytest.mark.parametrize("shape,n", [((10, 14), 3), ((15, 9), 2), ((6, 6), 4)])
+def test_matches_the_reference_for_each_parameter(spm, name, params, shape, n):
+    base, experts = family(7, shape, n)
+    assert_matches(call(method(spm, name), base, experts, **params), reference(name, base, experts, **params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_expert_weights_scale_each_task_vector_first(spm, name):
+    base, experts = family(3, (11, 8), 3)
+    weights = [0.5, 2.0, -1.0]
+    got = call(method(spm, name), base, experts, weights=weights)
+    assert_matches(got, reference(name, base, experts, weights=weights))
+    assert not torch.allclose(got, call(method(spm, name), base, experts), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(13,), (), (2, 3, 4)])
+def test_tensors_that_are_not_matrices_get_alpha_times_the_mean_task_vector(spm, name, shape):
+    base, experts = family(5, shape, 3)
+    want = base.double() + 1.4 * sum(e.double() - base.double() for e in experts) / 3
+    torch.testing.assert_close(call(method(spm, name), base, experts, alpha=1.4).double(), want, rtol=0, atol=1e-6)
+
+
+def test_tsv_m_where_no_task_gets_a_direction_falls_back_to_the_mean(spm):
+    base, experts = family(6, (3, 20), 4)  # min(rows, cols) = 3 < N = 4: k = 0
+    want = base.double() + sum(e.double() - base.double() for e in experts) / 4
+    torch.testing.assert_close(call(method(spm, "tsv_m"), base, experts).double(), want, rtol=0, atol=1e-6)
+
+
+# ---- properties from the papers' definitions -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(8, 5), (13,)])
+def test_experts_equal_to_the_base_give_the_base(spm, name, shape):
+    base, _ = family(8, shape, 1)
+    assert torch.equal(call(method(spm, name), base, [base.clone(), base.clone(), base.clone()], alpha=2.0), base)
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (7, 12), (16, 16)])
+def test_tsv_m_of_one_expert_at_full_rank_is_base_plus_alpha_tau(spm, shape):
+    base, (expert,) = family(9, shape, 1)
+    torch.testing.assert_close(call(method(spm, "tsv_m"), base, [expert], alpha=0.6), base + 0.6 * (expert - base),
+                               rtol=0, atol=1e-6)
+
+
+def test_tsv_m_of_tasks_in_orthogonal_subspaces_is_task_arithmetic(spm):
+    """Each task moves its own rows and columns with rank <= k: nothing to decorrelate, TSV-M adds them."""
+    g = torch.Generator().manual_seed(10)
+    base = torch.randn(12, 18, generator=g)
+    taus = []
+    for t in range(3):  # k = 12 // 3 = 4; each task of rank 3 in a 4 x 6 block of its own
+        tau = torch.zeros(12, 18)
+        tau[4 * t:4 * t + 4, 6 * t:6 * t + 6] = low_rank(g, (4, 6), 3)
+        taus.append(tau)
+    got = call(method(spm, "tsv_m"), base, [base + tau for tau in taus], alpha=0.8)
+    torch.testing.assert_close(got, base + 0.8 * sum(taus), rtol=0, atol=1e-5)
+
+
+def test_tsv_m_of_identical_experts_is_the_rank_k_truncation(spm):
+    """N copies of one task vector: U = [U_k .. U_k] has rank k, and its polar factor over that rank gives
+    U_k S_k V_k^T (the authors' P Q^T is not unique here: LAPACK's completion would add arbitrary directions)."""
+    base, (expert,) = family(11, (10, 16), 1)
+    tau = (expert - base).double()
+    u, s, vt = torch.linalg.svd(tau, full_matrices=False)
+    k = 10 // 3
+    want = base.double() + (u[:, :k] * s[:k]) @ vt[:k]
+    torch.testing.assert_close(call(method(spm, "tsv_m"), base, [expert] * 3).double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(9, 14), (14, 9)])
+def test_iso_c_has_a_flat_spectrum_along_the_polar_factor_of_the_summed_task_vectors(spm, shape):
+    base, experts = family(12, shape, 3)
+    delta = (call(method(spm, "iso_c"), base, experts) - base).double()
+    total = sum(e.double() - base.double() for e in experts)
+    sigma = torch.linalg.svdvals(total)
+    torch.testing.assert_close(torch.linalg.svdvals(delta), torch.full_like(sigma, float(sigma.mean())),
+                               rtol=1e-5, atol=0)
+    # delta = mean(sigma) * polar(total) <=> delta^T total is symmetric positive semi-definite
+    gram = delta.T @ total
+    torch.testing.assert_close(gram, gram.T, rtol=0, atol=1e-5 * float(gram.abs().max()))
+    assert float(torch.linalg.eigvalsh((gram + gram.T) / 2).min()) > -1e-5 * float(gram.abs().max())
+
+
+def test_iso_c_of_a_rank_deficient_sum_keeps_its_rank(spm):
+    """No arbitrary null-space directions: the authors' code would give every one of them the mean sigma."""
+    base, experts = family(13, (12, 9), 2, rank=2)
+    delta = (call(method(spm, "iso_c"), base, experts) - base).double()
+    sigma = torch.linalg.svdvals(sum(e.double() - base.double() for e in experts))
+    got = torch.linalg.svdvals(delta)
+    torch.testing.assert_close(got[:4], torch.full((4,), float(sigma.mean()), dtype=torch.float64), rtol=1e-5, atol=0)
+    assert float(got[4:].max()) < 1e-5 * float(got[0])
+
+
+def test_iso_cts_with_the_whole_space_common_is_iso_c(spm):
+    base, experts = family(14, (10, 13), 4)
+    torch.testing.assert_close(call(method(spm, "iso_cts"), base, experts, common_space_fraction=1.0),
+                               call(method(spm, "iso_c"), base, experts), rtol=0, atol=1e-5)
+
+
+def test_iso_cts_of_opposite_task_vectors_adds_no_common_directions(spm):
+    """tau_2 = -(1 + 3e-7) tau_1: the sum is a rounding-level remainder. Counted as a common subspace (relative
+    to its own largest singular value), its directions would get the mean singular value of the whole merge;
+    relative to the task vectors it is nothing, and the two tasks' own directions cancel."""
+    g = torch.Generator().manual_seed(16)
+    a = 0.1 * torch.randn(12, 9, generator=g)
+    base = torch.zeros(12, 9)
+    delta = call(method(spm, "iso_cts"), base, [a, -(a * (1 + 3e-7))])
+    assert float(delta.norm()) < 1e-5 * float(a.norm())
+
+
+def test_iso_cts_spectrum_is_flat_and_differs_from_iso_c(spm):
+    base, experts = family(15, (16, 12), 3)
+    delta = (call(method(spm, "iso_cts"), base, experts) - base).double()
+    sigma = torch.linalg.svdvals(delta)
+    torch.testing.assert_close(sigma, torch.full_like(sigma, float(sigma[0])), rtol=1e-5, atol=0)
+    assert not torch.allclose(delta, (call(method(spm, "iso_c"), base, experts) - base).double(), atol=1e-3)
+
+
+@pytest.mark.parametrize("rank,n,fraction,want", [
+    (768, 8, 0.8, (616, 19)),  # int(614.4) = 614; round(154 / 8) = 19 shares of 19: k_c = 768 - 152
+    (10, 3, 0.8, (7, 1)),  # 8; round(2 / 3) = 1 share of 1: k_c = 7
+    (12, 2, 0.0, (0, 6)),
+    (10, 2, 0.5, (6, 2)),  # 5; round(2.5) = 2 (halves to even; half up would give (4, 3))
+    (5, 3, 0.0, (2, 1)),  # 0; round(5 / 3) = 2 shares would need 6 > 5 directions: one share fewer
+    (4, 8, 0.8, (4, 0)),  # fewer directions than tasks: all common (Iso-C)
+])
+def test_iso_cts_sizes_follow_the_authors_rounding(rank, n, fraction, want):
+    assert subspace.iso_cts_sizes(rank, n, fraction) == want
+
+
+def test_tsv_k_is_floor_of_rank_over_n_or_of_the_fraction():
+    assert subspace.tsv_k(768, 8, 0.0) == 96
+    assert subspace.tsv_k(49, 49, 0.0) == 1  # int(49 * (1 / 49)) would be 0
+    assert subspace.tsv_k(10, 3, 0.0) == 3
+    assert subspace.tsv_k(10, 3, 0.25) == 2
+
+
+# ---- the engine, registration, conformance ---------------------------------------------------------------
+
+def test_registered_with_the_papers_search_space(spm):
+    for name in NAMES:
+        m = method(spm, name)
+        assert m.scale_param == "alpha" and not m.elementwise and m.needs_base and not m.stochastic
+        grid = m.search_space["alpha"]
+        assert grid == tuple(round(0.2 * i, 1) for i in range(1, 16)) and grid[-1] == 3.0
+    assert method(spm, "iso_cts").defaults()["common_space_fraction"] == 0.8
+    assert method(spm, "tsv_m").defaults() == {"alpha": 1.0, "rank_fraction": 0.0}
+
+
+def _models(root, shapes, n):
+    g = torch.Generator().manual_seed(20)
+    base = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    paths = {"base": write_model(root / "base", base)}
+    experts = []
+    for t in range(n):
+        expert = {name: x + 0.05 * torch.randn(x.shape, generator=g) for name, x in base.items()}
+        experts.append(expert)
+        paths[f"e{t}"] = write_model(root / f"e{t}", expert)
+    return base, experts, paths
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_and_in_memory_agree_bit_for_bit(spm, name, tmp_path):
+    """The engine's workers run one thread each, in-memory sweeps several; MKL's SVD of a matrix this large
+    rounds differently on 1 and 2 threads, which the module's one-thread rule must hide."""
+    shapes = {"big.weight": (256, 1024), "w.weight": (12, 9), "norm.weight": (12,)}
+    base, experts, paths = _models(tmp_path, shapes, 2)
+    params = {"alpha": 1.3}
+    engine_merge(name, base=paths["base"], experts=[paths["e0"], paths["e1"]], output=tmp_path / "out",
+                 plugin_manager=spm, threads=2, **params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        memory = in_memory.merge(method(spm, name), params, base, experts)
+    finally:
+        torch.set_num_threads(threads)
+    written = load_dir(tmp_path / "out")
+    for tensor in shapes:
+        assert torch.equal(written[tensor], memory[tensor]), tensor
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_conforms(spm, name):
+    report = check_method(method(spm, name))
+    assert report.ok, [f"{r.name}: {r.detail}" for r in report.failures]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", NAMES)
+def test_on_cuda_the_tensors_stay_there_and_agree_with_the_cpu(spm, name):
+    base, experts = family(21, (64, 96), 4)
+    m = method(spm, name)
+    got = m.merge(base.cuda(), [e.cuda() for e in experts], m.defaults(), TensorContext("w", (1.0,) * 4))
+    assert got.is_cuda
+    assert_matches(got.cpu(), reference(name, base, experts))
