@@ -1,15 +1,33 @@
-"""Merge speed and memory: mergebench against mergekit and against the I/O floor.
+"""Merge speed and memory: mergebench against mergekit 0.1.5 on all 20 of its methods, and against the I/O floor.
 
-    python benchmarks/merge_speed.py --quick          # smoke test, under a minute
+    python benchmarks/merge_speed.py --quick          # smoke test, under a minute, mergekit not needed
     python benchmarks/merge_speed.py                  # the full run reported in docs/benchmarks.md
 
-Both tools merge the same locally built bf16 Llama-shaped models (base + N seeded perturbations) as
-subprocesses, the way users run them (``mergekit-yaml`` and ``mergebench merge``), with the page cache
-warm. For each (size, N, method) it records the median wall time of ``--runs`` runs, the peak resident
-memory of the whole process tree (anonymous and file-backed pages separately, polled every 10 ms),
-the output size, the ratio mergebench / mergekit, and for deterministic methods how far the two
-outputs are apart. The floor is the time to read every input byte and write (and fsync) the output's
-bytes. mergekit is installed into its own virtualenv (``--mergekit-venv``) with the same CPU torch.
+For each (size, N, method) the benchmark writes one mergekit YAML config (``METHODS``: the parameters a
+typical user config gives, per-model where the method takes them, ``dtype: float32`` and ``out_dtype:
+bfloat16`` so both tools compute in float32 and write bf16), and both tools merge from that same file
+as subprocesses, the way users run them: ``mergekit-yaml CONFIG OUT`` and ``mergebench merge CONFIG -o
+OUT``. The models are locally built bf16 Llama-shaped checkpoints (base + N seeded perturbations,
+``models.py``), page cache warm. N is the number of non-base models: ``--experts`` for the methods that
+take any number; two-model methods (slerp, nearswap, arcee_fusion: base + 1; nuslerp: base + 2) run
+once per size at that count; passthrough is a ``slices`` frankenmerge of two experts' layer ranges.
+
+Per row: the median wall time of ``--runs`` runs (and mergebench's first run, which also hashes the
+inputs), peak resident memory of the whole process tree (anonymous and file-backed pages, polled every
+10 ms), whether mergebench's anonymous peak stays within the engine's bound ``(N + 2) x largest float32
+tensor + fixed overhead`` (the overhead is measured: the anonymous peak of a one-model ``linear`` merge
+of the smoke model, i.e. interpreter, torch and mergebench with nothing large loaded), the ratio
+mergekit / mergebench, and how far the two outputs are apart: for deterministic methods the max
+absolute difference and the share of entries more than one bf16 step apart; for stochastic ones
+(random drops, sampled quantiles) the share of entries changed from the base and their mean |change|
+in each output (ties and breadcrumbs also count the differing entries that sit at a trim threshold,
+where the tools keep different ones of equal magnitude, or where a sign is elected on a zero sum). The floor is the time to read every input byte
+and write (and fsync) the output's bytes.
+
+``--quick`` (what CI runs, without mergekit): the smoke model, N = 2, one run, five methods (one per
+engine path); every other method is listed as skipped with that reason and its config is planned by
+mergebench without reading tensors. mergekit comes from ``--mergekit-venv`` (default: $MERGEKIT_VENV,
+the repository's ``.mergekit-venv`` that the tests use, then ``benchmarks/.venv-mergekit``).
 """
 
 from __future__ import annotations
@@ -18,12 +36,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,14 +53,109 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import SIZES, build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {  # mergebench method -> (mergekit method, mergebench params, mergekit params)
-    "average": ("linear", {}, {"normalize": True}),
-    "task_arithmetic": ("task_arithmetic", {"lambda": 1.0}, {"normalize": False, "lambda": 1.0}),
-    "ties": ("ties", {"density": 0.2, "lambda": 1.0}, {"normalize": True, "lambda": 1.0}),
-    "dare_ties": ("dare_ties", {"density": 0.2, "lambda": 1.0}, {"normalize": True, "lambda": 1.0}),
-}
-DETERMINISTIC = ("average", "task_arithmetic", "ties")
 MERGEKIT_OPTIONS = ["--lazy-unpickle", "--num-threads", "2", "--quiet", "--no-copy-tokenizer"]
+COMMON = {"dtype": "float32", "out_dtype": "bfloat16"}  # float32 maths, bf16 output, in both tools
+
+# Per-model values, cycled over the models (model i gets values[i % len]): unequal, as users give them.
+WEIGHTS = (0.6, 0.4, 0.5, 0.3)
+DENSITIES = (0.5, 0.3, 0.4, 0.6)
+# mergekit's README slerp: t over the layers, opposite for attention and MLP, 0.5 elsewhere.
+SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+           {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One mergekit method as the benchmark configures it."""
+
+    name: str                                  # merge_method, the same name in both tools
+    per_model: dict = field(default_factory=dict)   # per-model parameter -> values cycled over the models
+    parameters: dict = field(default_factory=dict)  # top-level parameters
+    base: bool = True                          # whether the config names base_model
+    count: int | None = None                   # fixed number of non-base models; None: each N of --experts
+    min_count: int = 1
+    slices: bool = False                       # a passthrough frankenmerge of two experts' layer ranges
+    stochastic: bool = False                   # random drops: outputs agree in statistics, not entries
+    sampled_above: int | None = None           # entries above which mergekit samples (stochastic there)
+
+
+METHODS = [
+    Bench("linear", {"weight": WEIGHTS}, base=False),
+    Bench("slerp", parameters={"t": SLERP_T}, count=1),
+    Bench("nuslerp", {"weight": (0.6, 0.4)}, count=2),
+    Bench("multislerp", {"weight": WEIGHTS}),
+    Bench("karcher", base=False),
+    Bench("model_stock", min_count=2),
+    Bench("nearswap", parameters={"t": 0.001}, count=1),  # experts differ from the base by ~0.002
+    Bench("arcee_fusion", count=1, sampled_above=1_000_000),  # quantiles from 1M random entries above that
+    Bench("passthrough", base=False, count=2, slices=True),
+    Bench("ram"),
+    Bench("ramplus_tl"),
+    Bench("sce", parameters={"select_topk": 0.1}),
+    Bench("task_arithmetic", {"weight": WEIGHTS}),
+    Bench("ties", {"weight": WEIGHTS, "density": DENSITIES}),
+    Bench("dare_ties", {"weight": WEIGHTS, "density": DENSITIES}, stochastic=True),
+    Bench("dare_linear", {"weight": WEIGHTS, "density": DENSITIES}, stochastic=True),
+    Bench("breadcrumbs", {"weight": WEIGHTS, "density": (0.9, 0.8), "gamma": (0.01, 0.02)}),
+    Bench("breadcrumbs_ties", {"weight": WEIGHTS, "density": (0.9, 0.8), "gamma": (0.01, 0.02)}),
+    Bench("della", {"weight": WEIGHTS, "density": (0.5, 0.4), "epsilon": (0.1, 0.15)}, stochastic=True),
+    Bench("della_linear", {"weight": WEIGHTS, "density": (0.5, 0.4), "epsilon": (0.1, 0.15)}, stochastic=True),
+]
+BY_NAME = {b.name: b for b in METHODS}
+# --quick times one method per engine path (elementwise without base, gradient + filter two-model,
+# slices, whole-tensor top-k with per-model densities, seeded random drops); the others are listed as
+# skipped, with that reason, and their configs are still built and planned by mergebench (no tensor read).
+QUICK = ("linear", "slerp", "passthrough", "ties", "dare_ties")
+QUICK_REASON = "--quick times one method per engine path; the full run times every method"
+THREAD_CHECK = "dare_ties"
+TRIMMED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # deterministic magnitude trims: ties at the threshold
+
+
+def n_models(bench: Bench, n: int) -> int:
+    return bench.count or n
+
+
+def config_for(bench: Bench, models: dict[str, Path], n: int, layers: int) -> dict:
+    """The mergekit config both tools merge: ``models`` maps base, expert0, ... to directories."""
+    k = n_models(bench, n)
+    cfg: dict = {"merge_method": bench.name}
+    if bench.base:
+        cfg["base_model"] = str(models["base"])
+    if bench.slices:  # the usual frankenmerge: the first 3/4 of one model's layers, then the last 3/4 of another
+        ranges = [(0, -(-3 * layers // 4)), (layers // 4, layers)]
+        cfg["slices"] = [{"sources": [{"model": str(models[f"expert{i}"]), "layer_range": list(ranges[i])}]}
+                         for i in range(k)]
+    else:
+        cfg["models"] = []
+        for i in range(k):
+            entry: dict = {"model": str(models[f"expert{i}"])}
+            if bench.per_model:
+                entry["parameters"] = {p: values[i % len(values)] for p, values in bench.per_model.items()}
+            cfg["models"].append(entry)
+    if bench.parameters:
+        cfg["parameters"] = dict(bench.parameters)
+    return {**cfg, **COMMON}
+
+
+def portable(config: dict, models: dict[str, Path]) -> dict:
+    """The config with model paths replaced by their names (base, expert0, ...), for the results file."""
+    names = {str(path): name for name, path in models.items()}
+    text = yaml.safe_dump(config, sort_keys=False)
+    for path, name in sorted(names.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, name)
+    return yaml.safe_load(text)
+
+
+def skip_reason(bench: Bench, n: int) -> str | None:
+    if n_models(bench, n) < bench.min_count:
+        return f"{bench.name} needs at least {bench.min_count} models besides the base"
+    return None
+
+
+def deterministic(bench: Bench, size: str) -> bool:
+    if bench.stochastic:
+        return False
+    return bench.sampled_above is None or SIZES[size].largest_numel <= bench.sampled_above
 
 
 # ---- measuring a process tree --------------------------------------------------------------------
@@ -95,31 +210,31 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     done.set()
     watcher.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {err.decode()[-2000:]}")
+        tail = err.decode().strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} failed ({proc.returncode}): {tail[0][:300]}")
     return {"seconds": seconds, "peak_bytes": peak["total"], "peak_anon_bytes": peak["anon"],
             "peak_file_bytes": peak["file"], "stdout": out.decode()[-500:]}
 
 
 def _in_process_seconds(stdout: str) -> float | None:
     """mergebench prints its own merge time (without interpreter and import start-up): '... 2.31 s -> out'."""
-    import re
-
     m = re.search(r"([\d.]+) s -> ", stdout)
     return float(m.group(1)) if m else None
 
 
-def median_run(cmd_for_run, runs: int, env=None) -> dict:
-    results = [measure(cmd_for_run(i), env) for i in range(runs)]
+def median_run(cmd, runs: int, env=None) -> dict:
+    results = [measure(cmd, env) for _ in range(runs)]
     best = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]
     inside = [x for x in (_in_process_seconds(r["stdout"]) for r in results) if x is not None]
-    return {**best, "runs_seconds": [round(r["seconds"], 3) for r in results],
+    return {**{k: v for k, v in best.items() if k != "stdout"},
+            "runs_seconds": [round(r["seconds"], 3) for r in results],
             "in_process_seconds": statistics.median(inside) if inside else None,
             "peak_bytes": max(r["peak_bytes"] for r in results),
             "peak_anon_bytes": max(r["peak_anon_bytes"] for r in results),
             "peak_file_bytes": max(r["peak_file_bytes"] for r in results)}
 
 
-# ---- the floor ---------------------------------------------------------------------------------------
+# ---- the floor and the memory bound ----------------------------------------------------------------
 
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path, runs: int) -> dict:
     """Read every input byte (page cache warm), then write out_bytes and fsync, as fast as Python can."""
@@ -144,7 +259,27 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path, runs: int) -> di
         scratch.unlink()
     read, write = statistics.median(reads[1:]), statistics.median(writes[1:])
     return {"read_seconds": read, "write_seconds": write, "seconds": read + write,
-            "input_bytes": sum(f.stat().st_size for f in files)}
+            "input_bytes": sum(f.stat().st_size for f in files), "output_bytes": out_bytes}
+
+
+def fixed_overhead(work: Path, env: dict, runs: int) -> dict:
+    """The engine's fixed memory: anonymous peak of a one-model ``linear`` merge of the smoke model, whose
+    largest tensor (float32) is 1 MiB, so what it measures is interpreter, torch and mergebench loaded."""
+    models = build(work / "models", "smoke", 1)
+    config = work / "overhead.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(models["expert0"])}],
+                                      **COMMON}, sort_keys=False))
+    runs = [measure(mergebench_cmd(config, work / "out-overhead"), env) for _ in range(max(runs, 1))]
+    shutil.rmtree(work / "out-overhead", ignore_errors=True)
+    return {"bytes": int(statistics.median(r["peak_anon_bytes"] for r in runs)),
+            "peak_bytes": int(statistics.median(r["peak_bytes"] for r in runs)),
+            "runs_anon_bytes": [r["peak_anon_bytes"] for r in runs], "method": "linear, 1 model, smoke size",
+            "smoke_largest_tensor_bytes": 4 * SIZES["smoke"].largest_numel}
+
+
+def memory_bound(size: str, k: int, overhead: int) -> int:
+    """The engine's stated bound: (N + 2) float32 copies of the largest tensor plus the fixed overhead."""
+    return (k + 2) * 4 * SIZES[size].largest_numel + overhead
 
 
 # ---- output agreement --------------------------------------------------------------------------------
@@ -172,10 +307,13 @@ def compare_outputs(a: Path, b: Path) -> dict:
     """Max abs difference and the share of entries further apart than one bf16 rounding step."""
     ta, tb = _index(a), _index(b)
     if set(ta) != set(tb):
-        return {"same_names": False}
+        return {"same_names": False, "only_in_mergebench": sorted(set(ta) - set(tb))[:5],
+                "only_in_mergekit": sorted(set(tb) - set(ta))[:5]}
     max_abs, beyond, total = 0.0, 0, 0
     for name in ta:
         x, y = _get(ta, name), _get(tb, name)
+        if x.numel() != y.numel():
+            return {"same_names": True, "same_shapes": False, "tensor": name}
         diff = (x - y).abs()
         max_abs = max(max_abs, float(diff.max()))
         ulp = torch.maximum(x.abs(), y.abs()) * 2.0**-7  # one bf16 step at that magnitude
@@ -184,63 +322,103 @@ def compare_outputs(a: Path, b: Path) -> dict:
     return {"same_names": True, "max_abs_diff": max_abs, "frac_beyond_bf16_step": beyond / total}
 
 
-def explain_ties_differences(a: Path, b: Path, models: dict, n: int, density: float) -> dict:
-    """Share of entries where the two TIES outputs differ that one of the two known conventions explains.
+def change_statistics(out: Path, base: Path) -> dict:
+    """Share of entries that differ from the base and their mean |change|: what random drops keep."""
+    to, tb = _index(out), _index(base)
+    changed, mass, total = 0, 0.0, 0
+    for name in to:
+        if name not in tb:
+            continue
+        delta = (_get(to, name) - _get(tb, name)).abs()
+        changed += int((delta > 0).sum())
+        mass += float(delta.sum(dtype=torch.float64))
+        total += delta.numel()
+    return {"changed_frac": changed / total, "mean_abs_change": mass / total}
 
-    (1) an expert's |tau| equals its trim threshold (with k by round-half-up or by floor): the two tools
-    break such ties differently (index order vs argsort order); (2) the weighted sum of trimmed task
-    vectors is exactly 0: mergebench elects no sign there, mergekit elects "+".
+
+def _trim_cut_values(mag: torch.Tensor, density: float, gamma: float | None) -> torch.Tensor:
+    """The |tau| values at the edges of what mergekit's magnitude trim keeps: ``magnitude`` keeps the
+    max(1, floor(density n)) largest, ``magnitude_outliers`` (breadcrumbs) drops the floor(gamma n)
+    largest and keeps the next floor(density n)."""
+    n = mag.numel()
+    if gamma is None:
+        lo, hi = n - max(1, int(density * n)), n
+    else:
+        lo = max(0, n - int(density * n) - int(gamma * n))
+        hi = lo + int(density * n)
+    ordered = mag.sort().values
+    return torch.stack([ordered[min(lo, n - 1)], ordered[max(hi - 1, 0)]])
+
+
+def explain_trim_ties(bench: Bench, out_mb: Path, out_kit: Path, models: dict, k: int) -> dict:
+    """How many entries where the two outputs differ are convention-dependent, not maths:
+
+    - at a trim threshold: for some expert |tau| equals the edge of what the trim keeps, and the tools
+      keep different entries of equal magnitude (mergebench the lowest index, mergekit whatever its
+      unstable argsort returns);
+    - (sign-electing methods) a zero weighted sum of the kept task-vector entries: the elected sign
+      then depends on float32 rounding order (bf16 deltas make exact cancellations such as
+      0.6 x a + 0.4 x (-1.5 a) common).
     """
-    ia, ib = _index(a), _index(b)
-    ibase, iexp = _index(models["base"]), [_index(models[f"expert{i}"]) for i in range(n)]
-    differing = explained = 0
+    ia, ib, ibase = _index(out_mb), _index(out_kit), _index(models["base"])
+    iexp = [_index(models[f"expert{i}"]) for i in range(k)]
+    per_model = bench.per_model
+    differing = at_cut_count = zero_sum_count = 0
     for name in ia:
         diff = _get(ia, name) != _get(ib, name)
         if not diff.any():
             continue
         base = _get(ibase, name)
-        at_threshold = torch.zeros_like(diff)
-        trimmed_sum = torch.zeros_like(base)
-        for idx in iexp:
-            mag = (_get(idx, name) - base).abs()
-            m = mag.numel()
-            for k in {max(1, int(density * m)), min(m, int(density * m + 0.5))}:
-                if k > 0:
-                    kth = mag.kthvalue(m - k + 1).values
-                    at_threshold |= mag == kth
-            k = min(m, int(density * m + 0.5))
-            kth = mag.kthvalue(m - k + 1).values if k else float("inf")
-            trimmed_sum += torch.where(mag > kth, _get(idx, name) - base, 0.0)
-        explained += int((diff & (at_threshold | (trimmed_sum == 0))).sum())
+        at_cut = torch.zeros_like(diff)
+        weighted = torch.zeros_like(base, dtype=torch.float64)
+        for i, idx in enumerate(iexp):
+            tau = _get(idx, name) - base
+            mag = tau.abs()
+            density = per_model["density"][i % len(per_model["density"])]
+            gamma = per_model["gamma"][i % len(per_model["gamma"])] if "gamma" in per_model else None
+            lo, hi = _trim_cut_values(mag, density, gamma)
+            at_cut |= (mag == lo) | (mag == hi)
+            kept = (mag >= lo) & (mag <= hi)
+            weighted += torch.where(kept, tau, 0.0).double() * per_model["weight"][i % len(per_model["weight"])]
+        zero_sum = (weighted.abs() < 1e-12) & ~at_cut if bench.name.endswith("ties") else torch.zeros_like(diff)
         differing += int(diff.sum())
-    return {"differing_entries": differing, "explained_by_conventions": explained}
+        at_cut_count += int((diff & at_cut).sum())
+        zero_sum_count += int((diff & zero_sum).sum())
+    return {"differing_entries": differing, "explained_by_trim_ties": at_cut_count,
+            "explained_by_zero_sum_sign": zero_sum_count}
+
+
+def agreement(bench: Bench, size: str, out_mb: Path, out_kit: Path, models: dict, k: int) -> dict:
+    if deterministic(bench, size):
+        result = {"kind": "entries", **compare_outputs(out_mb, out_kit)}
+        if bench.name in TRIMMED and result.get("max_abs_diff") and SIZES[size].params < 2e8:  # sorts every tensor
+            result.update(explain_trim_ties(bench, out_mb, out_kit, models, k))
+        return result
+    base = models["base"]
+    return {"kind": "statistics", "mergebench": change_statistics(out_mb, base),
+            "mergekit": change_statistics(out_kit, base)}
 
 
 # ---- the two tools ---------------------------------------------------------------------------------
 
-def mergebench_cmd(method: str, models: dict, n: int, out: Path, threads: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "mergebench", "merge", method, "--base", str(models["base"])]
-    for i in range(n):
-        cmd += ["-e", str(models[f"expert{i}"])]
-    for k, v in METHODS[method][1].items():
-        cmd += ["-p", f"{k}={v}"]
+def mergebench_cmd(config: Path, out: Path, threads: int | None = None, seed: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "mergebench", "merge", str(config), "-o", str(out), "--force", "-q"]
     if threads:
         cmd += ["--threads", str(threads)]
-    return cmd + ["-o", str(out), "--force", "-q"]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    return cmd
 
 
-def mergekit_cmd(venv: Path, method: str, models: dict, n: int, out: Path, config: Path) -> list[str]:
-    kit_method, _, global_params = METHODS[method]
-    per_model = {"weight": 1.0}
-    if method in ("ties", "dare_ties"):
-        per_model["density"] = METHODS[method][1]["density"]
-    # float32 maths, bf16 output: the same convention as mergebench, so outputs can be compared
-    cfg = {"merge_method": kit_method, "dtype": "float32", "out_dtype": "bfloat16", "parameters": global_params,
-           "models": [{"model": str(models[f"expert{i}"]), "parameters": per_model} for i in range(n)]}
-    if kit_method != "linear":
-        cfg["base_model"] = str(models["base"])
-    config.write_text(yaml.safe_dump(cfg))
+def mergekit_cmd(venv: Path, config: Path, out: Path) -> list[str]:
     return [str(venv / "bin" / "mergekit-yaml"), str(config), str(out), *MERGEKIT_OPTIONS]
+
+
+def default_mergekit_venv() -> Path:
+    """$MERGEKIT_VENV, else the repository's .mergekit-venv (the tests' one), else benchmarks/.venv-mergekit."""
+    candidates = [Path(os.environ["MERGEKIT_VENV"])] if os.environ.get("MERGEKIT_VENV") else []
+    candidates += [REPO / ".mergekit-venv", REPO / "benchmarks" / ".venv-mergekit"]
+    return next((c for c in candidates if (c / "bin" / "mergekit-yaml").exists()), candidates[-1])
 
 
 def ensure_mergekit(venv: Path) -> bool:
@@ -266,70 +444,143 @@ def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
+def check_config(config: dict, source: str) -> str | None:
+    """mergebench's plan of a config (``mergebench convert``: every tensor's inputs and parameters
+    resolved, no tensor read): None when it plans, else its error."""
+    from mergebench.core.engine import describe
+    from mergebench.core.errors import MergebenchError
+    from mergebench.core.mergekit_config import from_mergekit
+
+    try:
+        describe(from_mergekit(config, source))
+    except MergebenchError as e:
+        return str(e)
+    return None
+
+
 # ---- the run ---------------------------------------------------------------------------------------
+
+def _inputs_label(bench: Bench, k: int) -> str:
+    return f"{'base + ' if bench.base else ''}{k}{' (slices)' if bench.slices else ''}"
+
+
+def _attempt(fn) -> dict:
+    """One tool's measurement; a failure becomes {"error": ...} and the benchmark goes on."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        return {"error": str(e)}
+
+
+class Runner:
+    """Times one (size, method, N) row after another; holds what rows share (paths, environments, floors)."""
+
+    def __init__(self, args, results: dict):
+        self.args, self.results = args, results
+        self.work = Path(args.workdir)
+        self.env = {**os.environ, "MERGEBENCH_LOAD_PLUGINS": "", "MERGEBENCH_HOME": str(self.work / "mergebench-home")}
+        self.kit_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+        self.out_mb, self.out_kit = self.work / "out-mergebench", self.work / "out-mergekit"
+        self.config = self.work / "config.yml"
+
+    def row(self, bench: Bench, size: str, n: int, models: dict, use_kit: bool) -> dict:
+        args, k = self.args, n_models(bench, n)
+        config = config_for(bench, models, n, SIZES[size].layers)
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        row = {"size": size, "params": SIZES[size].params, "experts": k, "method": bench.name,
+               "inputs": _inputs_label(bench, k), "config": portable(config, models),
+               "deterministic": deterministic(bench, size)}
+        cmd = mergebench_cmd(self.config, self.out_mb)
+        # the first run also hashes every input (cached afterwards by path, size, mtime); --quick skips it
+        row["mergebench_first_seconds"] = (_attempt(lambda: measure(cmd, self.env)).get("seconds")
+                                           if args.first_run else None)
+        mb = row["mergebench"] = _attempt(lambda: median_run(cmd, args.runs, self.env))
+        if "error" not in mb:
+            row["output_bytes"] = dir_bytes(self.out_mb)
+            bound = memory_bound(size, k, self.results["overhead"]["bytes"])
+            row["memory_bound"] = {"bytes": bound, "largest_tensor_bytes": 4 * SIZES[size].largest_numel,
+                                   "overhead_bytes": self.results["overhead"]["bytes"],
+                                   "peak_anon_bytes": mb["peak_anon_bytes"], "within": mb["peak_anon_bytes"] <= bound}
+            floor = self.floor(bench, size, k, models, row)
+            row["floor_multiple"] = mb["seconds"] / floor
+            if mb["in_process_seconds"]:
+                row["floor_multiple_in_process"] = mb["in_process_seconds"] / floor
+        if use_kit:
+            shutil.rmtree(self.out_kit, ignore_errors=True)  # no shards left from another method's layout
+            kit_cmd = mergekit_cmd(Path(args.mergekit_venv), self.config, self.out_kit)
+            kit = row["mergekit"] = _attempt(lambda: median_run(kit_cmd, args.runs, self.kit_env))
+            if "error" not in kit and "error" not in mb:
+                row["speedup"] = kit["seconds"] / mb["seconds"]
+                row["memory_ratio"] = mb["peak_bytes"] / kit["peak_bytes"]
+                row["agreement"] = agreement(bench, size, self.out_mb, self.out_kit, models, k)
+        return row
+
+    def floor(self, bench: Bench, size: str, k: int, models: dict, row: dict) -> float:
+        """The I/O floor of this row's inputs and output, measured once per (size, inputs)."""
+        key = row["floor"] = f"{size}/{row['inputs']}"
+        if key not in self.results["floor"]:
+            inputs = ([models["base"]] if bench.base else []) + [models[f"expert{i}"] for i in range(k)]
+            self.results["floor"][key] = io_floor(inputs, row["output_bytes"], self.work / "floor.bin", self.args.runs)
+        return self.results["floor"][key]["seconds"]
+
 
 def run(args) -> dict:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MERGEBENCH_LOAD_PLUGINS": "", "MERGEBENCH_HOME": str(work / "mergebench-home")}
     venv = Path(args.mergekit_venv)
     use_kit = not args.no_mergekit and (ensure_mergekit(venv) if args.install_mergekit else
                                         (venv / "bin" / "mergekit-yaml").exists())
     results = {"machine": machine(), "versions": {"mergebench": _version(), "torch": torch.__version__,
                                                   "mergekit": mergekit_version(venv) if use_kit else "not run"},
                "mergekit_options": MERGEKIT_OPTIONS if use_kit else None, "runs": args.runs, "rows": [],
+               "skipped": [{"method": name, "reason": args.skip_reason} for name in BY_NAME if name not in args.methods],
                "floor": {}, "threads": []}
+    runner = Runner(args, results)
+    results["overhead"] = fixed_overhead(work, runner.env, args.runs)
     for size in args.sizes:
-        n_max = max(args.experts)
-        models = build(work / "models", size, n_max)
+        models = build(work / "models", size, max(args.experts + [2]))
+        done: set[tuple[str, int]] = set()
         for n in args.experts:
-            inputs = [models["base"]] + [models[f"expert{i}"] for i in range(n)]
-            floor = io_floor(inputs, dir_bytes(models["base"]), work / "floor.bin", args.runs)
-            results["floor"][f"{size}/{n}"] = floor
-            for method in args.methods:
-                out_mb, out_kit = work / "out-mergebench", work / "out-mergekit"
-                row = {"size": size, "params": SIZES[size].params, "experts": n, "method": method}
-                # The first mergebench run also hashes every input (cached afterwards by path, size, mtime).
-                first = measure(mergebench_cmd(method, models, n, out_mb), env)
-                row["mergebench_first_seconds"] = first["seconds"]
-                mb = median_run(lambda i: mergebench_cmd(method, models, n, out_mb), args.runs, env)
-                row["mergebench"] = {k: v for k, v in mb.items() if k != "stdout"}
-                row["output_bytes"] = dir_bytes(out_mb)
-                row["floor_multiple"] = mb["seconds"] / floor["seconds"]
-                if mb["in_process_seconds"]:
-                    row["floor_multiple_in_process"] = mb["in_process_seconds"] / floor["seconds"]
-                if use_kit:
-                    kit = median_run(lambda i: mergekit_cmd(venv, method, models, n, out_kit, work / "kit.yaml"),
-                                     args.runs)
-                    row["mergekit"] = {k: v for k, v in kit.items() if k != "stdout"}
-                    row["speedup"] = kit["seconds"] / mb["seconds"]
-                    row["memory_ratio"] = mb["peak_bytes"] / kit["peak_bytes"]
-                    if method in DETERMINISTIC:
-                        row["agreement"] = compare_outputs(out_mb, out_kit)
-                    if method == "ties" and SIZES[size].params < 2e8:
-                        row["agreement"].update(explain_ties_differences(out_mb, out_kit, models, n,
-                                                                         METHODS["ties"][1]["density"]))
+            for name in args.methods:
+                bench = BY_NAME[name]
+                if (name, n_models(bench, n)) in done:
+                    continue  # a fixed-count method runs once per size
+                done.add((name, n_models(bench, n)))
+                reason = skip_reason(bench, n)
+                if reason:
+                    results["skipped"].append({"method": name, "size": size, "experts": n, "reason": reason})
+                    continue
+                row = runner.row(bench, size, n, models, use_kit)
                 results["rows"].append(row)
                 print(_row_line(row), flush=True)
                 if args.json:  # after every row, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(results, indent=2))
         if args.thread_check:
-            results["threads"].append(thread_check(models, work, env, size))
-    shutil.rmtree(work / "out-mergebench", ignore_errors=True)
-    shutil.rmtree(work / "out-mergekit", ignore_errors=True)
+            results["threads"].append(thread_check(models, work, runner.env, size))
+    if args.quick_checked:  # methods --quick does not time: mergebench still plans their configs
+        models = build(work / "models", args.sizes[0], max(args.experts + [2]))
+        results["configs_checked"] = {
+            name: check_config(config_for(BY_NAME[name], models, args.experts[0], SIZES[args.sizes[0]].layers),
+                               f"{name} config") or "accepted" for name in args.quick_checked}
+    shutil.rmtree(runner.out_mb, ignore_errors=True)
+    shutil.rmtree(runner.out_kit, ignore_errors=True)
     return results
 
 
 def thread_check(models: dict, work: Path, env: dict, size: str) -> dict:
     """Bit-identical outputs on 1 and 2 threads and across reruns with the same seed (dare_ties, N=2)."""
+    config = work / "threads.yml"
+    config.write_text(yaml.safe_dump(config_for(BY_NAME[THREAD_CHECK], models, 2, SIZES[size].layers)))
     digests = {}
     for label, threads in (("1 thread", 1), ("2 threads", 2), ("2 threads again", 2)):
-        out = work / f"threads-{threads}-{label.replace(' ', '_')}"
-        subprocess.run(mergebench_cmd("dare_ties", models, 2, out, threads) + ["--seed", "7"], check=True, env=env,
-                       capture_output=True)
+        out = work / f"threads-{label.replace(' ', '_')}"
+        done = subprocess.run(mergebench_cmd(config, out, threads, seed=7), env=env, capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            return {"size": size, "method": THREAD_CHECK, "error": done.stderr.strip()[-300:]}
         digests[label] = _digest(out)
         shutil.rmtree(out)
-    return {"size": size, "identical": len(set(digests.values())) == 1, "digests": digests}
+    return {"size": size, "method": THREAD_CHECK, "identical": len(set(digests.values())) == 1, "digests": digests}
 
 
 def _digest(d: Path) -> str:
@@ -359,18 +610,37 @@ def machine() -> dict:
 
 
 def _row_line(row: dict) -> str:
+    head = f"{row['size']:>5} N={row['experts']} {row['method']:<16}"
     mb = row["mergebench"]
-    line = f"{row['size']:>5} N={row['experts']} {row['method']:<16} mergebench {mb['seconds']:6.2f} s " \
-           f"{mb['peak_bytes'] / 2**30:5.2f} GiB ({row['floor_multiple']:.1f}x floor)"
-    if "mergekit" in row:
-        kit = row["mergekit"]
-        line += f" | mergekit {kit['seconds']:6.2f} s {kit['peak_bytes'] / 2**30:5.2f} GiB | {row['speedup']:.1f}x faster"
+    if "error" in mb:
+        line = f"{head} mergebench FAILED: {mb['error']}"
+    else:
+        line = f"{head} mergebench {mb['seconds']:6.2f} s {mb['peak_bytes'] / 2**30:5.2f} GiB " \
+               f"({row['floor_multiple']:.1f}x floor)"
+    kit = row.get("mergekit")
+    if kit and "error" in kit:
+        line += f" | mergekit FAILED: {kit['error']}"
+    elif kit:
+        line += f" | mergekit {kit['seconds']:6.2f} s {kit['peak_bytes'] / 2**30:5.2f} GiB"
+        if "speedup" in row:
+            line += f" | {row['speedup']:.1f}x faster"
     return line
 
 
 # ---- report ------------------------------------------------------------------------------------------
 
+def _largest_n_rows(results: dict, size: str) -> list[dict]:
+    """Each method's row at the largest N it ran with for this size (its fixed count for two-model methods)."""
+    best: dict[str, dict] = {}
+    for r in results["rows"]:
+        if r["size"] == size and (r["method"] not in best or r["experts"] > best[r["method"]]["experts"]):
+            best[r["method"]] = r
+    return [best[b.name] for b in METHODS if b.name in best]
+
+
 def plot(results: dict, path: Path) -> bool:
+    """Per size, at the largest N: wall time of both tools (log scale) and peak anonymous memory with the
+    engine's bound, one group of bars per method."""
     try:
         import matplotlib
 
@@ -378,37 +648,37 @@ def plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = results["rows"]
-    sizes = sorted({r["size"] for r in rows}, key=lambda s: SIZES[s].params)
-    fig, axes = plt.subplots(2, len(sizes), figsize=(6 * len(sizes), 8), squeeze=False)
+    sizes = sorted({r["size"] for r in results["rows"]}, key=lambda s: SIZES[s].params)
+    fig, axes = plt.subplots(2, len(sizes), figsize=(max(8, 0.55 * len(METHODS)) * len(sizes), 9), squeeze=False)
     for col, size in enumerate(sizes):
-        for method in METHODS:
-            pts = sorted((r["experts"], r) for r in rows if r["size"] == size and r["method"] == method)
-            if not pts:
-                continue
-            ns = [n for n, _ in pts]
-            line, = axes[0][col].plot(ns, [r["mergebench"]["seconds"] for _, r in pts], "o-", label=f"mergebench {method}")
-            axes[1][col].plot(ns, [r["mergebench"]["peak_bytes"] / 2**30 for _, r in pts], "o-", color=line.get_color(),
-                              label=f"mergebench {method}")
-            if all("mergekit" in r for _, r in pts):
-                axes[0][col].plot(ns, [r["mergekit"]["seconds"] for _, r in pts], "x--", color=line.get_color(),
-                                  label=f"mergekit {METHODS[method][0]}")
-                axes[1][col].plot(ns, [r["mergekit"]["peak_bytes"] / 2**30 for _, r in pts], "x--",
-                                  color=line.get_color(), label=f"mergekit {METHODS[method][0]}")
-        floors = sorted((int(k.split("/")[1]), v["seconds"]) for k, v in results["floor"].items() if k.startswith(size + "/"))
-        axes[0][col].plot([n for n, _ in floors], [s for _, s in floors], "k:", label="I/O floor")
-        axes[0][col].set_title(f"{size} ({SIZES[size].params / 1e6:.0f}M params): wall time")
-        axes[1][col].set_title(f"{size}: peak resident memory (process tree)")
-        axes[0][col].set_ylabel("seconds (log scale)")
+        rows = [r for r in _largest_n_rows(results, size) if "error" not in r["mergebench"]]
+        xs = range(len(rows))
+        labels = [f"{r['method']}\nN={r['experts']}" for r in rows]
+        kit = [r.get("mergekit", {}).get("seconds") for r in rows]
+        axes[0][col].bar([x - 0.2 for x in xs], [r["mergebench"]["seconds"] for r in rows], 0.4, label="mergebench")
+        axes[0][col].bar([x + 0.2 for x in xs], [s or 0 for s in kit], 0.4, label="mergekit 0.1.5")
+        floors = [results["floor"][r["floor"]]["seconds"] for r in rows]
+        axes[0][col].scatter(list(xs), floors, marker="_", s=300, color="k", label="I/O floor", zorder=3)
         axes[0][col].set_yscale("log")
-        axes[1][col].set_ylabel("GiB")
+        axes[0][col].set_ylabel("wall seconds (log scale)")
+        axes[0][col].set_title(f"{size} ({SIZES[size].params / 1e6:.0f}M params): wall time at the largest N")
+        gib = 2**30
+        axes[1][col].bar([x - 0.2 for x in xs], [r["mergebench"]["peak_anon_bytes"] / gib for r in rows], 0.4,
+                         label="mergebench (anonymous)")
+        axes[1][col].bar([x + 0.2 for x in xs], [r.get("mergekit", {}).get("peak_anon_bytes", 0) / gib for r in rows],
+                         0.4, label="mergekit 0.1.5 (anonymous)")
+        axes[1][col].scatter(list(xs), [r["memory_bound"]["bytes"] / gib for r in rows], marker="_", s=300,
+                             color="r", label="(N + 2) x largest tensor + overhead", zorder=3)
+        axes[1][col].set_ylabel("peak anonymous GiB (process tree)")
+        axes[1][col].set_title(f"{size}: peak memory at the largest N")
         for ax in (axes[0][col], axes[1][col]):
-            ax.set_xlabel("experts merged (N)")
-            ax.set_xticks(sorted({r["experts"] for r in rows}))
-            ax.grid(alpha=0.3)
-        axes[0][col].legend(fontsize=7)
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -420,42 +690,102 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def _agreement_cell(agree: dict | None) -> str:
+    if not agree:
+        return "-"
+    if agree["kind"] == "statistics":
+        a, b = agree["mergebench"], agree["mergekit"]
+        return (f"stochastic: {100 * a['changed_frac']:.1f}% / {100 * b['changed_frac']:.1f}% of entries changed, "
+                f"mean abs change {a['mean_abs_change']:.3g} / {b['mean_abs_change']:.3g}")
+    if not agree.get("same_names") or agree.get("same_shapes") is False:
+        return "different tensors: " + json.dumps({k: v for k, v in agree.items() if k != "kind"})
+    cell = (f"max abs diff {agree['max_abs_diff']:.2g}; {100 * agree['frac_beyond_bf16_step']:.3f}% of entries "
+            f"> 1 bf16 step")
+    if "differing_entries" in agree:
+        cell += (f"; of {agree['differing_entries']} differing entries, {agree['explained_by_trim_ties']} at a trim "
+                 f"threshold (tie order), {agree.get('explained_by_zero_sum_sign', 0)} with a zero weighted sum "
+                 f"(sign election)")
+    return cell
+
+
+def _bound_cell(row: dict) -> str:
+    b = row.get("memory_bound")
+    if not b:
+        return "-"
+    return f"{'yes' if b['within'] else 'NO'}: {_gib(b['peak_anon_bytes'])} of {_gib(b['bytes'])}"
+
+
 def markdown_tables(results: dict) -> str:
-    lines = ["| size | N | method | mergebench s: wall (in-process; first run) | mergekit s | speed-up "
-             "| mergebench peak GiB (anon) | mergekit peak GiB (anon) | x I/O floor: wall (in-process) | output MB "
-             "| agreement with mergekit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| size | inputs (N) | method | mergebench s: wall (in-process; first run) | mergekit s | speed-up "
+              "| mergebench peak GiB (anon) | mergekit peak GiB (anon) | within (N+2) x largest tensor + overhead "
+              "(anon GiB) | x I/O floor: wall (in-process) | output MB | agreement with mergekit |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        mb, kit, agree = r["mergebench"], r.get("mergekit"), r.get("agreement")
-        cells = [r["size"], str(r["experts"]), r["method"],
-                 f"{mb['seconds']:.2f} ({_num(mb.get('in_process_seconds'))}; {r['mergebench_first_seconds']:.2f})",
-                 f"{kit['seconds']:.2f}" if kit else "-",
-                 f"{r['speedup']:.1f}x" if kit else "-",
-                 f"{_gib(mb['peak_bytes'])} ({_gib(mb['peak_anon_bytes'])})",
-                 f"{_gib(kit['peak_bytes'])} ({_gib(kit['peak_anon_bytes'])})" if kit else "-",
-                 f"{r['floor_multiple']:.2f} ({_num(r.get('floor_multiple_in_process'))})",
-                 f"{r['output_bytes'] / 1e6:.0f}",
-                 (f"max abs diff {agree['max_abs_diff']:.2g}; {100 * agree['frac_beyond_bf16_step']:.3f}% of "
-                  f"entries > 1 bf16 step" + (f"; {agree['explained_by_conventions']}/{agree['differing_entries']} "
-                                               "differing entries explained by tie conventions"
-                                               if "differing_entries" in agree else "")) if agree else "-"]
+        mb, kit = r["mergebench"], r.get("mergekit")
+        kit_ok = kit and "error" not in kit
+        if "error" in mb:
+            mb_cells = ["failed: " + mb["error"], "-", "-", "-"]
+        else:
+            mb_cells = [(f"{mb['seconds']:.2f} ({_num(mb.get('in_process_seconds'))}; "
+                         f"{_num(r.get('mergebench_first_seconds'))})"),
+                        f"{_gib(mb['peak_bytes'])} ({_gib(mb['peak_anon_bytes'])})", _bound_cell(r),
+                        f"{r['floor_multiple']:.2f} ({_num(r.get('floor_multiple_in_process'))})"]
+        cells = [r["size"], f"{r['inputs']}", r["method"], mb_cells[0],
+                 f"{kit['seconds']:.2f}" if kit_ok else ("failed: " + kit["error"] if kit else "-"),
+                 f"{r['speedup']:.1f}x" if "speedup" in r else "-",
+                 mb_cells[1], f"{_gib(kit['peak_bytes'])} ({_gib(kit['peak_anon_bytes'])})" if kit_ok else "-",
+                 mb_cells[2], mb_cells[3],
+                 f"{r['output_bytes'] / 1e6:.0f}" if "output_bytes" in r else "-", _agreement_cell(r.get("agreement"))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| size/N | read inputs s | write output + fsync s | floor s | input GB |", "|---|---|---|---|---|"]
+    lines += ["", "| size/inputs | read inputs s | write output + fsync s | floor s | input GB | output MB |",
+              "|---|---|---|---|---|---|"]
     for key, v in results["floor"].items():
         lines.append(f"| {key} | {v['read_seconds']:.2f} | {v['write_seconds']:.2f} | {v['seconds']:.2f} | "
-                     f"{v['input_bytes'] / 1e9:.2f} |")
+                     f"{v['input_bytes'] / 1e9:.2f} | {v['output_bytes'] / 1e6:.0f} |")
+    lines += ["", summary_table(results)]
+    o = results.get("overhead")
+    if o:
+        lines += ["", (f"Fixed overhead in the bound: {_gib(o['bytes'])} GiB anonymous ({o['method']}; "
+                       f"{_gib(o['peak_bytes'])} GiB with file-backed pages).")]
+    by_reason: dict[str, list[str]] = {}
+    for s in results.get("skipped", []):
+        by_reason.setdefault(s["reason"], []).append(s["method"] + (f" ({s['size']}, N = {s['experts']})"
+                                                                     if "size" in s else ""))
+    lines += [f"\nSkipped ({reason}): {', '.join(methods)}" for reason, methods in by_reason.items()]
+    for t in results.get("threads", []):
+        lines += ["", f"Thread check ({t['method']}, N = 2, seed 7), {t['size']}: " +
+                  (f"failed: {t['error']}" if "error" in t else
+                   f"{'identical' if t['identical'] else 'DIFFERENT'} ({', '.join(sorted(set(t['digests'].values())))})")]
+    return "\n".join(lines)
+
+
+def summary_table(results: dict) -> str:
+    """Per size and method at its largest N: the speed-up and whether memory stayed within the bound."""
+    lines = ["| size | method | inputs | speed-up over mergekit | >= 3x | anon peak / bound | within bound |",
+             "|---|---|---|---|---|---|---|"]
+    for size in sorted({r["size"] for r in results["rows"]}, key=lambda s: -SIZES[s].params):
+        for r in _largest_n_rows(results, size):
+            speedup, b = r.get("speedup"), r.get("memory_bound")
+            cells = [size, r["method"], r["inputs"],
+                     f"{speedup:.1f}x" if speedup else "-", ("yes" if speedup >= 3 else "no") if speedup else "-",
+                     f"{b['peak_anon_bytes'] / b['bytes']:.2f}" if b else "-",
+                     ("yes" if b["within"] else "NO") if b else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, N=2, one run")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: smoke size, N=2, one run, methods {', '.join(QUICK)}")
     parser.add_argument("--sizes", default="0.1B,0.5B", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--experts", default="2,4,8")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(BY_NAME), help="comma-separated mergekit method names")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / ".work"))
-    parser.add_argument("--mergekit-venv", default=str(REPO / "benchmarks" / ".venv-mergekit"))
+    parser.add_argument("--mergekit-venv", default=str(default_mergekit_venv()),
+                        help="mergekit 0.1.5's virtualenv (default: $MERGEKIT_VENV, .mergekit-venv, "
+                             "benchmarks/.venv-mergekit: the first that exists)")
     parser.add_argument("--install-mergekit", action="store_true", help="create the mergekit virtualenv if missing")
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--no-thread-check", dest="thread_check", action="store_false")
@@ -465,20 +795,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
-        if args.plot:
-            plot(results, Path(args.plot))
+        if args.plot and not plot(results, Path(args.plot)):
+            print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
         print(markdown_tables(results))
         return 0
+    args.first_run, args.quick_checked = True, []
+    args.skip_reason = "not in --methods"
     if args.quick:
-        args.sizes, args.experts, args.runs = "smoke", "2", 1
+        args.sizes, args.experts, args.runs, args.methods = "smoke", "2", 1, ",".join(QUICK)
+        args.first_run, args.skip_reason = False, QUICK_REASON
+        args.quick_checked = [b.name for b in METHODS if b.name not in QUICK]
     args.sizes = args.sizes.split(",")
     args.experts = [int(n) for n in args.experts.split(",")]
     args.methods = args.methods.split(",")
+    unknown = [m for m in args.methods if m not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; mergekit's are {', '.join(BY_NAME)}")
     results = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.plot:
-        results["plot"] = plot(results, Path(args.plot))
+    if args.plot and not plot(results, Path(args.plot)):
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
     print(markdown_tables(results))
     return 0
 

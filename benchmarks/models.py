@@ -41,6 +41,11 @@ class Shape:
     def params(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensors())
 
+    @property
+    def largest_numel(self) -> int:
+        """Entries of the largest tensor (the embedding and the LM head at every size here)."""
+        return max(math.prod(shape) for _, shape in self.tensors())
+
     def config(self) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab,
                 "hidden_size": self.hidden, "intermediate_size": self.intermediate,

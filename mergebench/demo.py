@@ -84,12 +84,19 @@ def run_demo(directory: Path, steps: int = 30, seed: int = 0, console: Console |
     console.print(f"fine-tuned {len(experts)} experts from the base ({steps} steps each)")
 
     models = {"base": directory / "base", **{f"expert: {t}": p for t, p in experts.items()}}
+    skipped = []
     for method in get_plugin_manager().merge_methods():
+        chosen = _experts_for(method, list(experts.values()))
+        if method.calibration is not None or not chosen:  # data-aware methods need calibration data
+            skipped.append(method.name)
+            continue
         out = directory / f"merged-{method.name}"
         kwargs = {"base": directory / "base"} if method.needs_base else {}
-        result = mergebench.merge(method.name, experts=list(experts.values()), output=out, force=True,
-                                  seed=seed, **kwargs)
-        models[f"merged: {method.name}"] = result.output
+        result = mergebench.merge(method.name, experts=chosen, output=out, force=True, seed=seed, **kwargs)
+        label = f"merged: {method.name}" + (f" ({len(chosen)} of {len(experts)} experts)" if len(chosen) < len(experts) else "")
+        models[label] = result.output
+    if skipped:
+        console.print(f"not merged here (they learn from calibration data): {', '.join(skipped)}")
 
     scores: dict[str, dict] = {}
     table = Table(title="Next-token accuracy (higher is better)")
@@ -106,6 +113,21 @@ def run_demo(directory: Path, steps: int = 30, seed: int = 0, console: Console |
     console.print("Each merged model's README.md records its recipe and input hashes; "
                   f"redo one with: mergebench merge {directory}/merged-ties/README.md -o redo --force")
     return scores
+
+
+def _experts_for(method, experts: list[Path]) -> list[Path]:
+    """As many experts as the method takes (two-model methods such as slerp take one besides the base)."""
+    from mergebench.core.errors import ParameterError
+
+    params = method.resolve_params({})
+    for n in range(len(experts), 0, -1):
+        try:
+            if method.check is not None:
+                method.check(params, (1.0,) * n)
+            return experts[:n]
+        except ParameterError:
+            continue
+    return []
 
 
 def clean(directory: Path) -> None:

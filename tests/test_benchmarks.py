@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, load_dir
+from mergekit_ref import needs_mergekit
+from mergekit_ref import venv as mergekit_venv
 
 
 def _benchmark_module(name: str, monkeypatch):
@@ -23,6 +27,7 @@ def _benchmark_module(name: str, monkeypatch):
     monkeypatch.delitem(sys.modules, "models", raising=False)
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -31,25 +36,55 @@ def _safetensors_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
 
 
-def _reference_ties(base: torch.Tensor, experts: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:
-    """TIES from the definition: per-tensor top-k of |tau| (k rounded half up, ties to the lower index),
-    sign elected by the sum of trimmed task vectors, mean over the agreeing non-zero entries."""
+# mergekit 0.1.5's merge methods (mergekit.merge_methods.registry), each of which the benchmark must time
+MERGEKIT_METHODS = {"linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion",
+                    "passthrough", "ram", "ramplus_tl", "sce", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+def _reference_ties(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
+                    densities: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES as mergekit 0.1.5 defines it: each task vector keeps its max(1, floor(density x n)) largest
+    |entries|, is scaled by its weight; the sign is that of the sum (0 counts as +); the weighted mean
+    over agreeing non-zero entries is added to the base. Also returned: the entries whose result the
+    maths leaves to conventions: some |tau| equals its expert's threshold (which of equal magnitudes a
+    tool keeps), or the weighted sum is 0 in exact arithmetic (the sign then follows float rounding)."""
     b = base.float().reshape(-1)
     n = b.numel()
-    k = int(density * n + 0.5)
-    trimmed = []
-    for e in experts:
+    trimmed, tied = [], torch.zeros(n, dtype=torch.bool)
+    for e, d in zip(experts, densities):
         tau = e.float().reshape(-1) - b
         order = torch.sort(-tau.abs(), stable=True).indices
+        k = max(1, int(d * n))
         keep = torch.zeros(n, dtype=torch.bool)
         keep[order[:k]] = True
+        threshold = tau.abs()[order[k - 1]]
+        tied |= (tau.abs() == threshold) & (threshold > 0)  # keeping a 0 changes nothing
         trimmed.append(torch.where(keep, tau, torch.zeros_like(tau)))
-    t = torch.stack(trimmed)
-    sign = torch.sign(t.sum(0))
-    agree = (t != 0) & (torch.sign(t) == sign)
-    count = agree.sum(0)
-    mean = torch.where(count > 0, (t * agree).sum(0) / count.clamp(min=1), torch.zeros_like(b))
-    return (b + lam * mean).reshape(base.shape)
+    w = torch.tensor(weights)[:, None]
+    t = torch.stack(trimmed) * w  # float32, as mergekit computes
+    sign = torch.where(t.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(t) == sign
+    divisor = (w * agree).sum(0)
+    divisor[divisor == 0] = 1
+    cancels = ((torch.stack(trimmed).double() * torch.tensor(weights, dtype=torch.float64)[:, None]).sum(0).abs()
+               < 1e-12) & (t != 0).any(0)
+    return (b + (t * agree).sum(0) / divisor).reshape(base.shape), (tied | cancels).reshape(base.shape)
+
+
+def _reference_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of the flattened tensors (their angle from the normalised copies)."""
+    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
+    theta = torch.arccos((a / a.norm()) @ (b / b.norm()))
+    return ((torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)).reshape(v0.shape)
+
+
+def _assert_bf16_close(got: torch.Tensor, want: torch.Tensor, what) -> None:
+    """``got`` (bf16) is ``want`` rounded to bf16, give or take one step where float32 rounding decides it."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape, what
+    g, w = got.float(), want.float()
+    assert ((g - w).abs() <= w.abs() * 2.0**-7 + 1e-8).all(), (what, (g - w).abs().max())  # 1e-8: float32 residue of cancellation
+    assert (g != w.bfloat16().float()).float().mean() < 1e-3, what
 
 
 def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures(tmp_path, monkeypatch, capsys):
@@ -77,63 +112,147 @@ def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures
     stdout = capsys.readouterr().out
     results = json.loads(out.read_text())
 
+    # every mergekit method is timed or listed as skipped with a reason, and --quick's skipped configs
+    # are planned by mergebench (every tensor's parameters resolved)
+    timed = [r["method"] for r in results["rows"]]
+    skipped = {s["method"]: s["reason"] for s in results["skipped"]}
+    assert set(bench.BY_NAME) == MERGEKIT_METHODS
+    assert set(timed) | set(skipped) == MERGEKIT_METHODS and not set(timed) & set(skipped)
+    assert all(reason.strip() for reason in skipped.values())
+    assert results["configs_checked"] == {m: "accepted" for m in skipped}
+    errors = {r["method"]: r["mergebench"]["error"] for r in results["rows"] if "error" in r["mergebench"]}
+    assert not errors
+    assert timed == ["linear", "slerp", "passthrough", "ties", "dare_ties"] and len(outputs) == 5
+
     # what was merged: base + 2 experts of the smoke shape, all bf16
     shape = bench.SIZES["smoke"]
     models = {name: work / "models" / "smoke" / name for name in ("base", "expert0", "expert1")}
     base, e0, e1 = (load_dir(models[n]) for n in ("base", "expert0", "expert1"))
     assert sorted(base) == sorted(name for name, _ in shape.tensors())
     assert sum(t.numel() for t in base.values()) == shape.params
+    merged = {method: tensors for method, (tensors, _) in zip(timed, outputs)}
+    output_bytes = {method: size for method, (_, size) in zip(timed, outputs)}
 
-    methods = [r["method"] for r in results["rows"]]
-    assert methods == ["average", "task_arithmetic", "ties", "dare_ties"] and len(outputs) == 4
-    merged = {method: tensors for method, (tensors, _) in zip(methods, outputs)}
-    output_bytes = {method: size for method, (_, size) in zip(methods, outputs)}
-    dare = mergebench.merge("dare_ties", base=models["base"], experts=[models["expert0"], models["expert1"]],
-                            density=0.2, lambda_=1.0, seed=0, output=tmp_path / "dare-ref")
-    want_dare = load_dir(dare.output)
+    # each config means what the benchmark says: weights 0.6 / 0.4, densities 0.5 / 0.3, mergekit's slerp t
     for name, b in base.items():
-        ref = {"average": ((e0[name].float() + e1[name].float()) / 2).bfloat16(),
-               "task_arithmetic": (b.float() + ((e0[name].float() - b.float()) + (e1[name].float() - b.float()))
-                                   ).bfloat16(),
-               "ties": _reference_ties(b, [e0[name], e1[name]], 0.2, 1.0).bfloat16(),
-               "dare_ties": want_dare[name]}
-        for method, want in ref.items():
-            got = merged[method][name]
-            assert got.dtype == torch.bfloat16 and got.shape == b.shape, (method, name)
-            assert torch.equal(got, want), (method, name, (got.float() - want.float()).abs().max())
-    assert not torch.equal(merged["ties"]["lm_head.weight"], merged["average"]["lm_head.weight"])
+        _assert_bf16_close(merged["linear"][name], 0.6 * e0[name].float() + 0.4 * e1[name].float(), ("linear", name))
+        want, open_ = _reference_ties(b, [e0[name], e1[name]], [0.6, 0.4], [0.5, 0.3])
+        assert open_.float().mean() < 0.05  # bf16 inputs make ties and cancellations; most entries have neither
+        _assert_bf16_close(merged["ties"][name][~open_], want[~open_], ("ties", name))
+    layers = shape.layers
+    for layer, (attn, mlp) in {0: (base, e0), layers - 1: (e0, base)}.items():  # t = 0 / 1 at the ends
+        for name in base:
+            if name.startswith(f"model.layers.{layer}."):
+                want = attn if "self_attn" in name else mlp if "mlp" in name else None
+                if want is not None:
+                    assert torch.equal(merged["slerp"][name], want[name]), ("slerp", name)
+    head = merged["slerp"]["lm_head.weight"].float()  # t = 0.5 outside the layers: slerp, not lerp
+    arc = _reference_slerp(base["lm_head.weight"].float(), e0["lm_head.weight"].float(), 0.5)
+    lerp = (base["lm_head.weight"].float() + e0["lm_head.weight"].float()) / 2
+    _assert_bf16_close(head.bfloat16(), arc.float(), "slerp lm_head")
+    # the two differ by ~0.25% in norm (cos of half the angle); the output's norm is good to ~1e-5
+    assert abs(head.norm() / arc.norm() - 1) < 3e-4 and abs(head.norm() / lerp.norm() - 1) > 1e-3
+    # passthrough: expert0's layers 0..1, then expert1's 0..1; embedding from the first, head from the last
+    stacked = merged["passthrough"]
+    assert len([n for n in stacked if n.endswith("mlp.up_proj.weight")]) == 4
+    for name, t in stacked.items():
+        layer = re.search(r"layers\.(\d+)\.", name)
+        if layer is None:
+            src, src_name = (e0 if "embed" in name else e1), name
+        else:
+            i = int(layer.group(1))
+            src, src_name = (e0, name) if i < 2 else (e1, name.replace(f"layers.{i}.", f"layers.{i - 2}."))
+        assert torch.equal(t, src[src_name]), ("passthrough", name)
+    dare = mergebench.merge("dare_ties", base=models["base"], experts=[models["expert0"], models["expert1"]],
+                            weights=[0.6, 0.4], expert_params=[{"density": 0.5}, {"density": 0.3}], normalize=False,
+                            rescale="l1", zero_sum_sign="positive", seed=0, output=tmp_path / "dare-ref")
+    want_dare = load_dir(dare.output)
+    assert sorted(merged["dare_ties"]) == sorted(want_dare)
+    assert all(torch.equal(merged["dare_ties"][n], want_dare[n]) for n in want_dare)
 
+    # the figures
     input_bytes = [_safetensors_bytes(models[n]) for n in ("base", "expert0", "expert1")]
     tensor_bytes = 2 * shape.params
     assert all(tensor_bytes < b < tensor_bytes + 64 * 1024 for b in input_bytes)  # bf16 data + headers
-    floor = results["floor"]["smoke/2"]
+    floor = results["floor"]["smoke/base + 2"]
     assert floor["input_bytes"] == sum(input_bytes)
     assert floor["seconds"] == pytest.approx(floor["read_seconds"] + floor["write_seconds"])
-    rows = {r["method"]: r for r in results["rows"]}
-    for method, row in rows.items():
-        mb = row["mergebench"]
-        assert (row["size"], row["experts"], row["params"]) == ("smoke", 2, shape.params)
+    assert results["floor"]["smoke/2"]["input_bytes"] == sum(input_bytes[1:])  # linear reads no base
+    overhead = results["overhead"]["bytes"]
+    assert 50 * 2**20 < overhead < 2**30  # an interpreter with torch and mergebench, nothing large
+    for row in results["rows"]:
+        method, mb = row["method"], row["mergebench"]
+        k = {"slerp": 1}.get(method, 2)
+        assert (row["size"], row["experts"], row["params"]) == ("smoke", k, shape.params)
+        assert row["config"]["dtype"] == "float32" and row["config"]["out_dtype"] == "bfloat16"
         assert row["output_bytes"] == output_bytes[method]  # the weights it wrote, not the card or config
-        assert tensor_bytes < row["output_bytes"] < tensor_bytes + 64 * 1024  # the same tensors as one base
+        layers_out = 2 if method == "passthrough" else 1  # the frankenmerge stacks twice the layers
+        layer_bytes = 2 * sum(math.prod(s) for n, s in shape.tensors() if ".layers." in n)
+        want_bytes = tensor_bytes + (layers_out - 1) * layer_bytes
+        assert want_bytes < row["output_bytes"] < want_bytes + 64 * 1024
         assert mb["runs_seconds"] == [round(mb["seconds"], 3)]  # --quick: one timed run, and it is the median
-        assert 0 < mb["in_process_seconds"] <= mb["seconds"] and row["mergebench_first_seconds"] > 0
-        assert row["floor_multiple"] == pytest.approx(mb["seconds"] / floor["seconds"])
+        assert 0 < mb["in_process_seconds"] <= mb["seconds"] and row["mergebench_first_seconds"] is None
+        assert row["floor_multiple"] == pytest.approx(mb["seconds"] / results["floor"][row["floor"]]["seconds"])
         # peaks of one series of samples: the total's peak is above either part's (both are never 0 while
         # the process runs) and at most their sum
         assert max(mb["peak_anon_bytes"], mb["peak_file_bytes"]) < mb["peak_bytes"]
         assert mb["peak_bytes"] <= mb["peak_anon_bytes"] + mb["peak_file_bytes"]
-        assert mb["peak_bytes"] < 4 * 2**30  # an interpreter with torch, not a copy of anything large
-        assert f"| smoke | 2 | {method} | {mb['seconds']:.2f} (" in stdout
+        bound = row["memory_bound"]
+        assert bound["bytes"] == (k + 2) * 4 * 2048 * 128 + overhead  # the largest tensor: 2048 x 128 float32
+        assert bound["within"] == (mb["peak_anon_bytes"] <= bound["bytes"])
+        assert mb["peak_anon_bytes"] < 2 * bound["bytes"]
+        assert f"| smoke | {row['inputs']} | {method} | {mb['seconds']:.2f} (" in stdout
     assert not (work / "out-mergebench").exists()
 
     # the thread check compares three real dare_ties merges (seed 7), equal to the engine's own
     threads = results["threads"][0]
     assert threads["identical"] is True and len(set(threads["digests"].values())) == 1 and len(thread_outputs) == 3
     seven = mergebench.merge("dare_ties", base=models["base"], experts=[models["expert0"], models["expert1"]],
-                             density=0.2, lambda_=1.0, seed=7, output=tmp_path / "seven")
+                             weights=[0.6, 0.4], expert_params=[{"density": 0.5}, {"density": 0.3}], normalize=False,
+                             rescale="l1", zero_sum_sign="positive", seed=7, output=tmp_path / "seven")
     want = load_dir(seven.output)
     assert all(sorted(t) == sorted(want) and all(torch.equal(t[n], want[n]) for n in want) for t in thread_outputs)
     assert any(not torch.equal(want[n], want_dare[n]) for n in want)  # another seed, another merge
+
+
+_PLAN = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import _model_out_config, get_architecture_info
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+
+for path in sys.argv[1:]:
+    try:  # validate, then plan every tensor: the method's input contract and parameters are checked here
+        config = MergeConfiguration.model_validate(yaml.safe_load(open(path)))
+        arch = get_architecture_info(config, MergeOptions())
+        tasks = MergePlanner(config, arch, options=MergeOptions(),
+                             out_model_config=_model_out_config(config, arch)).plan_to_disk(out_path=path + ".out")
+        print(path, "ok", len(tasks))
+    except Exception as e:
+        print(path, "ERROR", type(e).__name__, str(e).splitlines()[0][:300])
+"""
+
+
+@needs_mergekit
+def test_merge_speed_configs_are_planned_by_mergekit(tmp_path, monkeypatch):
+    """Every config the benchmark times (N = 2 and 8) is one mergekit 0.1.5 plans, as the full run will ask."""
+    bench = _benchmark_module("merge_speed", monkeypatch)
+    models = bench.build(tmp_path / "models", "smoke", 8)
+    paths = []
+    for n in (2, 8):
+        for b in bench.METHODS:
+            path = tmp_path / f"{b.name}-{n}.yml"
+            path.write_text(yaml.safe_dump(bench.config_for(b, models, n, bench.SIZES["smoke"].layers)))
+            paths.append(path)
+    script = tmp_path / "plan.py"
+    script.write_text(_PLAN)
+    done = subprocess.run([str(mergekit_venv() / "bin" / "python"), str(script), *map(str, paths)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    verdicts = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(str(tmp_path)))
+    assert len(verdicts) == len(paths), done.stderr[-2000:]
+    assert all(v.startswith("ok") for v in verdicts.values()), {k: v for k, v in verdicts.items() if not v.startswith("ok")}
 
 
 def test_results_summary_averages_methods_and_counts_best_cells(tmp_path):

@@ -109,7 +109,8 @@ def _accepted_experts(method, params) -> int:
     for n in (3, 2, 1):
         try:
             if method.check is not None:
-                method.check(method.resolve_params(params), TIE_WEIGHTS[:n])
+                declared = {k: v for k, v in params.items() if k in {p.name for p in method.params}}
+                method.check(method.resolve_params(declared), TIE_WEIGHTS[:n])
             return n
         except ParameterError:
             continue

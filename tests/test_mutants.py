@@ -552,7 +552,7 @@ def test_in_memory_hands_a_methods_per_tensor_pre_pass_to_it():
         return torch.zeros_like(base)
 
     probe = MergeMethod(name="probe", description="", delta=delta, scale_param="s", elementwise=True,
-                        params=(), tensor_analysis=lambda params, n: MagnitudeThreshold(0.5, n))
+                        params=(), tensor_analysis=lambda params, ctx: MagnitudeThreshold(0.5, len(ctx.weights)))
     base, experts = _models()
     in_memory.merge_delta(probe, {}, base, experts)
     # by hand: |tau0| = (1, 0, 0, 2), |tau1| = (3, 0, 0, 1); keeping 2 of 4, the threshold is 1 and one
@@ -609,7 +609,8 @@ def test_database_waits_for_another_writer_instead_of_failing(tmp_path):
 # ---- merge maths helpers and the methods' checks (core/merge_ops.py, plugins/) -----------------------------
 
 from mergebench.core.merge_ops import drop_and_rescale_, magnitude_mask  # noqa: E402
-from mergebench.plugins import average as average_plugin, dare_ties as dare_plugin, ties as ties_plugin  # noqa: E402
+from mergebench.plugins import average as average_plugin, task_vectors as ties_plugin  # noqa: E402
+from mergebench.plugins.task_vectors import DARE_TIES as dare_plugin  # noqa: E402
 
 
 def test_magnitude_mask_is_boolean_at_the_edges():
@@ -664,12 +665,15 @@ def test_method_checks_refuse_with_their_messages():
 
 
 def test_ties_picks_one_pre_pass_per_trim_scope():
-    tensor = ties_plugin.tensor_threshold({"trim_scope": "tensor", "density": 0.3}, 2)
+    from mergebench.core.context import TensorContext
+
+    two = TensorContext("w", (1.0, 1.0))
+    tensor = ties_plugin.tensor_threshold({"trim_scope": "tensor", "density": 0.3}, two)
     assert (tensor.density, tensor.n, tensor.k) == (0.3, 2, None)
-    assert ties_plugin.tensor_threshold({"trim_scope": "global", "density": 0.3}, 2) is None
-    whole = ties_plugin.global_threshold({"trim_scope": "global", "density": 0.4}, 3)
+    assert ties_plugin.tensor_threshold({"trim_scope": "global", "density": 0.3}, two) is None
+    whole = ties_plugin.global_threshold({"trim_scope": "global", "density": 0.4}, ({}, {}, {}))
     assert (whole.density, whole.n, whole.k) == (0.4, 3, None)
-    assert ties_plugin.global_threshold({"trim_scope": "tensor", "density": 0.4}, 3) is None
+    assert ties_plugin.global_threshold({"trim_scope": "tensor", "density": 0.4}, ({}, {}, {})) is None
 
 
 def test_threshold_mask_reports_no_ties_used_when_none_are_allowed():

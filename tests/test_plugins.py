@@ -78,7 +78,7 @@ def test_two_plugins_with_one_method_name_is_an_error_naming_both(pm):
     pm.register(Other(), name="acme_ties")
     with pytest.raises(PluginError) as err:
         pm.merge_methods()
-    assert "mergebench.plugins.ties" in str(err.value) and "acme_ties" in str(err.value)
+    assert "mergebench.plugins.task_vectors" in str(err.value) and "acme_ties" in str(err.value)
 
 
 def test_other_component_registries(pm):
@@ -232,12 +232,13 @@ def test_plugins_and_methods_commands(installed, monkeypatch):
     by_name = {r["name"]: r for r in rows}
     assert by_name["first"] == {"name": "first", "hooks": ["register_merge_methods"], "distribution": "mb-first",
                                 "version": "1.2.3"}
-    assert by_name["mergebench.plugins.ties"]["builtin"] is True
+    assert by_name["mergebench.plugins.task_vectors"]["builtin"] is True
     assert by_name["mergebench.core.sources"]["hooks"] == ["resolve_model"]
     methods = json.loads(CliRunner().invoke(cli, ["methods", "--json"]).output)
     ties = next(m for m in methods if m["name"] == "ties")
-    assert [p["name"] for p in ties["parameters"]] == ["density", "lambda", "trim_scope"]
+    assert [p["name"] for p in ties["parameters"]][:3] == ["density", "lambda", "trim_scope"]
+    assert {"normalize", "rescale", "rounding", "zero_sum_sign"} <= {p["name"] for p in ties["parameters"]}
     assert ties["parameters"][0] == {"name": "density", "type": "float", "default": 0.2, "range": "[0.0, 1.0]",
-                                     "description": "fraction of each task vector's entries kept"}
+                                     "description": "fraction of each task vector's entries kept", "per_expert": True}
     table = CliRunner().invoke(cli, ["methods"]).output
     assert "first" in table and "arXiv:2306.01708" in table

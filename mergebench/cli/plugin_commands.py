@@ -28,7 +28,7 @@ def check(ctx: click.Context, name: str, as_json: bool) -> None:
     """Check merge method NAME against the method contract (determinism, chunking, identities, ...).
 
     \b
-    mergebench plugin check breadcrumbs     # exit 1, naming each broken invariant, if one fails
+    mergebench plugin check consensus       # exit 1, naming each broken invariant, if one fails
     """
     from mergebench.core.conformance import check_method
 

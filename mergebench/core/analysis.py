@@ -9,11 +9,12 @@ floating-point tensor before any is merged). Analyses keep histograms, never ten
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from mergebench.core.merge_ops import keep_count
+from mergebench.core.merge_ops import exact_l1, keep_count, l1_rescale_factor
 
 Tensor = torch.Tensor
 
@@ -37,6 +38,13 @@ _HI_BINS = 1 << 15  # |x| as float32 bits has a zero sign bit: the high half is 
 _LO_BINS = 1 << 16
 
 
+class Thresholds(list):
+    """:class:`MagnitudeThreshold`'s result for one tensor: per expert ``(threshold, ties)``, plus the ``tag``
+    its maker gave (what the counts were computed from), so a merge can check it matches its own values."""
+
+    tag: Any = None
+
+
 class MagnitudeThreshold:
     """Exact top-k magnitude threshold of each expert's task vector over the tensors it observes.
 
@@ -48,19 +56,23 @@ class MagnitudeThreshold:
     streaming passes instead of a sort; memory: two histograms per expert.
 
     ``result_for(name)`` is, per expert, ``(threshold, ties)``: keep |tau| > threshold, plus the first
-    ``ties`` entries of this tensor with |tau| == threshold. ``k`` overrides the count derived from
-    ``density``.
+    ``ties`` entries of this tensor with |tau| == threshold. ``density`` is one value or one per
+    expert; ``k`` overrides the count derived from it, and ``counts(entries observed)`` (one k per
+    expert) overrides both. ``tag`` is handed back with every result (:class:`Thresholds`).
     """
 
     passes = 2
 
-    def __init__(self, density: float, n_experts: int, k: int | None = None):
+    def __init__(self, density: float | Sequence[float], n_experts: int, k: int | None = None, *,
+                 counts: Callable[[int], Sequence[int]] | None = None, tag: Any = None):
         self.density = density
         self.k = k
         self.n = n_experts
+        self.counts = counts
+        self.tag = tag
         self.total = 0
-        self.hi = torch.zeros(n_experts, _HI_BINS, dtype=torch.int64)
-        self.lo = torch.zeros(n_experts, _LO_BINS, dtype=torch.int64)
+        self.hi: list[Tensor | int] = [0] * n_experts  # per expert, histograms (0 until a chunk is seen)
+        self.lo: list[Tensor | int] = [0] * n_experts
         self.bucket: list[int] = []
         self.need_in_bucket: list[int] = []
         self.low_wanted: list[int] = []
@@ -76,31 +88,42 @@ class MagnitudeThreshold:
             magnitude = expert.abs() if base is None else (expert - base).abs_()
             bits = magnitude.reshape(-1).view(torch.int32)
             if pass_index == 0:
-                self.hi[t] += torch.bincount(bits >> 16, minlength=_HI_BINS)[:_HI_BINS].cpu()
+                self.hi[t] = self.hi[t] + torch.bincount(bits >> 16, minlength=_HI_BINS)[:_HI_BINS].cpu()
             elif self.bucket[t] >= 0:
                 low = bits[(bits >> 16) == self.bucket[t]] & 0xFFFF
                 if low.numel():
-                    self.lo[t] += torch.bincount(low, minlength=_LO_BINS).cpu()
+                    self.lo[t] = self.lo[t] + torch.bincount(low, minlength=_LO_BINS).cpu()
                     lows[t].append(low)
 
     @staticmethod
     def _select(hist: Tensor, k: int) -> tuple[int, int]:
         """The bin holding the k-th largest entry (k >= 1) and how many of that bin's entries are needed."""
-        above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # entries in higher bins
-        b = int(torch.nonzero((above < k) & (above + hist >= k))[-1])
-        return b, k - int(above[b])
+        upto = torch.cumsum(hist, 0)  # entries in this bin and the lower ones
+        total = int(upto[-1])
+        # the k-th largest lies in the first bin with more than total - k entries up to it
+        b = int(torch.searchsorted(upto, torch.tensor([total - k], dtype=upto.dtype), right=True))
+        return b, k - (total - int(upto[b]))
+
+    def _ks(self) -> list[int]:
+        """Entries to keep, per expert."""
+        if self.counts is not None:
+            return [min(self.total, max(0, int(k))) for k in self.counts(self.total)]
+        if self.k is not None:
+            return [self.k] * self.n
+        densities = self.density if isinstance(self.density, Sequence) else [self.density] * self.n
+        return [keep_count(d, self.total) for d in densities]
 
     def end_pass(self, pass_index: int) -> None:
-        k = self.k if self.k is not None else keep_count(self.density, self.total)
+        ks = self._ks()
         if pass_index == 0:
             for t in range(self.n):
-                b, need = self._select(self.hi[t], k) if k > 0 else (-1, 0)
+                b, need = self._select(self.hi[t], ks[t]) if ks[t] > 0 else (-1, 0)
                 self.bucket.append(b)
                 self.need_in_bucket.append(need)
             return
         remaining = []
         for t in range(self.n):
-            if k == 0:
+            if ks[t] == 0:
                 self.threshold.append(float("inf"))
                 self.low_wanted.append(-1)
                 remaining.append(0)
@@ -120,8 +143,84 @@ class MagnitudeThreshold:
             self.ties[name] = per_expert
         self.bucket_lows.clear()
 
-    def result_for(self, name: str) -> list[tuple[float, int]]:
-        return list(zip(self.threshold, self.ties.get(name, [0] * self.n)))
+    def result_for(self, name: str) -> Thresholds:
+        out = Thresholds(zip(self.threshold, self.ties.get(name, [0] * self.n)))
+        out.tag = self.tag
+        return out
+
+
+class Combined:
+    """Several pre-passes streamed together (each sees the passes it declares); the result is the tuple of
+    their results."""
+
+    def __init__(self, *parts: TensorAnalysis):
+        self.parts = parts
+        self.passes = max(p.passes for p in parts)
+
+    def observe(self, pass_index: int, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> None:
+        for part in self.parts:
+            if pass_index < part.passes:
+                part.observe(pass_index, name, base, experts)
+
+    def end_pass(self, pass_index: int) -> None:
+        for part in self.parts:
+            if pass_index < part.passes:
+                part.end_pass(pass_index)
+
+    def result_for(self, name: str) -> tuple:
+        return tuple(part.result_for(name) for part in self.parts)
+
+
+@dataclass(frozen=True)
+class L1Rescale:
+    """:class:`L1RescalePass`'s result: the wrapped pre-pass's result (None without one) and, per expert, the
+    factor that gives its sparsified task vector back the L1 norm it had before."""
+
+    inner: Any
+    factors: tuple[float, ...]
+
+
+class L1RescalePass:
+    """Each expert's exact L1 norm of its task vector before and after sparsification, over one tensor.
+
+    Runs ``inner``'s passes (e.g. the magnitude thresholds the sparsifier needs), then one more pass that
+    sparsifies every chunk with ``sparsify_(taus, ctx)`` on a copy of the tensor's context ``ctx`` (its
+    ``analysis`` set to ``inner``'s result, fresh ``state`` and fresh random streams, so the merge that
+    follows draws the very same masks) and sums |tau| before and after with
+    :func:`~mergebench.core.merge_ops.exact_l1`: the factors are independent of the chunking.
+    """
+
+    def __init__(self, inner: TensorAnalysis | None, n_experts: int,
+                 sparsify_: Callable[[list[Tensor], Any], None], ctx: Any):
+        self.inner = inner
+        self.sparsify_ = sparsify_
+        self.ctx = ctx
+        self.passes = (inner.passes if inner is not None else 0) + 1
+        self.before = [0] * n_experts
+        self.after = [0] * n_experts
+        self.shadow = None
+
+    def observe(self, pass_index: int, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> None:
+        if pass_index < self.passes - 1:
+            self.inner.observe(pass_index, name, base, experts)
+            return
+        if self.shadow is None:
+            analysis = self.inner.result_for(name) if self.inner is not None else None
+            self.shadow = replace(self.ctx, analysis=analysis, offset=0, state={}, _generators={})
+        taus = [e - base for e in experts]
+        for t, tau in enumerate(taus):
+            self.before[t] += exact_l1(tau)
+        self.sparsify_(taus, self.shadow)
+        for t, tau in enumerate(taus):
+            self.after[t] += exact_l1(tau)
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index < self.passes - 1:
+            self.inner.end_pass(pass_index)
+
+    def result_for(self, name: str) -> L1Rescale:
+        factors = tuple(l1_rescale_factor(b, a) for b, a in zip(self.before, self.after))
+        return L1Rescale(self.shadow.analysis if self.shadow is not None else None, factors)
 
 
 def run_analysis(analysis: TensorAnalysis, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> Any:

@@ -305,8 +305,9 @@ def build_plan(method: MergeMethod, settings: ParameterPlan, sources: list[Model
             checked.add(key)
         tensor_params[job.name] = tp
     params = settings.method_level()
-    if method.analysis is not None and settings.varies and method.analysis(dict(tensor_params[jobs[0].name].params)
-                                                                           if jobs else params, len(sources) - has_base):
+    first = tensor_params[jobs[0].name] if jobs else None
+    if method.analysis is not None and settings.varies and first is not None \
+            and method.analysis(dict(first.params), first.expert_params):
         raise ParameterError(f"merge method '{method.name}' with these parameters needs one pre-pass over the whole "
                              f"model, so its parameters cannot vary by tensor (no gradients or filters)")
     return _Plan(method, params, settings, sources, has_base, jobs, tensor_params, out_dtype, device, layers)
@@ -450,10 +451,14 @@ def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], jobs: list[Tens
 
 def run_analysis(plan: _Plan, progress: ProgressCallback | None = None):
     """The method's whole-model pre-pass over every floating-point tensor, or None when it has none."""
-    analysis = plan.method.analysis(plan.params, len(plan.experts)) if plan.method.analysis else None
+    floats = [j for j in plan.jobs if plan.info(j).is_float]
+    if plan.method.analysis is None or not floats:
+        return None
+    # parameters cannot vary by tensor when there is a whole-model pre-pass (build_plan refuses it)
+    tp = plan.tensor_params[floats[0].name]
+    analysis = plan.method.analysis(dict(tp.params), tp.expert_params)
     if analysis is None:
         return None
-    floats = [j for j in plan.jobs if plan.info(j).is_float]
     if len({j.experts for j in floats}) > 1:
         raise ParameterError(f"merge method '{plan.method.name}' with these parameters needs one pre-pass over the "
                              f"whole model, so every tensor must be merged from the same inputs (no slices)")
@@ -517,7 +522,7 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
         return out
     checked = analysis is not None  # the whole-model pre-pass already checked every input
     if method.tensor_analysis is not None and ctx.analysis is None:
-        per_tensor = method.tensor_analysis(params, len(tp.weights))
+        per_tensor = method.tensor_analysis(params, ctx)
         if per_tensor is not None:
             _observe(per_tensor, plan, buffers, [job])
             ctx.analysis = per_tensor.result_for(job.name)

@@ -1,4 +1,5 @@
-"""Shared merge maths, written once: task vectors, trimming, sign election, disjoint mean, drop-and-rescale.
+"""Shared merge maths, written once: task vectors, trimming, sign election, disjoint mean, drop-and-rescale,
+exact L1 norms.
 
 All helpers work on float32 tensors of one parameter name. Experts are passed as lists (not stacked)
 so that memory stays at one tensor per input; helpers that say so work in place.
@@ -6,6 +7,7 @@ so that memory stays at one tensor per input; helpers that say so work in place.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -16,6 +18,11 @@ Tensor = torch.Tensor
 def keep_count(density: float, numel: int) -> int:
     """How many elements a trim to ``density`` keeps: round(density * numel), halves rounded up."""
     return min(numel, max(0, int(density * numel + 0.5)))
+
+
+def floor_count(fraction: float, numel: int) -> int:
+    """int(fraction * numel) within [0, numel]: mergekit's count (Python's int() rounds towards zero)."""
+    return min(numel, max(0, int(fraction * numel)))
 
 
 def task_vectors_(base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
@@ -63,14 +70,18 @@ def threshold_mask(x: Tensor, threshold: float, ties: int) -> tuple[Tensor, int]
     return mask.view(x.shape), used
 
 
-def random_keep_mask(numel: int, density: float, generator: torch.Generator) -> Tensor:
+def random_keep_mask(numel: int, density: float | Tensor, generator: torch.Generator) -> Tensor:
     """Bernoulli(density) keep flags for ``numel`` entries, drawn on the CPU from ``generator``.
 
     Each 32-bit draw of the generator yields two 16-bit uniforms (half the work of one float per
     entry), so the keep probability is density rounded to a multiple of 1/65536 (0.2 -> 0.199997).
     Drawing a tensor in consecutive chunks of even length gives the same flags as one draw.
+    ``density`` may also be a flat tensor of ``numel`` per-entry probabilities (same draws, one threshold each).
     """
     words = torch.randint(-(2**31), 2**31, ((numel + 1) // 2,), generator=generator, dtype=torch.int32)
+    if isinstance(density, Tensor):  # int32 comparison: a threshold of 32768 (probability 1) keeps everything
+        thresholds = torch.round(density.detach().to("cpu", torch.float32) * 65536).to(torch.int32) - 32768
+        return words.view(torch.int16)[:numel].to(torch.int32) < thresholds
     threshold = round(density * 65536) - 32768
     if threshold > 32767:  # density 1 (or within 2^-17 of it): keep all; the draws above still advance the stream
         return torch.ones(numel, dtype=torch.bool)
@@ -96,9 +107,28 @@ def drop_and_rescale_(tau: Tensor, density: float, generator: torch.Generator) -
     return random_drop_(tau, density, generator).div_(density)
 
 
-def elect_sign(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """TIES step 2: the elected sign per element, sign(sum_t w_t * tau_hat_t) in {-1, 0, +1}."""
-    return torch.sign(weighted_sum(trimmed, weights))
+def elect_sign(trimmed: Sequence[Tensor], weights: Sequence[float], zero_sum: str = "zero") -> Tensor:
+    """TIES step 2: the elected sign per element, sign(sum_t w_t * tau_hat_t) in {-1, 0, +1}.
+
+    ``zero_sum``: the sign elected where that sum is exactly 0: ``"zero"`` (TIES: no sign, so no expert
+    agrees and the entry merges to 0) or ``"positive"`` (mergekit: +1 where the sum is >= 0).
+    """
+    total = weighted_sum(trimmed, weights)
+    if zero_sum == "positive":
+        return (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    return torch.sign(total)
+
+
+def agreeing_sums(trimmed: Sequence[Tensor], weights: Sequence[float], sign: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_t w_t * tau_hat_t * [agree_t] and sum_t w_t * [agree_t], where expert t agrees when its entry is
+    non-zero and has the elected ``sign``."""
+    numerator = torch.zeros_like(sign)
+    denominator = torch.zeros_like(sign)
+    for tau, w in zip(trimmed, weights):
+        agree = torch.sign(tau).mul_(sign).clamp_(min=0)  # 1 where non-zero with the elected sign, else 0
+        numerator.addcmul_(tau, agree, value=w)
+        denominator.add_(agree, alpha=w)
+    return numerator, denominator
 
 
 def disjoint_mean(trimmed: Sequence[Tensor], weights: Sequence[float], sign: Tensor) -> Tensor:
@@ -108,15 +138,37 @@ def disjoint_mean(trimmed: Sequence[Tensor], weights: Sequence[float], sign: Ten
     over agreeing experts. Weights must be positive (sign election needs them so), hence a zero
     denominator means a zero numerator and the division can use a clamped denominator.
     """
-    numerator = torch.zeros_like(sign)
-    denominator = torch.zeros_like(sign)
-    for tau, w in zip(trimmed, weights):
-        agree = torch.sign(tau).mul_(sign).clamp_(min=0)  # 1 where non-zero with the elected sign, else 0
-        numerator.addcmul_(tau, agree, value=w)
-        denominator.add_(agree, alpha=w)
+    numerator, denominator = agreeing_sums(trimmed, weights, sign)
     return numerator.div_(denominator.clamp_(min=torch.finfo(denominator.dtype).tiny))
 
 
 def ties_merge_(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Sign election then disjoint mean over already-sparsified task vectors (shared by TIES and DARE-TIES)."""
     return disjoint_mean(trimmed, weights, elect_sign(trimmed, weights))
+
+
+def exact_l1(x: Tensor) -> int:
+    """sum |x| of a float32 tensor, exactly, as an integer number of 2**-149 (float32's smallest step).
+
+    Mantissas are summed per exponent in int64 (exact up to 2**39 entries), so the total does not depend
+    on the order of the entries nor on how a tensor is split into chunks: an L1 norm accumulated over a
+    streamed tensor equals the whole tensor's bit for bit.
+    """
+    bits = x.detach().reshape(-1).abs().view(torch.int32)
+    exponent = bits >> 23
+    mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)  # implicit leading 1 of normal floats
+    per_exponent = torch.zeros(256, dtype=torch.int64, device=x.device).scatter_add_(0, exponent.long(),
+                                                                                      mantissa.long())
+    # exponent field e > 0: value = mantissa * 2**(e - 150) = mantissa * 2**(e - 1) steps; e = 0 (subnormal): 1 step
+    return sum(int(m) << (max(e, 1) - 1) for e, m in enumerate(per_exponent.tolist()) if m)
+
+
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either norm is below this
+
+
+def l1_rescale_factor(before: int, after: int) -> float:
+    """The factor that gives a sparsified tensor its L1 norm back (mergekit's ``rescale``): before / after,
+    or 1 when either norm (exact sums from :func:`exact_l1`) is below ``L1_EPS``, as mergekit does."""
+    if math.ldexp(float(before), -149) < L1_EPS or math.ldexp(float(after), -149) < L1_EPS:
+        return 1.0
+    return before / after  # exact integers: a correctly rounded quotient

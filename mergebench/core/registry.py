@@ -180,11 +180,12 @@ class MergeMethod(Component):
     # True when each output entry depends only on the same entry of the inputs (plus ctx.analysis):
     # the engine then streams the tensor through ``merge`` in cache-sized flat chunks.
     elementwise: bool = False
-    # Optional pre-passes, each a factory (params, n_experts) -> TensorAnalysis | None:
-    # ``tensor_analysis`` runs over one tensor's chunks before that tensor is merged (e.g. its top-k
-    # magnitude threshold); ``analysis`` runs over the whole model before any tensor is merged.
-    tensor_analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
-    analysis: Callable[[dict[str, Any], int], "TensorAnalysis | None"] | None = None
+    # Optional pre-passes. ``tensor_analysis(params, ctx)`` runs over one tensor's chunks before that tensor is
+    # merged (e.g. its top-k magnitude threshold; ``ctx`` is the tensor's TensorContext: per-expert values,
+    # random streams); ``analysis(params, expert_params)`` runs over the whole model before any tensor is
+    # merged (``expert_params``: each expert's own parameter values). Each returns a TensorAnalysis or None.
+    tensor_analysis: Callable[[dict[str, Any], "TensorContext"], "TensorAnalysis | None"] | None = None
+    analysis: Callable[[dict[str, Any], tuple[Mapping[str, Any], ...]], "TensorAnalysis | None"] | None = None
     # Data-aware methods (RegMean, Fisher): params -> what to collect from calibration data through each expert
     # (a mergebench.core.calibration.CalibrationRequest), or None when these parameters need nothing. The
     # engine computes (or reads from its cache) the statistics before merging and hands each tensor's

@@ -97,8 +97,8 @@ def unique_scales(shared: Sequence[int], unique: Sequence[int], r: float, alpha:
     return (1 + r * rho.clamp(min=0, max=alpha)).tolist()
 
 
-def overlap_counts(params, n_experts):
-    return OverlapCounts(params["epsilon"], n_experts)
+def overlap_counts(params, ctx):
+    return OverlapCounts(params["epsilon"], len(ctx.weights))
 
 
 def ramplus_tl(base, experts, params, ctx):

@@ -1,0 +1,71 @@
+"""Fisher merging: each parameter entry averaged with weights from the experts' diagonal Fisher information.
+
+Matena & Raffel, Merging Models with Fisher-Weighted Averaging (arXiv:2111.09832, eq. 3), per entry j:
+
+    theta*_j = sum_i w_i max(F_i,j, floor) theta_i,j / sum_i w_i max(F_i,j, floor)
+
+F_i is expert i's diagonal empirical Fisher on the calibration data (the mean over examples of the squared
+gradient of each example's log-likelihood, :mod:`mergebench.core.calibration`), w_i its weight
+(``ctx.weights``: the paper's merging coefficients lambda_i, default 1 each; only their ratios matter).
+
+- ``fisher_floor`` (default 1e-6, the authors' code ``fisher_floor``; FusionBench's
+  ``minimal_fisher_weight`` is also 1e-6 but added to F rather than a lower bound): keeps entries that
+  no expert's data reaches from dividing by ~0. It is absolute, so where every F_i is below it the entry
+  is the weighted mean; with floor 0 an entry where every F_i is 0 is the weighted mean too. The authors'
+  ``favor_target_model`` (floor only the first model) is not offered: all experts are alike here.
+- Not done: the authors' code and FusionBench by default also divide each expert's Fisher by its L2 norm
+  over the whole model (``normalize_fishers`` / ``normalize_fisher_weight``), which the paper's equation
+  does not have; here the experts' Fishers, computed on the same data, are compared as they are.
+- Tensors without a Fisher (none was collected for that name) are the weighted mean. The base, when
+  given, takes no part.
+
+Computed in float32 on the merge's device, per whole tensor (the statistics come one tensor at a time).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.calibration import CalibrationRequest
+from mergebench.core.errors import InputError
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.registry import MergeMethod, Param
+from mergebench.plugins.regmean import check_weights, weighted_mean
+
+
+def fisher(base, experts, params, ctx):
+    """sum_i w_i max(F_i, floor) theta_i / sum_i w_i max(F_i, floor), per entry"""
+    fishers = ctx.statistics
+    if fishers is None or any(f is None for f in fishers):
+        return weighted_mean(experts, ctx.weights)
+    numerator = torch.zeros_like(experts[0])
+    denominator = torch.zeros_like(experts[0])
+    for theta, f, weight in zip(experts, fishers, ctx.weights):
+        if not isinstance(f, torch.Tensor) or f.shape != theta.shape:
+            got = list(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise InputError(f"fisher: the Fisher for tensor '{ctx.name}' is {got}, not shaped as the tensor "
+                             f"{list(theta.shape)}; the calibration statistics belong to another model")
+        f = f.to(theta.device, torch.float32).clamp_min_(params["fisher_floor"]).mul_(weight)
+        denominator += f
+        numerator.addcmul_(f, theta)
+    unreached = denominator == 0  # only with floor 0: no expert has information there
+    out = numerator.div_(torch.where(unreached, torch.ones_like(denominator), denominator))
+    return torch.where(unreached, weighted_mean(experts, ctx.weights), out) if unreached.any() else out
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(
+        MergeMethod(
+            name="fisher",
+            description="Per-entry average weighted by each expert's diagonal Fisher information on calibration data.",
+            reference="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, arXiv:2111.09832",
+            params=(Param("fisher_floor", float, 1e-6, "lower bound on each Fisher entry (the authors' code's "
+                                                       "fisher_floor)", min=0.0),),
+            merge=fisher,
+            check=check_weights("fisher"),
+            needs_base=False,
+            ignores_base=True,
+            calibration=lambda params: CalibrationRequest("fisher"),
+        )
+    )

@@ -1,0 +1,143 @@
+"""RegMean: merge each linear layer so that it best reproduces every expert's outputs on that expert's inputs.
+
+For a linear weight W_i (out x in, y = W x) of expert i and the Gram matrix G_i = X_i^T X_i of the
+layer's inputs over the calibration data (rows of X_i: one per token, :mod:`mergebench.core.calibration`),
+RegMean (Jin et al., arXiv:2212.09849, eq. 2 and section 3.2) minimises sum_i w_i ||X_i W^T - X_i W_i^T||^2:
+
+    G~_i = alpha * G_i + (1 - alpha) * diag(G_i)                 off-diagonal entries scaled by alpha
+    W*   = (sum_i w_i W_i G~_i) (sum_i w_i G~_i)^-1               (out x in)
+
+The paper writes it for y = x W (W in x out): W* = (sum_i G~_i)^-1 sum_i G~_i W_i, the transpose of the
+line above. ``alpha`` is FusionBench's ``reduce_non_diagonal_ratio``; alpha = 1 is the plain regression
+solution, smaller alpha pulls the merge towards the per-input-feature weighted mean. The per-expert weights
+w_i (``ctx.weights``, default 1: the paper's unweighted sum) scale each expert's regression term.
+
+- G_i is the sum over tokens (the paper), not FusionBench's mean over tokens: the two differ only when
+  experts saw different numbers of tokens, and the sum lets an expert with more data count for more.
+- transformers' ``Conv1D`` (GPT-2) stores W as in x out: it is transposed, merged, and transposed back.
+- Every other floating-point tensor (embeddings, norms, biases, a tied embedding / output head) and any
+  linear weight without a statistic is averaged, sum_i w_i theta_i / sum_i w_i, as in the paper and
+  FusionBench. The base, when given, takes no part.
+
+Numerics: A = sum_i w_i G~_i (symmetric positive semi-definite) and B = sum_i w_i G~_i W_i^T are formed in
+float64 on the merge's device and A X = B is solved by a Cholesky factorisation (no explicit inverse) of
+A scaled to a unit diagonal (D^-1/2 A D^-1/2, D = diag(A)), so that input features of very different
+scales (LLM activations have a few huge ones) are judged alike.
+- An input feature never active in the data (a zero row and column of every G_i) is left out of the
+  solve; its column of W* is the weighted mean.
+- When the scaled A is singular or nearly so (fewer tokens than inputs, or collinear inputs, with
+  alpha = 1: a Cholesky pivot^2 below 1.2e-7 x in_features, float32's resolution of the accumulated
+  Grams times the size, numpy's matrix_rank rule), the regression does not determine W* there. We take
+  the weighted mean W_bar plus the minimum-norm correction (in the scaled coordinates), X = W_bar^T +
+  pinv(A) (B - A W_bar^T), pinv from an eigendecomposition dropping eigenvalues below that tolerance:
+  directions the data constrains get the regression solution, the rest keep the mean.
+- With alpha < 1 the scaled A has eigenvalues of at least 1 - alpha, so (for 1 - alpha above the
+  tolerance) the Cholesky path is taken.
+Memory per linear tensor: a few in x in float64 matrices beyond the engine's (N + 2) copies of the weight
+and the N Grams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.calibration import CalibrationRequest, Gram
+from mergebench.core.errors import InputError, ParameterError
+from mergebench.core.hookspecs import hookimpl
+from mergebench.core.merge_ops import weighted_sum
+from mergebench.core.registry import MergeMethod, Param
+
+_RTOL_PER_INPUT = 1.2e-7  # float32 machine epsilon: the Grams are accumulated in float32
+
+
+def weighted_mean(experts, weights):
+    """sum_i w_i theta_i / sum_i w_i"""
+    return weighted_sum(experts, weights).div_(sum(weights))
+
+
+def reduce_non_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * G + (1 - alpha) * diag(G): the off-diagonal entries scaled by alpha, the diagonal kept (in place)."""
+    diagonal = gram.diagonal().clone()
+    gram.mul_(alpha).diagonal().copy_(diagonal)
+    return gram
+
+
+def solve_psd(a: torch.Tensor, b: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """X with A X = B for symmetric positive semi-definite A; where A is (nearly) singular, ``fallback`` plus
+    the minimum-norm correction (module docstring). Solved for Y = D^1/2 X with the unit-diagonal
+    D^-1/2 A D^-1/2 (D = diag(A)), so the tolerance is relative per input feature, whatever their scales."""
+    d = a.diagonal()
+    live = d > 0
+    if not bool(live.all()):  # an input never active: its row and column of A are 0, its row of X is free
+        out = fallback.clone()
+        if bool(live.any()):
+            out[live] = solve_psd(a[live][:, live], b[live], fallback[live])
+        return out
+    scale = d.rsqrt()
+    a_hat = a * scale[:, None] * scale[None, :]
+    b_hat = b * scale[:, None]
+    tol = _RTOL_PER_INPUT * a.shape[0]  # A^ has unit diagonal
+    factor, info = torch.linalg.cholesky_ex(a_hat)
+    if int(info) == 0 and float(factor.diagonal().square().min()) > tol:
+        return torch.cholesky_solve(b_hat, factor) * scale[:, None]
+    values, vectors = torch.linalg.eigh(a_hat)
+    keep = values > tol
+    inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+    start = fallback / scale[:, None]
+    y = start + vectors @ (inverse[:, None] * (vectors.T @ (b_hat - a_hat @ start)))
+    return y * scale[:, None]
+
+
+def regmean(base, experts, params, ctx):
+    """(sum_i w_i W_i G~_i)(sum_i w_i G~_i)^-1 for linear weights; the weighted mean elsewhere"""
+    grams = ctx.statistics
+    if grams is None or any(g is None for g in grams) or experts[0].dim() != 2:
+        return weighted_mean(experts, ctx.weights)
+    if not all(isinstance(g, Gram) for g in grams):
+        raise InputError(f"regmean: the statistics for tensor '{ctx.name}' are not Gram matrices")
+    transposed = grams[0].transposed
+    weights_t = [e if transposed else e.T for e in experts]  # each W_i^T: in x out
+    n_in = weights_t[0].shape[0]
+    for g in grams:
+        if tuple(g.matrix.shape) != (n_in, n_in):
+            raise InputError(f"regmean: the Gram matrix for tensor '{ctx.name}' is {list(g.matrix.shape)}, but the "
+                             f"weight has {n_in} inputs; the calibration statistics belong to another model")
+    device = experts[0].device
+    a = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+    b = torch.zeros(weights_t[0].shape, dtype=torch.float64, device=device)
+    for w_t, g, weight in zip(weights_t, grams, ctx.weights):
+        gram = reduce_non_diagonal(g.matrix.to(device, torch.float64, copy=True), params["alpha"]).mul_(weight)
+        a += gram
+        b += gram @ w_t.to(torch.float64)
+    fallback = weighted_mean([w.to(torch.float64) for w in weights_t], ctx.weights)
+    merged_t = solve_psd(a, b, fallback).to(torch.float32)  # W*^T: in x out
+    return merged_t if transposed else merged_t.T.contiguous()
+
+
+def check_weights(method: str):
+    def check(params, weights):
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ParameterError(f"{method}: expert weights must be >= 0 with a positive sum (they weight each "
+                                 f"expert's share of the merge), got {list(weights)}")
+    return check
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(
+        MergeMethod(
+            name="regmean",
+            description="Linear layers solved to reproduce each expert's outputs on calibration data "
+                        "(Gram matrices of their inputs); other tensors averaged.",
+            reference="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, arXiv:2212.09849",
+            params=(Param("alpha", float, 0.9, "scale of the Gram matrices' off-diagonal entries (1: plain "
+                                               "regression; FusionBench's reduce_non_diagonal_ratio)",
+                          min=0.0, max=1.0),),
+            merge=regmean,
+            check=check_weights("regmean"),
+            needs_base=False,
+            ignores_base=True,
+            calibration=lambda params: CalibrationRequest("gram"),
+            search_space={"alpha": (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)},
+        )
+    )
