@@ -94,6 +94,9 @@ def test_scores_match_independent_loglikelihoods_and_generations(models, tmp_pat
         hits = [max(range(3), key=lambda c: choice_logliks(model, tok, r["query"], r["choices"])[c]) == r["label"]
                 for r in mc_rows]
         assert score["toy_mc"] == pytest.approx(sum(hits) / len(hits))
+        assert score.examples["toy_mc"] == [float(h) for h in hits]  # lm-eval's per-sample results, in document order
+        gen = [float(r["answer"].strip() == greedy(model, tok, r["query"]).strip()) for r in gen_rows]
+        assert score.examples["toy_gen"] == gen and score["toy_gen"] == pytest.approx(sum(gen) / len(gen))
     assert scores[0]["toy_gen"] == 1.0  # the answers are model 0's own greedy continuations
     assert scores[1]["toy_gen"] < 1.0
     assert scores[0]["toy_mc"] != scores[1]["toy_mc"] or scores[0]["toy_gen"] != scores[1]["toy_gen"]

@@ -102,7 +102,7 @@ def test_database_settings_and_schema(tmp_path):
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert db.conn.isolation_level is None  # autocommit outside explicit transactions
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"meta", "units", "models", "scores", "sweep_points", "merges"}
+    assert tables == {"meta", "units", "models", "scores", "sweep_points", "merges", "draws", "examples"}
     db.close()
     with pytest.raises(sqlite3.ProgrammingError):
         db.conn.execute("SELECT 1")
@@ -334,7 +334,7 @@ def test_leaderboard_markdown_exactly():
         "mean ± standard deviation over seeds, on the test splits; hyperparameters chosen on validation.\n\n"
         "| size | base | N | method | held-in | held-out | seeds | chosen (validation) |\n"
         "|---|---|---|---|---|---|---|---|\n"
-        "| toy | pre | 2 | ta | 0.900 ± 0.000 | 0.600 ± 0.250 | 2 | lambda=0.5; lambda=1.0 |\n"
+        "| toy | pre | 2 | ta | 0.900 ± 0.000 | 0.600 ± 0.250 | 2 | lambda=0.5 (seed 1); lambda=1.0 (seed 0) |\n"
         "| toy | pre | 2 | avg | 0.700 | - | 1 | no parameters |\n"
         "| toy | pre | 2 | empty | - | - | 0 | - |\n"
         "| toy | pre | 2 | *base* | 0.438 ± 0.000 | 1.000 ± 0.000 | 2 | baseline |\n")
@@ -350,19 +350,20 @@ def test_leaderboard_json_and_csv_exactly():
     assert records[0] == {"size": "toy", "base_kind": "pre", "n": 2, "method": "ta", "kind": "merge",
                           "held_in": {"mean": 0.9, "std": 0.0, "n": 2}, "held_out": {"mean": 0.6, "std": 0.25, "n": 2},
                           "seeds": [0, 1], "params": [{"lambda": 1.0, "trim_scope": "global"}, {"lambda": 0.5}],
-                          "key": "toy/pre/N=2/ta"}
+                          "held_in_ci": None, "held_out_ci": None, "held_in_rank": None, "held_out_rank": None,
+                          "ci_basis": None, "draws": None, "searched": None, "key": "toy/pre/N=2/ta"}
     assert [r["key"] for r in records] == ["toy/pre/N=2/ta", "toy/pre/N=2/avg", "toy/pre/N=2/empty",
                                            "toy/pre/N=2/base"]
     assert rows[3].record()["params"] == [] and rows[3].key == "toy/pre/N=2/base"
     table = list(csv.reader(io.StringIO(lb.to_csv(rows))))
     assert table == [
         ["size", "base_kind", "n", "method", "kind", "held_in_mean", "held_in_std", "held_out_mean", "held_out_std",
-         "seeds", "params"],
+         "seeds", "params", "held_in_ci", "held_out_ci", "held_in_rank", "held_out_rank", "ci_basis", "draws"],
         ["toy", "pre", "2", "ta", "merge", "0.9", "0.0", "0.6", "0.25", "2",
-         '[{"lambda": 1.0, "trim_scope": "global"}, {"lambda": 0.5}]'],
-        ["toy", "pre", "2", "avg", "merge", "0.7", "", "", "", "1", "[{}, {}]"],
-        ["toy", "pre", "2", "empty", "merge", "", "", "", "", "0", "[]"],
-        ["toy", "pre", "2", "base", "baseline", "0.4375", "0.0", "1.0", "0.0", "2", "[]"],
+         '[{"lambda": 1.0, "trim_scope": "global"}, {"lambda": 0.5}]'] + [""] * 6,
+        ["toy", "pre", "2", "avg", "merge", "0.7", "", "", "", "1", "[{}, {}]"] + [""] * 6,
+        ["toy", "pre", "2", "empty", "merge", "", "", "", "", "0", "[]"] + [""] * 6,
+        ["toy", "pre", "2", "base", "baseline", "0.4375", "0.0", "1.0", "0.0", "2", "[]"] + [""] * 6,
     ]
 
 
@@ -580,7 +581,7 @@ def test_ci_gate_passes_at_exactly_the_tolerance():
 def test_leaderboard_params_text_lists_every_parameter_but_the_trim_scope():
     row = lb.Row("toy", "pre", 2, "ties", "merge", lb.Stat(0.5, None, 1), lb.Stat(0.5, None, 1), [0, 1],
                  [{"lambda": 0.5, "density": 0.2, "trim_scope": "tensor"}, {"density": 0.1, "lambda": 1.0}])
-    assert lb.table_rows([row])[0][-1] == "density=0.1, lambda=1.0; density=0.2, lambda=0.5"
+    assert lb.table_rows([row])[0][-1] == "density=0.1, lambda=1.0 (seed 1); density=0.2, lambda=0.5 (seed 0)"
 
 
 def test_leaderboard_baselines_skip_only_the_incomplete_seed(board):

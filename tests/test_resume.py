@@ -57,6 +57,7 @@ def contents(run_dir: Path, home: Path) -> dict[str, list]:
     out = {
         "units": conn.execute("SELECT key, kind, spec, output FROM units ORDER BY key").fetchall(),
         "scores": conn.execute("SELECT * FROM scores ORDER BY model, split, dataset").fetchall(),
+        "examples": conn.execute("SELECT * FROM examples ORDER BY model, split, dataset").fetchall(),
         "sweep_points": conn.execute("SELECT * FROM sweep_points ORDER BY unit, params").fetchall(),
         "merges": conn.execute("SELECT seed, size, base_kind, n, method, experts, params, validation_held_in, "
                                "held_in, held_out, normalised, model FROM merges ORDER BY seed, base_kind, n, method"
@@ -81,6 +82,9 @@ def assert_consistent(run_dir: Path) -> None:
     evaluated = {(m, s) for m, s in conn.execute("SELECT DISTINCT model, split FROM scores WHERE model NOT LIKE 'merge-%'")}
     recorded = {(k.split(":")[1], k.split(":")[2]) for k, kind in units.items() if kind == "evaluation"}
     assert evaluated == recorded
+    # every score has its per-example values, written in the same transaction
+    scored = conn.execute("SELECT model, split, dataset FROM scores ORDER BY 1, 2, 3").fetchall()
+    assert conn.execute("SELECT model, split, dataset FROM examples ORDER BY 1, 2, 3").fetchall() == scored
     conn.close()
 
 

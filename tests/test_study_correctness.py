@@ -13,13 +13,14 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from mergebench.cli.main import cli
 
-from toy_study import EXAMPLE, plugin_env, rows, score, split_rows, weights, write_config
+from toy_study import EXAMPLE, example_scores, plugin_env, rows, score, split_rows, weights, write_config
 
 HELD_OUT = ["x", "y"]
 
@@ -222,3 +223,115 @@ def test_a_unit_is_recorded_entirely_or_not_at_all(tmp_path):
     assert db.scores("m", "test") == {}
     db.complete("eval:m", "evaluation", {}, None, 1.0, {}, statements[:2])
     assert db.done("eval:m") and db.scores("m", "test") == {"a": 0.5, "b": 0.25}
+
+
+# ---- per-example results, intervals and paired comparisons (issue 13) -----------------------------------------
+
+def test_every_evaluation_keeps_per_example_values_that_are_the_examples_scores(toy):
+    """Each (model, split, dataset) score has its per-example values, averaging to it; on test they are the toy
+    scoring of each entry of the dataset's block, recomputed here from the model files."""
+    from mergebench.study.per_example import decode
+
+    run_dir, home, _ = toy
+    examples = {(r["model"], r["split"], r["dataset"]): decode(r["dtype"], r["data"])
+                for r in rows(run_dir, "SELECT * FROM examples")}
+    scores = {(r["model"], r["split"], r["dataset"]): r["score"] for r in rows(run_dir, "SELECT * FROM scores")}
+    assert set(examples) == set(scores) and len(scores) > 100
+    for key, values in examples.items():
+        assert len(values) == 8 and values.mean() == pytest.approx(scores[key], rel=1e-6)
+    checked = 0
+    for m in rows(run_dir, "SELECT key, seed, path FROM models WHERE role IN ('merge', 'base', 'expert')"):
+        data = suite_rows(home, m["seed"])
+        w = weights(m["path"])
+        for (model, split, dataset), values in examples.items():
+            if model == m["key"] and split == "test":
+                assert values == pytest.approx(example_scores(w, data[(dataset, "test")]), rel=1e-6)
+                checked += 1
+    assert checked > 100
+
+
+def _independent_interval(run_dir, home, kind: str, n: int, method: str, metric: str, replicates: int = 2000):
+    """The two-level bootstrap written out plainly, on per-example values recomputed from the model files: draw
+    the seeds, then each dataset's examples (the same draw for the merge and its reference), the paper's score."""
+    rng = np.random.default_rng(12345)
+    seeds = []
+    for seed in (0, 1):
+        models = models_of(run_dir, seed, kind)
+        data = suite_rows(home, seed)
+        categories = json.loads(rows(run_dir, "SELECT experts FROM merges WHERE seed = ? AND base_kind = ? AND n = ? "
+                                              "LIMIT 1", (seed, kind, n))[0][0])
+        path = rows(run_dir, "SELECT m.path FROM merges g JOIN models m ON m.key = g.model WHERE g.seed = ? AND "
+                             "g.base_kind = ? AND g.n = ? AND g.method = ?", (seed, kind, n, method))[0][0]
+        merged = weights(path)
+        pairs = []  # per category: (merged values, reference values) of its one dataset
+        for c in (categories if metric == "held_in" else HELD_OUT):
+            reference = weights(models[("expert", c)] if metric == "held_in" else models[("base", None)])
+            row = data[(f"toy_{c}", "test")]
+            pairs.append((np.array(example_scores(merged, row)), np.array(example_scores(reference, row))))
+        seeds.append(pairs)
+    values = []
+    for _ in range(replicates):
+        slots = []
+        for s in rng.integers(0, len(seeds), len(seeds)):
+            ratios = []
+            for x, ref in seeds[s]:
+                idx = rng.integers(0, len(x), len(x))
+                ratios.append(x[idx].mean() / ref[idx].mean())
+            slots.append(np.mean(ratios))
+        values.append(np.mean(slots))
+    return np.percentile(values, [2.5, 97.5])
+
+
+def test_two_seed_leaderboard_has_intervals_on_every_row_containing_its_mean(toy):
+    run_dir, home, _ = toy
+    records = leaderboard(run_dir)
+    for r in records:
+        assert r["ci_basis"] == "seeds and examples", r["key"]
+        for metric in ("held_in", "held_out"):
+            low, high = r[f"{metric}_ci"]
+            assert low <= r[metric]["mean"] <= high, (r["key"], metric)
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["size"], r["base_kind"], r["n"]), []).append(r)
+    for group in groups.values():
+        merges = [r for r in group if r["kind"] == "merge"]
+        for metric in ("held_in", "held_out"):
+            best = max(merges, key=lambda r: r[metric]["mean"])
+            lo, hi = best[f"{metric}_ci"]
+            for r in merges:
+                overlaps = r[f"{metric}_ci"][0] <= hi and r[f"{metric}_ci"][1] >= lo
+                assert r[f"{metric}_rank"] == ("best" if r is best else "tied" if overlaps else "below")
+        base = next(r for r in group if r["method"] == "base")
+        assert base["held_out_ci"] == [1.0, 1.0]  # the base over itself, whatever the resample
+    # one merge's interval against the bootstrap written out here from the model files
+    for method, metric in (("task_arithmetic", "held_in"), ("average", "held_out")):
+        row = next(r for r in records if r["key"] == f"toy/pretrained/N=2/{method}")
+        low, high = _independent_interval(run_dir, home, "pretrained", 2, method, metric)
+        width = high - low
+        assert row[f"{metric}_ci"] == pytest.approx([low, high], abs=0.1 * width), (method, metric)
+
+
+def test_compare_prints_the_paired_difference_with_its_interval(toy):
+    run_dir, _, _ = toy
+    text = CliRunner().invoke(cli, ["compare", str(run_dir), "ties", "average"])
+    assert text.exit_code == 0, text.output
+    assert "ties - average: toy, pretrained base, N=2" in text.output and "95% interval" in text.output
+    result = CliRunner().invoke(cli, ["compare", str(run_dir), "ties", "average", "--format", "json"])
+    data = json.loads(result.output)
+    board = {r["key"]: r for r in leaderboard(run_dir)}
+    assert len(data["groups"]) == 4
+    for g in data["groups"]:
+        prefix = f"toy/{g['base_kind']}/N={g['n']}/"
+        for metric in ("held_in", "held_out"):
+            d = g[metric]
+            expected = board[prefix + "ties"][metric]["mean"] - board[prefix + "average"][metric]["mean"]
+            assert d["difference"] == pytest.approx(expected, abs=1e-6)  # float32 per-example values
+            for seed, value in d["per_seed"].items():
+                stored = {m: rows(run_dir, f"SELECT {metric} FROM merges WHERE seed = ? AND base_kind = ? AND n = ? AND "
+                                           "method = ?", (int(seed), g["base_kind"], g["n"], m))[0][0]
+                          for m in ("ties", "average")}
+                assert value == pytest.approx(stored["ties"] - stored["average"], abs=1e-6)
+            assert d["ci"][0] <= d["ci"][1] and 0 < d["p_value"] <= 1 and d["examples"] == 8 * (
+                g["n"] if metric == "held_in" else 2) * 2
+            assert set(d["categories"]) == (set(HELD_OUT) if metric == "held_out" else set(d["categories"])) and (
+                d["categories"])

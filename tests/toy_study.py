@@ -66,8 +66,14 @@ def split_rows(suite_dir: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
-def score(w: torch.Tensor, row: dict) -> float:
+def example_scores(w: torch.Tensor, row: dict) -> list[float]:
+    """Each entry of the dataset's block is one example: 1 / (1 + sharpness * its squared distance to the target)."""
     target = torch.tensor(row["target"], dtype=torch.float64)
     dim = len(target)
     block = w[row["block"] * dim:(row["block"] + 1) * dim]
-    return float(1.0 / (1.0 + SHARPNESS * (block - target).pow(2).mean()))
+    return [float(1.0 / (1.0 + SHARPNESS * (b - t) ** 2)) for b, t in zip(block.tolist(), target.tolist())]
+
+
+def score(w: torch.Tensor, row: dict) -> float:
+    values = example_scores(w, row)
+    return sum(values) / len(values)

@@ -1,4 +1,4 @@
-"""The study commands: ``run``, ``init``, ``leaderboard``, and the stages ``suite``, ``prepare-base``,
+"""The study commands: ``run``, ``init``, ``leaderboard``, ``compare``, ``report``, and the stages ``suite``, ``prepare-base``,
 ``train-expert`` and ``eval`` that can each be run alone on a user's own models."""
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def run(config: Path | None, run_dir: Path, workers: int | None, executor: str |
         else:
             _print_plan(made)
         return
+    for line in run_config.skipped(cfg):
+        stderr.print(f"[dim]note: {line}[/]")
     if cfg.evaluator.name == "lm-eval":
         try:
             import lm_eval  # noqa: F401
@@ -162,13 +164,15 @@ def _print_plan(plan) -> None:
 
 
 def _print_table(rows) -> None:
-    from mergebench.study.leaderboard import COLUMNS, table_rows
+    from mergebench.study.leaderboard import COLUMNS, DRAW_COLUMNS, draw_rows, notes, table_rows
 
-    if not stdout.is_terminal:
-        stdout.width = max(stdout.width, 130)  # files and CI logs: no squeezed columns
+    intervals = any(r.held_in_ci or r.held_out_ci for r in rows)
+    if not stdout.is_terminal:  # files and CI logs: no squeezed columns
+        stdout.width = max(stdout.width, 170 if intervals else 130)
     table = Table(title="mergebench leaderboard (normalised test scores; hyperparameters chosen on validation)")
     for c in COLUMNS:
-        table.add_column(c, justify="right" if c in ("N", "held-in", "held-out", "seeds") else "left")
+        table.add_column(c, justify="right" if c in ("N", "held-in", "held-out", "seeds") else "left",
+                         no_wrap=c in ("held-in", "held-out"))
     previous = None
     for r, cells in zip(rows, table_rows(rows)):
         group = (r.size, r.base_kind, r.n)
@@ -177,6 +181,17 @@ def _print_table(rows) -> None:
         previous = group
         table.add_row(*cells, style="dim" if r.kind == "baseline" else None)
     stdout.print(table)
+    for note in notes(rows):
+        stdout.print(f"[dim]{note}[/]")
+    drawn = draw_rows(rows)
+    if drawn:
+        spread = Table(title="random draws of stochastic methods: spread from the draw vs between seeds (standard "
+                             "deviations)")
+        for c in DRAW_COLUMNS:
+            spread.add_column(c, justify="left" if c in ("size", "base", "method") else "right")
+        for cells in drawn:
+            spread.add_row(*cells)
+        stdout.print(spread)
 
 
 @cli.command("leaderboard")
@@ -191,15 +206,18 @@ def _print_table(rows) -> None:
 @click.option("--check", "check_path", type=click.Path(path_type=Path), help="Fail if scores drop below this baseline.")
 @click.option("--tolerance", type=float, default=0.02, show_default=True, help="Allowed drop for --check.")
 @click.option("--save-baseline", type=click.Path(path_type=Path), help="Save these scores as a baseline JSON.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Bootstrap replicates for the 95% intervals (0: no intervals).")
 def leaderboard_command(run_dir: Path, fmt: str, output: Path | None, sizes, base_kinds, methods, sort: str,
-                        check_path: Path | None, tolerance: float, save_baseline: Path | None) -> None:
-    """Show a run's leaderboard; gate CI on a saved baseline with --check."""
+                        check_path: Path | None, tolerance: float, save_baseline: Path | None, n_boot: int) -> None:
+    """Show a run's leaderboard with 95% intervals (bootstrap over seeds and test examples); gate CI on a saved
+    baseline with --check."""
     from mergebench.core.writer import atomic_write_text
     from mergebench.study import leaderboard
     from mergebench.study.runner import open_db
 
     db = open_db(run_dir)
-    rows = leaderboard.build(db, tuple(sizes), tuple(base_kinds), tuple(methods), sort)
+    rows = leaderboard.build(db, tuple(sizes), tuple(base_kinds), tuple(methods), sort, n_boot=n_boot)
     if fmt == "table" and output is None:
         _print_table(rows)
     else:
@@ -225,6 +243,102 @@ def leaderboard_command(run_dir: Path, fmt: str, output: Path | None, sizes, bas
                 stderr.print(f"[red]regression[/] {f}")
             raise SystemExit(1)
         stderr.print(f"[green]ok[/]: no row dropped more than {tolerance} below {check_path}")
+
+
+@cli.command("compare")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("a")
+@click.argument("b")
+@click.option("--n", "ns", type=int, multiple=True, help="Only this number of merged experts (repeatable).")
+@click.option("--size", "sizes", multiple=True, help="Only this model size (repeatable).")
+@click.option("--base-kind", "base_kinds", multiple=True, help="Only this base kind (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Bootstrap replicates for the interval.")
+@click.option("--permutations", "n_perm", type=click.IntRange(min=100), default=10_000, show_default=True,
+              help="Random sign patterns for the permutation test (exact when 16 or fewer examples differ).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and permutation draws.")
+def compare_command(run_dir: Path, a: str, b: str, ns, sizes, base_kinds, fmt: str, n_boot: int, n_perm: int,
+                    seed: int) -> None:
+    """Paired difference A - B between two merge methods of a run, or a method and a baseline (base, experts,
+    multitask): mean difference, 95% interval (bootstrap over seeds and test examples) and p-value (paired
+    permutation test over test examples), held-in and held-out, overall and per category."""
+    from mergebench.study.compare import compare
+    from mergebench.study.runner import open_db
+
+    result = compare(open_db(run_dir), a, b, tuple(sizes), tuple(base_kinds), tuple(ns), n_boot, n_perm, seed)
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_comparison(result)
+
+
+def _print_comparison(result: dict) -> None:
+    def num(v, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:+.{digits}f}" if digits == 3 else f"{v:.{digits}f}"
+
+    def p_text(p, floor: float) -> str:
+        """The p-value; at the smallest value its number of random draws can give, shown as an upper bound."""
+        if p is None:
+            return "-"
+        text = f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+        return f"≤{text}" if abs(p - floor) < 1e-12 else text
+
+    if not stdout.is_terminal:
+        stdout.width = max(stdout.width, 140)
+    a, b = result["a"], result["b"]
+    bases = set()
+    for g in result["groups"]:
+        table = Table(title=f"{a} - {b}: {g['size']}, {g['base_kind'].replace('_', '-')} base, N={g['n']}")
+        for c in ("score", a, b, "difference", "95% interval", "p", "p (bootstrap)", "per seed"):
+            table.add_column(c, justify="left" if c in ("score", "per seed") else "right")
+        for metric in ("held_in", "held_out"):
+            block = g[metric]
+            rows = [(metric.replace("_", "-"), block)] + [(f"  {c}", v) for c, v in block["categories"].items()]
+            for label, d in rows:
+                ci = "-" if d["ci"] is None else f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                seeds = ", ".join(f"{s}: {v:+.3f}" for s, v in d["per_seed"].items())
+                monte_carlo = d["test"].startswith("sign-flip permutation") and d["examples"] > 16
+                table.add_row(label, f"{d['a']:.3f}", f"{d['b']:.3f}", num(d["difference"]), ci,
+                              p_text(d["p_value"], 1 / (1 + result["permutations"]) if monte_carlo else -1),
+                              p_text(d["p_bootstrap"], 2 / (1 + result["replicates"])), seeds)
+                bases.add((d["test"], d["basis"]))
+            table.add_section()
+        stdout.print(table)
+    tests = sorted({t for t, _ in bases})
+    stdout.print(f"[dim]difference: mean over seeds of {a} - {b} (normalised scores); 95% interval: two-level "
+                 f"bootstrap over seeds and test examples ({result['replicates']} replicates, seed {result['seed']}); "
+                 f"p: {'; '.join(tests)}; p (bootstrap): the interval's test of 0.[/]")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR)
+@click.option("--format", "fmt", type=click.Choice(["markdown", "html", "json"]), default="markdown", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to a file instead of the terminal.")
+@click.option("--resolve", type=float, default=0.05, show_default=True,
+              help="The difference of normalised score the plan resolves (and finding 4's non-inferiority margin).")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Bootstrap replicates for the intervals.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap draws.")
+def report_command(run_dir: Path, fmt: str, output: Path | None, resolve: float, n_boot: int, seed: int) -> None:
+    """The paper's six findings tested on a run (effect, 95% interval, verdict), a per-category view and how many
+    seeds or test examples would resolve a difference of --resolve."""
+    from mergebench.core.writer import atomic_write_text
+    from mergebench.study import report
+    from mergebench.study.runner import open_db
+
+    result = report.build(open_db(run_dir), n_boot, seed, resolve)
+    if fmt == "html":
+        from mergebench.study.html import render_report
+
+        text = render_report(result)
+    else:
+        text = report.to_json(result) if fmt == "json" else report.markdown(result)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        stderr.print(f"wrote {output}")
 
 
 # ---- the stages, each usable alone ---------------------------------------------------------------

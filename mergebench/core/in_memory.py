@@ -98,11 +98,6 @@ def merge_delta(method: MergeMethod, params: Mapping[str, Any], base: StateDict,
     return _per_tensor(method, params, base, experts, weights, seed, method.delta, expert_params, statistics)
 
 
-def supports(method: MergeMethod, params: Mapping[str, Any], n_experts: int) -> bool:
-    """Every method merges in memory now (whole-model pre-passes included); kept for callers that ask."""
-    return True
-
-
 def apply_delta(base: StateDict, delta: Mapping[str, torch.Tensor | None], scale: float) -> dict[str, torch.Tensor]:
     """theta_0 + scale * delta, with the same operation (and rounding) as the engine's scaled merge."""
     return {n: t if delta[n] is None else

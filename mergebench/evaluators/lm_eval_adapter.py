@@ -6,7 +6,9 @@ wrapped ``HFLM`` (``load_state_dict``), instead of calling ``simple_evaluate`` p
 
 Multiple-choice tasks are scored by log-likelihood accuracy (``acc``); generation tasks by exact match
 or ROUGE-L, computed in the task's own ``process_results`` (ROUGE variants not registered in lm-eval
-would otherwise be fetched from the hub). Bootstrap standard errors are off by default.
+would otherwise be fetched from the hub). Bootstrap standard errors are off by default. Every evaluation
+also returns lm-eval's per-sample values of the task's metric (its ``log_samples`` output, in document
+order) as :class:`~mergebench.study.components.Scores`, so the study can resample test examples.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import yaml
 from mergebench.core.errors import InputError, MergebenchError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import Param
-from mergebench.study.components import Evaluator
+from mergebench.study.components import Evaluator, Scores
 from mergebench.study.contracts import SuiteData
 from mergebench.study.weights import load_state_dict
 
@@ -130,8 +132,9 @@ class LMEvalSession:
         self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         self.lm.tok_encode = _memoised_tok_encode(self.lm.tok_encode)
 
-    def evaluate(self, state_dict: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """Scores per task (the task's one metric) of the wrapped model, after loading ``state_dict``."""
+    def evaluate(self, state_dict: Mapping[str, Any] | None = None) -> Scores:
+        """Scores per task (the task's one metric) of the wrapped model, after loading ``state_dict``, with each
+        task's per-example values."""
         import torch
         from lm_eval import evaluator
 
@@ -141,13 +144,24 @@ class LMEvalSession:
                 raise InputError(f"weights do not fit the evaluated architecture (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
         with torch.no_grad(), _quiet():
-            out = evaluator.evaluate(self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0, verbosity="ERROR")
-        scores = {}
-        for name in self.task_names:
-            result = out["results"][name]
-            metric = next(k for k in result if k.endswith(",none") and not k.endswith("_stderr,none"))
-            scores[name] = float(result[metric])
-        return scores
+            out = evaluator.evaluate(self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0, verbosity="ERROR",
+                                     log_samples=True)
+        return results_of(out, self.task_names)
+
+
+def results_of(out: Mapping[str, Any], task_names: Iterable[str]) -> Scores:
+    """Each task's score (its one metric) from lm-eval's results, with its per-sample values of that metric in
+    document order (from ``samples``, when lm-eval logged them)."""
+    scores, examples = {}, {}
+    for name in task_names:
+        result = out["results"][name]
+        key = next(k for k in result if k.endswith(",none") and not k.endswith("_stderr,none"))
+        scores[name] = float(result[key])
+        metric, _, filter_name = key.partition(",")
+        samples = [s for s in (out.get("samples") or {}).get(name, []) if s.get("filter", "none") == filter_name]
+        if samples and all(metric in s for s in samples):
+            examples[name] = [float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+    return Scores(scores, examples)
 
 
 def _memoised_tok_encode(tok_encode):
@@ -274,17 +288,13 @@ def _evaluate_vllm(models, suite, data, datasets, params) -> list[dict[str, floa
         for m in models:
             with _quiet():
                 out = simple_evaluate(model="vllm", model_args=vllm_model_args(Path(m), params), tasks=list(datasets),
-                                      task_manager=manager, limit=params["limit"] or None, bootstrap_iters=0)
-            scores = {}
-            for name in datasets:
-                result = out["results"][name]
-                metric = next(k for k in result if k.endswith(",none") and not k.endswith("_stderr,none"))
-                scores[name] = float(result[metric])
-            results.append(scores)
+                                      task_manager=manager, limit=params["limit"] or None, bootstrap_iters=0,
+                                      log_samples=True)
+            results.append(results_of(out, datasets))
     return results
 
 
-def _evaluate_suite(models, suite, data, datasets, params):
+def _evaluate_suite(models, suite, data, datasets, params) -> list[Scores]:
     if not models:
         return []
     if params["backend"] == "vllm":
@@ -294,7 +304,7 @@ def _evaluate_suite(models, suite, data, datasets, params):
 
 
 def evaluate_models(models: list[Path], tasks: list[TaskSpec], split: str = "test", batch_size: int = 64,
-                    workdir: Path | None = None) -> list[dict[str, float]]:
+                    workdir: Path | None = None) -> list[Scores]:
     """Evaluate several same-architecture model directories on ``tasks`` with one session."""
     import tempfile
 

@@ -5,6 +5,7 @@
     base = api.prepare_base("load", {"model": "Qwen/Qwen2.5-0.5B"})
     expert = api.train_expert(base, ["sentiment"], trainer="hf_trainer", params={"steps": 100})
     scores = api.evaluate([base, expert], split="validation")
+    paired = api.compare("runs/my-study", "ties", "average")   # `mergebench compare`'s result, as a dict
 
 Each goes through the same library functions the runner uses (the artefact cache, the jobs), so a model
 built or scored here is the one a run would build or find cached.
@@ -45,6 +46,20 @@ def plan(config: str | Path | Mapping[str, Any] | None = None, gpu_memory_gib: f
 
     pm = plugin_manager or get_plugin_manager()
     return make_plan(_config(config, pm), pm, gpu_memory_gib)
+
+
+def compare(run_dir: str | Path, a: str, b: str, *, sizes: Sequence[str] = (), base_kinds: Sequence[str] = (),
+            ns: Sequence[int] = (), n_boot: int = 2000, n_perm: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """The paired difference ``a - b`` between two methods (or a method and a baseline) of a run, per (size, base
+    kind, N): what ``mergebench compare --format json`` prints (see :mod:`mergebench.study.compare`)."""
+    from mergebench.study.compare import compare as paired
+    from mergebench.study.runner import open_db
+
+    db = open_db(Path(run_dir))
+    try:
+        return paired(db, a, b, tuple(sizes), tuple(base_kinds), tuple(ns), n_boot, n_perm, seed)
+    finally:
+        db.close()
 
 
 def suite_data(suite: str = "micro-t0", seed: int = 0, params: Mapping[str, Any] | None = None, *,

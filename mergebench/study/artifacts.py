@@ -162,38 +162,61 @@ def _evaluation_specs(pm: PluginManager, model_dir: Path, data: SuiteData, datas
             continue
         # the dataset's task format and metric, and every split's contents: the evaluator may derive task
         # settings from other splits (the generation budget from the longest answer in any split)
-        specs[dataset] = {**shared, "dataset": dataset, "spec": dataclasses.asdict(spec),
+        # "record": entries hold the score and, when the evaluator gives them, its per-example values; entries
+        # from before per-example values were kept have another key, so they are evaluated again once
+        specs[dataset] = {**shared, "dataset": dataset, "spec": dataclasses.asdict(spec), "record": "score+examples",
                           "data": {s: sha256_file(Path(path)) for s, path in sorted(splits.items())}}
     return specs
 
 
-def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, data: SuiteData | None,
-                  datasets: list[str], evaluator: ComponentChoice, split: str) -> dict[str, float] | None:
-    """The model's scores on ``datasets`` if every one was computed before, else None.
+def cached_results(pm: PluginManager, cache: ArtifactCache, model_dir: Path, data: SuiteData | None,
+                   datasets: list[str], evaluator: ComponentChoice, split: str):
+    """The model's (scores, per-example values) on ``datasets`` if every one was computed before, else None.
 
     Keyed by the contents of the model's files (all but its card and records), the dataset's spec in
     its suite (task format, metric) and split files' contents, the evaluator (plugin, version, source,
     parameters, and what its ``identity()`` adds: lm-eval's version), so a copied or re-trained identical
     model hits, and a changed one misses. Suites evaluated from hub task configs (no local files) are not
-    cached.
+    cached. Per-example values: dataset -> array, for the datasets whose evaluation gave them.
     """
+    from mergebench.study import per_example
+
     if data is None:
         return None
-    scores = {}
+    scores, examples = {}, {}
     for dataset, spec in _evaluation_specs(pm, model_dir, data, datasets, evaluator, split).items():
         entry = cache.get("evaluation", spec) if spec else None
         if entry is None:
             return None
         scores[dataset] = json.loads((entry / "score.json").read_text())["score"]
-    return scores
+        values = per_example.read_file(entry)
+        if values is not None:
+            examples[dataset] = values
+    return scores, examples
+
+
+def cached_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, data: SuiteData | None,
+                  datasets: list[str], evaluator: ComponentChoice, split: str) -> dict[str, float] | None:
+    """The model's scores on ``datasets`` if every one was computed before, else None (see :func:`cached_results`)."""
+    found = cached_results(pm, cache, model_dir, data, datasets, evaluator, split)
+    return None if found is None else found[0]
 
 
 def store_scores(pm: PluginManager, cache: ArtifactCache, model_dir: Path, data: SuiteData | None,
-                 scores: dict[str, float], evaluator: ComponentChoice, split: str) -> None:
-    """Record each dataset's score as its own cache entry (written atomically, like every artefact)."""
+                 scores: dict[str, float], evaluator: ComponentChoice, split: str,
+                 examples: dict | None = None) -> None:
+    """Record each dataset's score (and its per-example values, when given) as its own cache entry, written
+    atomically like every artefact."""
+    from mergebench.study import per_example
+
     if data is None:
         return
+
+    def write(tmp: Path, dataset: str) -> None:
+        (tmp / "score.json").write_text(json.dumps({"score": scores[dataset], "model_dir": str(model_dir)}))
+        if examples and dataset in examples:
+            per_example.write_file(tmp, examples[dataset])
+
     for dataset, spec in _evaluation_specs(pm, model_dir, data, scores, evaluator, split).items():
         if spec is not None:
-            cache.get_or_build("evaluation", spec, lambda tmp, s=scores[dataset]: (tmp / "score.json").write_text(
-                json.dumps({"score": s, "model_dir": str(model_dir)})))
+            cache.get_or_build("evaluation", spec, lambda tmp, d=dataset: write(tmp, d))

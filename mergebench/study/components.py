@@ -44,13 +44,26 @@ class ExpertTrainer(Component):
         return "expert trainer"
 
 
+class Scores(dict):
+    """What an evaluator may return for one model instead of a plain ``{dataset: score}`` dict: the same dict,
+    plus ``examples[dataset]``: the metric's value on each example of the split, in the dataset's order, whose
+    mean is the dataset's score (lm-eval's per-sample results). The study keeps them so that intervals and paired
+    tests can be computed from the run (:mod:`mergebench.study.per_example`); without them, statistics are over
+    seeds only."""
+
+    def __init__(self, scores: Mapping[str, float] | None = None, examples: Mapping[str, Any] | None = None):
+        super().__init__(scores or {})
+        self.examples = dict(examples or {})
+
+
 @dataclass(frozen=True)
 class Evaluator(Component):
     """Scores models on a suite: ``evaluate(models, suite, manifest, datasets, params) -> [per-dataset scores]``.
 
     ``session(model_dir, suite, manifest, datasets, params)``, when given, returns an object whose
     ``evaluate(state_dict=None)`` scores the loaded model, or another one's weights swapped in: what
-    sweeps use to evaluate many merges without reloading tasks or models.
+    sweeps use to evaluate many merges without reloading tasks or models. Either may return :class:`Scores`
+    (a dict with per-example values) instead of a plain dict.
     """
 
     evaluate: Callable[..., Any] | None = None

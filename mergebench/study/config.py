@@ -28,7 +28,8 @@ seeds: [0]                   # each seed is a full replicate: data, bases, exper
 sizes: [tiny]                # tiny (0.33M parameters), small (1.2M), medium (4.5M)
 base_kinds: [pretrained, instruction_tuned]
 n_experts: [2, 4, 8]         # how many experts each merge combines (a seeded order picks which)
-methods: [average, task_arithmetic, ties, dare_ties]   # or "all" for every registered method
+methods: [average, task_arithmetic, ties, dare_ties]   # or "all": every registered method that can merge N experts
+draws: 1                     # stochastic methods (dare_ties): K merges per seed, each its own random draw
 search: {}                   # override a method's search space, e.g. {ties: {lambda: [0.5, 1.0], density: [0.2]}}
 pretrain: {}                 # parameters of the `pretrain` base preparer, e.g. {steps: 800, lr: 0.003}
 instruction_tune: {}         # parameters of the `instruction_tune` base preparer
@@ -61,6 +62,11 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     n_experts: list[int] = field(default_factory=lambda: [2, 4, 8])
     methods: list[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "dare_ties"])
+    # random draws per seed of each stochastic method (its sweep repeated with other merge seeds)
+    draws: int = 1
+    # method -> {N: why} for the (method, N) pairs the study skips: the method's own check refuses N experts (a
+    # two-model method at N >= 2); with methods: all, a method that can merge none of the N is left out of methods
+    unmergeable: dict[str, dict[int, str]] = field(default_factory=dict)
     search: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     bases: list[BaseChoice] = field(default_factory=list)
     expert_trainer: ComponentChoice = field(default_factory=lambda: ComponentChoice("full_finetune"))
@@ -88,7 +94,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"suite": self.suite, "suite_params": dict(self.suite_params), "seeds": list(self.seeds),
-                "n_experts": list(self.n_experts), "methods": list(self.methods), "search": self.search,
+                "n_experts": list(self.n_experts), "methods": list(self.methods), "draws": self.draws,
+                "search": self.search,
                 "bases": [b.to_dict() for b in self.bases], "expert_trainer": self.expert_trainer.to_dict(),
                 "multitask": None if self.multitask is None else self.multitask.to_dict(),
                 "evaluator": self.evaluator.to_dict(), "executor": self.executor.to_dict(),
@@ -96,7 +103,8 @@ class RunConfig:
                 "sweep_memory_gib": self.sweep_memory_gib}
 
 
-KNOWN_KEYS = ("suite", "suite_params", "seeds", "sizes", "base_kinds", "n_experts", "methods", "search", "bases",
+KNOWN_KEYS = ("suite", "suite_params", "seeds", "sizes", "base_kinds", "n_experts", "methods", "draws", "search",
+              "bases",
               "pretrain", "instruction_tune", "expert_trainer", "expert", "multitask", "evaluator", "executor",
               "workers", "device", "storage", "sweep_memory_gib")
 
@@ -213,6 +221,34 @@ def _bases(entries: Any, pm: PluginManager, where: str) -> list[BaseChoice]:
     return out
 
 
+def _cannot_merge(method, cfg: RunConfig) -> dict[int, str]:
+    """{N: why} for each N of the study that ``method`` cannot merge: its check refuses N experts at some point of its
+    grid, or it needs calibration data (the study has none to give).
+
+    The study merges N experts of equal weight 1 onto a base, over the method's search space (or the config's
+    override of it): each (N, grid point) goes through the method's ``check``, as a merge would."""
+    from mergebench.core.errors import MergebenchError
+    from mergebench.study.runner import grid_for
+
+    out: dict[int, str] = {}
+    grid = [method.resolve_params(point) for point in grid_for(method, cfg.search.get(method.name))]
+    calibration = getattr(method, "calibration", None)
+    if calibration is not None and any(calibration(params) is not None for params in grid):
+        # a data-aware method (RegMean, Fisher) reads activations of calibration data, which the study does not give
+        return {n: f"{method.name} learns from calibration data, which `mergebench run` does not provide"
+                for n in cfg.n_experts}
+    if method.check is None:
+        return out
+    for n in cfg.n_experts:
+        for params in grid:
+            try:
+                method.check(params, (1.0,) * n)
+            except MergebenchError as exc:
+                out[n] = str(exc)
+                break
+    return out
+
+
 def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> RunConfig:
     """A validated RunConfig: unknown keys, components, parameters or values are one clear error."""
     if not isinstance(data, dict):
@@ -235,9 +271,14 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
             raise InputError(f"{where}: n_experts {n} is outside 2..{n_categories} (the suite's held-in categories)")
     methods = pm.merge_methods()
     given = data.get("methods", cfg.methods)
-    cfg.methods = methods.names() if given == "all" else _list(given, "methods", str)
-    for m in cfg.methods:
-        methods.get(m)  # unknown method: a did-you-mean error
+    if given != "all":
+        cfg.methods = _list(given, "methods", str)
+        for m in cfg.methods:
+            methods.get(m)  # unknown method: a did-you-mean error
+    cfg.draws = data.get("draws", cfg.draws)
+    if not isinstance(cfg.draws, int) or isinstance(cfg.draws, bool) or cfg.draws < 1:
+        raise InputError(f"{where}: draws must be an integer >= 1 (random draws per seed of stochastic methods), "
+                         f"got {cfg.draws!r}")
     cfg.search = data.get("search") or {}
     if not isinstance(cfg.search, dict):
         raise InputError(f"{where}: 'search' must map method -> parameter -> list of values")
@@ -252,6 +293,21 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
             param = method.param(p)
             for v in _list(values, f"search.{m}.{p}", object):
                 param.coerce(v, f"merge method '{m}'")
+    if given == "all":  # every registered method, by name, but those that can merge none of the study's N
+        cfg.unmergeable = {m: r for m in methods.names() if (r := _cannot_merge(methods.get(m), cfg))}
+        cfg.methods = [m for m in methods.names() if len(cfg.unmergeable.get(m, {})) < len(cfg.n_experts)]
+        if not cfg.methods:
+            raise InputError(f"{where}: methods: all, but no registered merge method can merge "
+                             f"{', '.join(map(str, cfg.n_experts))} experts")
+    else:
+        for m in cfg.methods:
+            reasons = _cannot_merge(methods.get(m), cfg)
+            if len(reasons) == len(cfg.n_experts):
+                n, reason = next(iter(reasons.items()))
+                raise InputError(f"{where}: merge method '{m}' cannot merge N={n} experts ({reason}), nor any N of "
+                                 f"n_experts; remove it from methods or change n_experts")
+            if reasons:
+                cfg.unmergeable[m] = reasons
     legacy = [k for k in ("sizes", "base_kinds", "pretrain", "instruction_tune") if k in data]
     if "bases" in data and legacy:
         raise InputError(f"{where}: 'bases' replaces {', '.join(repr(k) for k in legacy)}; give one or the other")
@@ -286,6 +342,16 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
     if cfg.storage is not None and not isinstance(cfg.storage, str):
         raise InputError(f"{where}: storage must be a directory path, got {cfg.storage!r}")
     return cfg
+
+
+def skipped(cfg: RunConfig) -> list[str]:
+    """One line per method the study leaves out, or runs at some N only (``unmergeable``)."""
+    out = []
+    for name, reasons in sorted(cfg.unmergeable.items()):
+        ns = ", ".join(map(str, sorted(reasons)))
+        what = "left out" if name not in cfg.methods else f"not run at N={ns}"
+        out.append(f"merge method {name} {what}: {next(iter(reasons.values()))}")
+    return out
 
 
 def load(path: Path | None, pm: PluginManager) -> RunConfig:

@@ -1,8 +1,9 @@
 """The run's results database (SQLite, in the run directory).
 
 Every completed unit of work is written in one transaction: its row in ``units`` and its results
-together, so a run killed at any moment (SIGKILL included) either has a unit entirely or not at
-all, and the next ``mergebench run`` skips exactly the units that completed. WAL journaling keeps
+(scores, per-example values, sweep points, the chosen merge: ``merges`` for a sweep's first random
+draw, ``draws`` for the further draws of a stochastic method under ``draws: K``) together, so a run
+killed at any moment (SIGKILL included) either has a unit entirely or not at all, and the next ``mergebench run`` skips exactly the units that completed. WAL journaling keeps
 readers (``mergebench leaderboard``) working while a run writes.
 """
 
@@ -13,6 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from mergebench.study import per_example
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,7 +36,12 @@ CREATE TABLE IF NOT EXISTS merges (
     experts TEXT NOT NULL, params TEXT NOT NULL, validation_held_in REAL,
     held_in REAL, held_out REAL, normalised TEXT NOT NULL, model TEXT NOT NULL,
     seconds REAL NOT NULL, PRIMARY KEY (seed, size, base_kind, n, method));
-"""
+CREATE TABLE IF NOT EXISTS draws (
+    seed INTEGER NOT NULL, size TEXT NOT NULL, base_kind TEXT NOT NULL, n INTEGER NOT NULL, method TEXT NOT NULL,
+    draw INTEGER NOT NULL, merge_seed INTEGER NOT NULL, experts TEXT NOT NULL, params TEXT NOT NULL,
+    validation_held_in REAL, held_in REAL, held_out REAL, normalised TEXT NOT NULL, model TEXT NOT NULL,
+    seconds REAL NOT NULL, PRIMARY KEY (seed, size, base_kind, n, method, draw));
+""" + per_example.TABLE
 
 
 class ResultsDB:

@@ -169,6 +169,7 @@ class EvalResult:
     scores: dict[str, float]
     seconds: float
     cached: bool
+    examples: dict[str, Any] | None = None  # dataset -> per-example values (numpy arrays), when the evaluator gives them
 
 
 @dataclass(frozen=True)
@@ -191,19 +192,22 @@ class EvalJob(Job):
         return f"{self.role.describe()} on {self.split}"
 
     def run(self) -> EvalResult:
-        from mergebench.study import artifacts
+        from mergebench.study import artifacts, per_example
 
         started = time.perf_counter()
         pm, cache = _pm(), _cache(self.cache_root)
-        scores = (artifacts.cached_scores(pm, cache, Path(self.model_dir), self.data, list(self.datasets),
+        found = (artifacts.cached_results(pm, cache, Path(self.model_dir), self.data, list(self.datasets),
                                           self.evaluator, self.split) if self.use_cache else None)
-        cached = scores is not None
-        if not cached:
-            scores = score_model(Path(self.model_dir), self.suite, self.data, list(self.datasets), self.evaluator,
-                                 self.split)
+        cached = found is not None
+        if cached:
+            scores, examples = found[0], found[1] or None
+        else:
+            scores, examples = per_example.collect(self.evaluator.name, score_model(
+                Path(self.model_dir), self.suite, self.data, list(self.datasets), self.evaluator, self.split))
             if self.use_cache:
-                artifacts.store_scores(pm, cache, Path(self.model_dir), self.data, scores, self.evaluator, self.split)
-        return EvalResult(dict(scores), time.perf_counter() - started, cached)
+                artifacts.store_scores(pm, cache, Path(self.model_dir), self.data, scores, self.evaluator, self.split,
+                                       examples)
+        return EvalResult(dict(scores), time.perf_counter() - started, cached, examples)
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -222,6 +226,7 @@ class SweepResult:
     test_scores: dict[str, float]
     params: dict[str, Any]  # the chosen merge's resolved parameters
     seconds: float
+    test_examples: dict[str, Any] | None = None  # the chosen merge's per-example test values, when the evaluator gives them
 
 
 def best_point(points: list[SweepPoint]) -> SweepPoint:
@@ -234,7 +239,8 @@ def best_point(points: list[SweepPoint]) -> SweepPoint:
 class SweepJob(Job):
     """Score a method's grid on validation, write the chosen merge, score it on test.
 
-    ``expert_validation[category][dataset]``: each merged category's expert on validation, the sweep's
+    ``seed`` is the merge's seed (a stochastic method's random draws): the study seed, or a further draw's own
+    seed under ``draws: K``. ``expert_validation[category][dataset]``: each merged category's expert on validation, the sweep's
     normaliser. Test scores are computed only for the chosen merge, after the choice.
     """
 
@@ -275,6 +281,7 @@ class SweepJob(Job):
     def run(self) -> SweepResult:
         import tempfile
 
+        from mergebench.study import per_example
         from mergebench.study.normalise import normalise
 
         started = time.perf_counter()
@@ -289,7 +296,7 @@ class SweepJob(Job):
             return normalise(scores, held_in, {}, self.expert_validation, {}, on_zero="skip").held_in
 
         def score_dir(path: Path) -> dict[str, float]:
-            return score_model(path, self.suite, self.data, val_datasets, self.evaluator, "validation")
+            return dict(score_model(path, self.suite, self.data, val_datasets, self.evaluator, "validation"))
 
         def score_engine(params) -> dict[str, float]:
             with tempfile.TemporaryDirectory(prefix=f".{output.name}-point-", dir=output.parent) as tmp:
@@ -306,13 +313,14 @@ class SweepJob(Job):
                 scores = score_engine(params)
                 points.append(SweepPoint(dict(params), normalised(scores), scores))
         else:
-            points = self._in_memory_points(method, pm, val_datasets, normalised, score_engine)
+            points = self._in_memory_points(method, val_datasets, normalised)
         best = best_point(points)
         result = self._engine_merge(method, best.params, pm, output)
-        test_scores = score_model(output, self.suite, self.data, list(self.test_datasets), self.evaluator, "test")
-        return SweepResult(points, best, test_scores, result.parameters, time.perf_counter() - started)
+        test_scores, test_examples = per_example.collect(self.evaluator.name, score_model(
+            output, self.suite, self.data, list(self.test_datasets), self.evaluator, "test"))
+        return SweepResult(points, best, test_scores, result.parameters, time.perf_counter() - started, test_examples)
 
-    def _in_memory_points(self, method, pm, val_datasets, normalised: Callable, score_engine: Callable) -> list[SweepPoint]:
+    def _in_memory_points(self, method, val_datasets, normalised: Callable) -> list[SweepPoint]:
         from mergebench.core import in_memory
         from mergebench.study.weights import load_state_dict
 
@@ -321,7 +329,7 @@ class SweepJob(Job):
         experts = [load_state_dict(Path(d)) for d in self.expert_dirs]
 
         def score(state) -> SweepPoint:
-            scores = val.evaluate(state)
+            scores = dict(val.evaluate(state))  # the scores alone: points keep no per-example values
             return SweepPoint({}, normalised(scores), scores)
 
         points: list[SweepPoint] = []
@@ -331,13 +339,7 @@ class SweepJob(Job):
         for params in self.grid:
             groups.setdefault(tuple(sorted((k, v) for k, v in params.items() if k != scale)), []).append(params)
         for grid in groups.values():
-            if not in_memory.supports(method, method.resolve_params(grid[0]), len(experts)):
-                # a whole-model pre-pass (TIES trimmed over the whole task vector): each point is merged by
-                # the engine, which runs the pre-pass, and read back
-                for params in grid:
-                    scores = score_engine(params)
-                    points.append(SweepPoint(dict(params), normalised(scores), scores))
-            elif scale is not None and base is not None:
+            if scale is not None and base is not None:
                 delta = in_memory.merge_delta(method, grid[0], base, experts, seed=self.seed)
                 for params in grid:
                     value = method.resolve_params(params)[scale]

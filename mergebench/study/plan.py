@@ -233,15 +233,23 @@ def make_plan(cfg: RunConfig, pm: PluginManager, gpu_memory_gib: float = 80.0, c
                                      job_resources(info, "evaluate", cfg, gpu_memory_gib=gpu_memory_gib)))
         for n in sorted(cfg.n_experts):
             for name in cfg.methods:
-                points = len(grid_for(pm.merge_methods().get(name), cfg.search.get(name)))
+                if n in cfg.unmergeable.get(name, {}):
+                    continue
+                method = pm.merge_methods().get(name)
+                points = len(grid_for(method, cfg.search.get(name)))
+                sweeps = len(cfg.seeds) * (cfg.draws if method.stochastic else 1)  # draws: K of stochastic methods
                 plan.jobs.append(PlannedJobs(
-                    "sweep", f"{where}: {name}, N={n} ({points} points on {held_in_datasets} validation sets max)",
-                    len(cfg.seeds), job_resources(info, "sweep", cfg, n, gpu_memory_gib), points * len(cfg.seeds)))
+                    "sweep", f"{where}: {name}, N={n} ({points} points on {held_in_datasets} validation sets max)"
+                    + (f", {cfg.draws} random draws per seed" if sweeps > len(cfg.seeds) else ""),
+                    sweeps, job_resources(info, "sweep", cfg, n, gpu_memory_gib), points * sweeps))
         if info.parameters is None:
             plan.notes.append(f"{where}: parameter count unknown (not a loadable model and no size); memory not estimated")
         elif info.estimated:
             plan.notes.append(f"{where}: parameters estimated from the name ({info.parameters / 1e9:.1f}B): "
                               f"the model is not in the local cache")
+    for name, reasons in cfg.unmergeable.items():
+        for n, reason in sorted(reasons.items()):
+            plan.notes.append(f"{name} is not run at N={n}: {reason}")
     return plan
 
 

@@ -2,7 +2,8 @@
 
 Order: suite data, bases and instruction-tuned bases (in this process, all cores); experts and
 multitask models (worker processes); evaluations of those models (workers); one sweep per
-(seed, size, base kind, N, method) (workers). Artefacts live in the content-addressed cache; every
+(seed, size, base kind, N, method), and per further random draw of a stochastic method under
+``draws: K`` (workers). Artefacts live in the content-addressed cache; every
 completed evaluation and sweep is one transaction in the run's results database, so a rerun skips
 what completed and an interrupted one loses only the units in flight.
 """
@@ -26,7 +27,7 @@ from mergebench.study.cache import ArtifactCache
 from mergebench.core.errors import InputError, MergebenchError, PluginError
 from mergebench.study.normalise import normalise
 from mergebench.core.plugin_manager import PluginManager
-from mergebench.study import artifacts, jobs
+from mergebench.study import artifacts, jobs, per_example
 from mergebench.study.config import RunConfig
 from mergebench.study.contracts import ModelRole, Resources, SuiteData
 from mergebench.study.database import ResultsDB, score_statements
@@ -49,6 +50,14 @@ def expert_order(categories: list[str], seed: int) -> list[str]:
     order = list(categories)
     random.Random(f"mergebench-expert-order-{seed}").shuffle(order)
     return order
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The merge seed of a study seed's random draw ``draw`` (``draws: K``): the study seed itself for draw 0
+    (what a run without draws uses), a 31-bit hash of (seed, draw) for the others."""
+    if draw == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"mergebench-draw-{seed}-{draw}".encode()).digest()[:4], "big") >> 1
 
 
 def _hash(obj: Any) -> str:
@@ -287,7 +296,8 @@ class Runner:
             spec = {"model": key, "split": job.split, "datasets": list(job.datasets),
                     "evaluator": self.cfg.evaluator.to_dict()}
             db.complete(self._eval_key(key, job.split, list(job.datasets)), "evaluation", spec, None, result.seconds,
-                        self._versions(), score_statements(key, job.split, result.scores))
+                        self._versions(), score_statements(key, job.split, result.scores)
+                        + per_example.statements(key, job.split, result.examples))
         self._drain(pool, futures, "evaluate models", done)
 
     def _sweeps(self, pool, db: ResultsDB, models: dict[tuple[int, str], _Models]) -> None:
@@ -299,7 +309,11 @@ class Runner:
             order = expert_order(self.categories, seed)
             db.set_meta(f"expert_order:{seed}", order)
             # the largest merges (longest sweeps) first, so the workers finish together
-            for n, kind, name in itertools.product(sorted(cfg.n_experts, reverse=True), cfg.base_kinds, cfg.methods):
+            todo = [(n, kind, name, draw) for n, kind, name in itertools.product(
+                sorted(cfg.n_experts, reverse=True), cfg.base_kinds, cfg.methods)
+                if n not in cfg.unmergeable.get(name, {})  # the method's check refuses N experts
+                for draw in range(cfg.draws if methods.get(name).stochastic else 1)]
+            for n, kind, name, draw in todo:
                 total += 1
                 method = methods.get(name)
                 categories = order[:n]
@@ -309,27 +323,31 @@ class Runner:
                         "plugin_version": artifacts.plugin_version(self.pm, method), "grid": grid,
                         "base": m.bases[kind].name, "experts": [e.name for e in expert_dirs],
                         "evaluator": cfg.evaluator.to_dict()}
-                key = f"sweep:{seed}:{size}:{kind}:{n}:{name}:{_hash(spec)}"
+                merge_seed = draw_seed(seed, draw)
+                if draw:  # a further random draw: its own unit (the first draw keeps the key a run without draws has)
+                    spec = {**spec, "draw": draw, "merge_seed": merge_seed}
+                key = f"sweep:{seed}:{size}:{kind}:{n}:{name}{f'@draw{draw}' if draw else ''}:{_hash(spec)}"
                 if db.done(key):
                     continue
+                suffix = f"-draw{draw}" if draw else ""
                 job = jobs.SweepJob(
                     suite=cfg.suite, data=m.data, base_dir=m.bases[kind], expert_dirs=tuple(expert_dirs),
                     categories=tuple(categories), held_in={c: tuple(self.held_in[c]) for c in categories},
-                    method=name, grid=tuple(grid), seed=seed, evaluator=cfg.evaluator,
+                    method=name, grid=tuple(grid), seed=merge_seed, evaluator=cfg.evaluator,
                     expert_validation={c: db.scores(m.experts[kind][c].name, "validation") for c in categories},
                     test_datasets=tuple([d for c in categories for d in self.held_in[c]]
                                         + [d for ds in self.held_out.values() for d in ds]),
-                    output=self._out_dir() / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}", device=cfg.device,
-                    name=f"{name}, N={n} ({size}, {kind}, seed {seed})", resources=self._resources(size, kind, "sweep", n),
-                    memory_limit=int(cfg.sweep_memory_gib * 2**30))
+                    output=self._out_dir() / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}{suffix}",
+                    device=cfg.device, name=f"{name}, N={n} ({size}, {kind}, seed {seed}{f', draw {draw}' if draw else ''})",
+                    resources=self._resources(size, kind, "sweep", n), memory_limit=int(cfg.sweep_memory_gib * 2**30))
                 futures[pool.submit(job)] = _Tagged(job.label, ModelRole("merge", seed, size, kind), key, spec,
-                                                    (m, categories, job.output))
+                                                    (m, categories, job.output, draw, merge_seed))
         self.reporter.stage("sweep merges", total)
         for _ in range(total - len(futures)):
             self.reporter.advance("sweep merges")
 
         def done(tag: _Tagged, result: jobs.SweepResult) -> None:
-            m, categories, output = tag.extra
+            m, categories, output, draw, merge_seed = tag.extra
             kind, spec = tag.role.base_kind, tag.spec
             held_in = {c: self.held_in[c] for c in categories}
             experts_test = {c: db.scores(m.experts[kind][c].name, "test") for c in categories}
@@ -340,12 +358,18 @@ class Runner:
                            (tag.key, json.dumps(p.params, sort_keys=True), p.held_in, json.dumps(p.scores)))
                           for p in result.points]
             statements += score_statements(model_key, "test", result.test_scores)
+            statements += per_example.statements(model_key, "test", result.test_examples)
             statements.append(("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (model_key, "merge", spec["seed"], spec["size"], kind, None, str(output), None)))
-            statements.append(("INSERT OR REPLACE INTO merges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               (spec["seed"], spec["size"], kind, spec["n"], spec["method"], json.dumps(categories),
-                                json.dumps(result.params, sort_keys=True), result.best.held_in,
-                                norm.held_in, norm.held_out, json.dumps(norm.__dict__), model_key, result.seconds)))
+            chosen = (json.dumps(categories), json.dumps(result.params, sort_keys=True), result.best.held_in,
+                      norm.held_in, norm.held_out, json.dumps(norm.__dict__), model_key, result.seconds)
+            where = (spec["seed"], spec["size"], kind, spec["n"], spec["method"])
+            if draw == 0:
+                statements.append(("INSERT OR REPLACE INTO merges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   where + chosen))
+            else:
+                statements.append(("INSERT OR REPLACE INTO draws VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   where + (draw, merge_seed) + chosen))
             db.complete(tag.key, "sweep", spec, {"params": result.params}, result.seconds, self._versions(), statements)
         self._drain(pool, futures, "sweep merges", done)
 

@@ -10,7 +10,10 @@ Everything is small and exact, so a study runs in seconds and every score can be
   "instruction-tuned" variant).
 - expert trainer ``toy_finetune``: moves each trained dataset's block of ``w`` a ``rate`` of the way
   to its training target, and adds seeded noise everywhere (experts interfere, as real ones do).
-- evaluator ``toy_score``: a dataset's score is ``1 / (1 + sharpness * mean((w[block] - target)^2))``.
+- evaluator ``toy_score``: each entry of a dataset's block is one test example, scored
+  ``1 / (1 + sharpness * (w[block][i] - target[i])^2)``; the dataset's score is the mean over its entries,
+  and the per-example values are returned too (:class:`mergebench.study.components.Scores`), as lm-eval's
+  per-sample results are.
 
 Model directories hold ``config.json`` and ``model.safetensors`` (``w``: float32, ``steps``: int64),
 the layout mergebench's merge engine reads.
@@ -27,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from mergebench import hookimpl
 from mergebench.core.registry import Param
-from mergebench.study.components import BasePreparer, DatasetSpec, Evaluator, ExpertTrainer, Suite
+from mergebench.study.components import BasePreparer, DatasetSpec, Evaluator, ExpertTrainer, Scores, Suite
 from mergebench.study.contracts import PrepareInputs, SuiteData
 
 SUITE = "toy-study"
@@ -112,10 +115,16 @@ def toy_finetune(base: Path, data: list[Path], params: dict, workdir: Path, on_s
 
 # ---- evaluation -----------------------------------------------------------------------------------------
 
-def score(w: torch.Tensor, block: int, target: list[float], sharpness: float) -> float:
+def example_scores(w: torch.Tensor, block: int, target: list[float], sharpness: float) -> list[float]:
+    """Each entry of the block as one example: 1 / (1 + sharpness * its squared distance to the target)."""
     dim = len(target)
-    error = (w[block * dim:(block + 1) * dim].double() - torch.tensor(target, dtype=torch.float64)).pow(2).mean()
-    return float(1.0 / (1.0 + sharpness * error))
+    error = (w[block * dim:(block + 1) * dim].double() - torch.tensor(target, dtype=torch.float64)).pow(2)
+    return (1.0 / (1.0 + sharpness * error)).tolist()
+
+
+def score(w: torch.Tensor, block: int, target: list[float], sharpness: float) -> float:
+    values = example_scores(w, block, target, sharpness)
+    return sum(values) / len(values)
 
 
 class ToySession:
@@ -126,16 +135,17 @@ class ToySession:
         self.rows = {d: json.loads(data.require(d, params["split"], "toy_score").read_text().splitlines()[0])
                      for d in datasets}
 
-    def evaluate(self, state_dict=None) -> dict[str, float]:
+    def evaluate(self, state_dict=None) -> Scores:
         w = (state_dict if state_dict is not None else read_model(self.model_dir))["w"].float()
-        return {d: score(w, r["block"], r["target"], self.params["sharpness"]) for d, r in self.rows.items()}
+        examples = {d: example_scores(w, r["block"], r["target"], self.params["sharpness"]) for d, r in self.rows.items()}
+        return Scores({d: sum(v) / len(v) for d, v in examples.items()}, examples)
 
 
 def toy_session(model_dir, suite, data, datasets, params) -> ToySession:
     return ToySession(Path(model_dir), data, list(datasets), params)
 
 
-def toy_evaluate(models, suite, data, datasets, params) -> list[dict[str, float]]:
+def toy_evaluate(models, suite, data, datasets, params) -> list[Scores]:
     return [ToySession(Path(m), data, list(datasets), params).evaluate() for m in models]
 
 
@@ -178,7 +188,7 @@ def register_expert_trainers(register):
 @hookimpl
 def register_evaluators(register):
     register(Evaluator(
-        name="toy_score", description="1 / (1 + sharpness * mean squared distance of a dataset's block to its target).",
+        name="toy_score", description="Mean over a dataset's block of 1 / (1 + sharpness * squared distance to the target).",
         params=(Param("split", str, "test", "which split's targets", choices=("validation", "test")),
                 Param("sharpness", float, 4.0, "how fast the score falls with the distance", min=0.0)),
         evaluate=toy_evaluate, session=toy_session))
