@@ -157,7 +157,7 @@ def test_target_only_loss_ignores_the_prompt(built):
 
 @pytest.mark.parametrize("method, params", [("average", {}), ("task_arithmetic", {"lambda": 0.7}),
                                             ("ties", {"density": 0.2, "lambda": 0.9}),
-                                            ("ties", {"density": 0.2, "trim_scope": "global"}),  # whole-model pre-pass
+                                            ("ties", {"density": 0.2, "lambda": 1.0, "trim_scope": "global"}),  # whole-model pre-pass
                                             ("dare_ties", {"density": 0.3, "lambda": 0.8})])
 def test_in_memory_merge_equals_the_engine(built, tmp_path, method, params):
     """What a sweep scores in memory is bit for bit what `mergebench merge` writes."""
