@@ -1,5 +1,5 @@
-"""The study commands: ``run``, ``init``, ``leaderboard``, ``compare``, ``report``, and the stages ``suite``, ``prepare-base``,
-``train-expert`` and ``eval`` that can each be run alone on a user's own models."""
+"""The study commands: ``run``, ``init``, ``leaderboard``, ``compare``, ``report``, and the stages ``suite``,
+``prepare-base``, ``train-expert`` and ``eval`` that can each be run alone on a user's own models."""
 
 from __future__ import annotations
 

@@ -11,8 +11,10 @@ seed), what the marks mean, and the spread from random draws for stochastic meth
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
+from mergebench.study import report as rep
 from mergebench.study.leaderboard import COLUMNS, DRAW_COLUMNS, Row, draw_rows, notes, table_rows
 
 STYLE = """
@@ -171,7 +173,7 @@ LOW, HIGH = (214, 96, 77), (67, 147, 195)  # below and above the centre of a hea
 def colour(value: float | None, centre: float = 1.0, span: float = 0.5) -> str:
     """A heatmap cell's background: white at ``centre``, deepening to red below it and to blue above it, full at
     ``centre -+ span``; light grey where there is no value."""
-    if value is None or value != value:
+    if value is None or math.isnan(value):
         return "#f2f2f2"
     t = max(-1.0, min(1.0, (value - centre) / span))
     end = LOW if t < 0 else HIGH
@@ -206,8 +208,6 @@ def render_report(report: dict[str, Any], title: str = "mergebench report") -> s
     """``mergebench report --format html``: the findings with their tests, the per-category heatmaps (held-in: each
     expert's retention; held-out: over the base), the share of merges beating the base and the best expert, and
     the plan; one offline page."""
-    from mergebench.study import report as rep
-
     verdict_class = {rep.REPRODUCED: "ok", rep.PARTLY: "part", rep.NOT_REPRODUCED: "no", rep.INCONCLUSIVE: "open"}
     parts = [f"<p class='meta'>{html.escape(rep.run_line(report))}</p>",
              f"<p class='note'><b>Verdict rule.</b> {html.escape(report['verdict_rule'])}</p>",
@@ -215,7 +215,8 @@ def render_report(report: dict[str, Any], title: str = "mergebench report") -> s
     for f in report["findings"]:
         number = f["id"].split("-")[0]
         parts.append(f"<h2>{number}. {html.escape(f['claim'])} <span class='v {verdict_class[f['verdict']]}'>"
-                     f"{html.escape(f['verdict'])}</span></h2><p class='note'>Statistic: {html.escape(f['statistic'])}</p>")
+                     f"{html.escape(f['verdict'])}</span></h2>"
+                     f"<p class='note'>Statistic: {html.escape(f['statistic'])}</p>")
         if f["tests"]:
             parts.append(_table(rep.TEST_COLUMNS, rep.test_rows(f)))
         parts.append(f"<p class='note'>{html.escape(f['note'])}</p>")
@@ -223,16 +224,16 @@ def render_report(report: dict[str, Any], title: str = "mergebench report") -> s
             parts.append(f"<details><summary>the {len(f['rows'])} rows behind it</summary>"
                          f"{_table(rep.ROW_COLUMNS, rep.finding_rows(f))}</details>")
     parts += ["<h2>Planning the next run</h2>", f"<p class='note'>{html.escape(rep.planning_text(report))}</p>",
-              "<h2>Per category</h2><p class='note'>Normalised test score per category, mean over the seeds whose "
-              "merges include the category; white at 1, red below, blue above; blank: not merged. Baselines in "
-              "parentheses.</p>"]
+              ("<h2>Per category</h2><p class='note'>Normalised test score per category, mean over the seeds whose "
+               "merges include the category; white at 1, red below, blue above; blank: not merged. Baselines in "
+               "parentheses.</p>")]
     for metric, heading in (("held_in", "Held-in: each expert's retention (merge / the category's expert)"),
                             ("held_out", "Held-out per category (merge / base)")):
         columns, rows = rep.category_table(report, metric)
         parts += [f"<h2>{html.escape(heading)}</h2>", heatmap(columns, rows)]
-    parts += ["<h2>Merges that beat the base and the best expert</h2><p class='note'>Share of merges (one per method "
-              "and seed) whose normalised score is above the base's and above the best single expert's, as arXiv "
-              "2511.21437 reports.</p>", _table(rep.SHARE_COLUMNS, rep.share_rows(report))]
+    parts += [("<h2>Merges that beat the base and the best expert</h2><p class='note'>Share of merges (one per "
+               "method and seed) whose normalised score is above the base's and above the best single expert's, as "
+               "arXiv 2511.21437 reports.</p>"), _table(rep.SHARE_COLUMNS, rep.share_rows(report))]
     extra = """
 td.h { text-align: right; font-variant-numeric: tabular-nums; min-width: 3em; }
 .v { font-size: 13px; padding: 1px 6px; border-radius: 3px; margin-left: 6px; }
