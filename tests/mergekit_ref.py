@@ -115,9 +115,9 @@ json.dump(errors, open(sys.argv[2], "w"))
 """
 
 
-def run_mergekit_many(configs: dict[str, dict], root: Path) -> dict[str, dict[str, torch.Tensor] | str]:
+def run_mergekit_many(configs: dict[str, dict], root: Path, strict: bool = False) -> dict[str, dict[str, torch.Tensor] | str]:
     """Several merges in one mergekit process (its import costs seconds): name -> state dict, or the
-    error text when mergekit refused that config."""
+    error text when mergekit refused that config (``strict``: an AssertionError instead)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -132,4 +132,6 @@ def run_mergekit_many(configs: dict[str, dict], root: Path) -> dict[str, dict[st
     if proc.returncode != 0:
         raise AssertionError(f"mergekit runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     errors = json.loads((root / "errors.json").read_text())
+    if strict and errors:
+        raise AssertionError("mergekit refused: " + "; ".join(f"{k}:\n{v}" for k, v in errors.items()))
     return {name: errors.get(name) or read_model(Path(out)) for name, _, out in jobs}

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from mergekit_ref import llama_family, llama_tensors, needs_mergekit, read_model, venv, write_llama
+from mergekit_ref import llama_family, llama_tensors, needs_mergekit, read_model, run_mergekit_many, venv, write_llama
 from safetensors.torch import save_file
 
 from mergebench.core import in_memory
@@ -78,22 +77,6 @@ def state_dicts(families):
     return {f: {k: read_model(p) for k, p in paths.items()} for f, paths in families.items()}
 
 
-def run_mergekit_multi(configs: dict[str, dict], work: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every recipe in one ``mergekit-multi`` process (one interpreter start instead of one per recipe).
-
-    Recipe names get a prefix: mergekit-multi takes any string in a recipe equal to a recipe's name (say the
-    method "model_stock") for a reference to that recipe's output."""
-    cfg = work / "recipes.yml"
-    cfg.write_text(yaml.safe_dump_all([{"name": f"recipe-{n}", **c} for n, c in configs.items()], sort_keys=False))
-    cmd = [str(venv() / "bin" / "mergekit-multi"), str(cfg), "-I", str(work / "out"), "--no-lazy",
-           "--no-lazy-unpickle", "--quiet", "--allow-crimes"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
-    if proc.returncode != 0:
-        raise AssertionError(f"mergekit-multi failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {n: read_model(work / "out" / f"recipe-{n}") for n in configs}
-
-
 @pytest.fixture(scope="module")
 def mergekit_out(families, tmp_path_factory):
     configs = {}
@@ -102,7 +85,7 @@ def mergekit_out(families, tmp_path_factory):
         configs[name] = {"merge_method": method, "base_model": str(paths["base"]),
                          "models": [{"model": str(paths[f"e{k}"])} for k in range(n)],
                          "parameters": params, "dtype": "float32"}
-    return run_mergekit_multi(configs, tmp_path_factory.mktemp("mergekit"))
+    return run_mergekit_many(configs, tmp_path_factory.mktemp("mergekit"), strict=True)
 
 
 def assert_state_dicts_close(ours, ref, what):

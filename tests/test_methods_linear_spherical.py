@@ -10,15 +10,12 @@ filters partition the tensor names, so every tensor of every reference is compar
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from mergebench.core import in_memory
 from mergebench.core.api import merge as engine_merge
@@ -26,7 +23,7 @@ from mergebench.core.context import TensorContext
 from mergebench.core.errors import ParameterError
 from mergebench.core.plugin_manager import make_plugin_manager
 
-from mergekit_ref import llama_family, llama_tensors, needs_mergekit, read_model, venv, write_llama
+from mergekit_ref import llama_family, llama_tensors, needs_mergekit, read_model, run_mergekit_many, write_llama
 
 T = torch.tensor
 
@@ -122,22 +119,6 @@ def mix_tensors(base: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -
     return {n: pick(n, t) for n, t in base.items()}
 
 
-def run_mergekit_many(configs: dict[str, dict], root: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every config merged by one ``mergekit-multi`` process; returns each output's tensors by config name."""
-    # "out_": mergekit-multi takes any string equal to a merge's name for a reference to that merge, so a merge
-    # named "linear" would depend on itself through its own merge_method
-    docs = [{"name": f"out_{k}", **c} for k, c in configs.items()]
-    cfg = root / "mergekit-multi.yml"
-    cfg.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    cmd = [str(venv() / "bin" / "mergekit-multi"), str(cfg), "-I", str(root / "mergekit"), "--no-lazy-unpickle",
-           "--quiet", "--allow-crimes"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
-    if proc.returncode != 0:
-        raise AssertionError(f"mergekit-multi failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {k: read_model(root / "mergekit" / f"out_{k}") for k in configs}
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("linear-spherical")
@@ -150,7 +131,7 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(family):
     root, paths, _ = family
-    return run_mergekit_many({k: c.mergekit_config(paths) for k, c in CASES.items()}, root)
+    return run_mergekit_many({k: c.mergekit_config(paths) for k, c in CASES.items()}, root, strict=True)
 
 
 def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], names: list[str]) -> None:
