@@ -26,7 +26,7 @@ from mergebench.core.context import TensorContext
 from mergebench.core.errors import ParameterError
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.plugins.arcee_fusion import importance, outlier_threshold
-from mergebench.plugins.model_stock import ordered_sum
+from mergebench.core.merge_ops import ordered_sum
 from mergebench.plugins.ram import OverlapCounts
 
 N_EXPERTS = 3

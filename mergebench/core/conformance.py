@@ -298,8 +298,9 @@ class _Kit:
         streams = tuple(content_key(e) for e in experts) if m.stochastic else None
         ctx = TensorContext(name=name, weights=(1.0,) * len(experts), seed=seed, streams=streams, expert_params=own)
         # the whole-model pre-pass (here over this one tensor), else the per-tensor one, as these parameters ask
-        analysis = next((a for a in (f(copy.deepcopy(params), len(experts)) for f in (m.analysis, m.tensor_analysis)
-                                     if f is not None) if a is not None), None)
+        prepasses = ((m.analysis, own), (m.tensor_analysis, ctx))  # what each pre-pass factory is given
+        analysis = next((a for a in (f(copy.deepcopy(params), arg) for f, arg in prepasses if f is not None)
+                         if a is not None), None)
         if analysis is not None:
             from mergebench.core.analysis import run_analysis
 
@@ -538,9 +539,9 @@ class _Kit:
         n = max(self.allowed)
         if n < 2:
             raise _Skip("accepts one expert only")
-        supported = self._in_memory_supported(n)
-        merge = (lambda order: self.in_memory("big", n, order)) if supported else (
-            lambda order: self.engine("big", n, order=order))
+        def merge(order):
+            return self.in_memory("big", n, order)
+
         want = merge(None)
         worst = 0.0
         for order in (tuple(reversed(range(n))), tuple(range(1, n)) + (0,)):
@@ -549,8 +550,7 @@ class _Kit:
                 if w.is_floating_point():
                     worst = max(worst, self._close(got[name], w, f"tensor '{name}', N={n}",
                                                    f"experts in order {[i + 1 for i in order]} change the merge"))
-        how = "in memory" if supported else "with the engine"
-        return f"N={n} {how}, reversed and rotated: " + ("exact" if worst == 0 else f"max |difference| {worst:.2g}")
+        return f"N={n} in memory, reversed and rotated: " + ("exact" if worst == 0 else f"max |difference| {worst:.2g}")
 
     def chunking(self) -> str:
         if not self.m.elementwise:
@@ -569,15 +569,8 @@ class _Kit:
                            f"bf16 models, N={n}, 2 threads vs 1")
         return f"N={n}, bfloat16 models: same bytes"
 
-    def _in_memory_supported(self, n: int) -> bool:
-        from mergebench.core import in_memory
-
-        return in_memory.supports(self.m, self.params, n)
-
     def in_memory_vs_engine(self) -> str:
         n = max(self.allowed)
-        if not self._in_memory_supported(n):
-            raise _Skip("needs a whole-model pre-pass with these parameters: in-memory merging refuses it")
         self._compare_runs(self.in_memory("big", n), self.engine("big", n),
                            f"N={n}, float32 models, in memory vs engine")
         return f"N={n}, float32 models incl. a {list(BIG_SHAPE)} tensor: same bytes"

@@ -172,3 +172,20 @@ def l1_rescale_factor(before: int, after: int) -> float:
     if math.ldexp(float(before), -149) < L1_EPS or math.ldexp(float(after), -149) < L1_EPS:
         return 1.0
     return before / after  # exact integers: a correctly rounded quotient
+
+
+def ordered_sum(x: torch.Tensor, block: int = 1 << 12) -> torch.Tensor:
+    """Sum over the last dimension, bit-identical on any torch thread count.
+
+    torch splits one long reduction across its threads, so ``x.sum()`` rounds differently with 1 and 2 threads
+    (and in-memory sweeps would disagree with the engine). Here every reduction is a row of at most ``block``
+    entries, which one thread sums whole: blocks first, then the partial sums in order. (torch.norm is already
+    thread-independent.)"""
+    while x.shape[-1] > block:
+        n = x.shape[-1]
+        full = n - n % block
+        parts = x[..., :full].reshape(*x.shape[:-1], full // block, block).sum(-1)
+        if full < n:
+            parts = torch.cat([parts, x[..., full:].sum(-1, keepdim=True)], dim=-1)
+        x = parts
+    return x.sum(-1)

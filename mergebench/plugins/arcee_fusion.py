@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.plugins.model_stock import ordered_sum, unweighted_check
+from mergebench.core.merge_ops import ordered_sum
+from mergebench.plugins.checks import unweighted_check
 
 SOFTMAX_EPS = 1e-8
 MERGEKIT_QUANTILE_SAMPLE = 1_000_000

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
+from mergebench.plugins.checks import expert_count
 from mergebench.core.merge_ops import weighted_sum
 from mergebench.core.registry import MergeMethod, Param
 
@@ -49,19 +50,6 @@ def passthrough(base, experts, params, ctx):
     """scale * theta_1"""
     (scale,) = ctx.expert_values("scale", params)
     return experts[0] if scale == 1.0 else experts[0].mul_(scale)
-
-
-ONE_EXPERT_HINT = "give one expert, and the other model as the base"
-
-
-def expert_count(method: str, n: int, hint: str):
-    """A ``check`` refusing any number of experts but ``n`` (methods defined for one or two models)."""
-
-    def check(params, weights):
-        if len(weights) != n:
-            raise ParameterError(f"{method} takes exactly {n} expert{'s' * (n > 1)}, got {len(weights)}; {hint}")
-
-    return check
 
 
 @hookimpl

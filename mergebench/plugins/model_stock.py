@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
+from mergebench.core.merge_ops import ordered_sum
+from mergebench.plugins.checks import unweighted_check
 from mergebench.core.registry import MergeMethod, Param
 
 MERGEKIT_NORM_FLOOR = 1e-6
@@ -64,38 +65,6 @@ def model_stock(base, experts, params, ctx):
                     (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
     # t * average + (1 - t) * theta_0, each product rounded as mergekit's, in place in the scratch tensors
     return average.mul_(t).add_(w0.mul_(1 - t)).reshape(shape)
-
-
-def ordered_sum(x: torch.Tensor, block: int = 1 << 12) -> torch.Tensor:
-    """Sum over the last dimension, bit-identical on any torch thread count.
-
-    torch splits one long reduction across its threads, so ``x.sum()`` rounds differently with 1 and 2 threads
-    (and in-memory sweeps would disagree with the engine). Here every reduction is a row of at most ``block``
-    entries, which one thread sums whole: blocks first, then the partial sums in order. (torch.norm is already
-    thread-independent.)"""
-    while x.shape[-1] > block:
-        n = x.shape[-1]
-        full = n - n % block
-        parts = x[..., :full].reshape(*x.shape[:-1], full // block, block).sum(-1)
-        if full < n:
-            parts = torch.cat([parts, x[..., full:].sum(-1, keepdim=True)], dim=-1)
-        x = parts
-    return x.sum(-1)
-
-
-def unweighted_check(method: str, min_experts: int = 1, max_experts: int | None = None):
-    """A ``check`` for methods that weigh experts by their own rule: equal weights only, and an expert count."""
-
-    def check(params, weights):
-        n = len(weights)
-        if n < min_experts or (max_experts is not None and n > max_experts):
-            want = f"exactly {min_experts}" if min_experts == max_experts else f"at least {min_experts}"
-            raise ParameterError(f"{method} needs {want} expert(s) besides the base, got {n}")
-        if any(w != weights[0] for w in weights):
-            raise ParameterError(f"{method} weighs the experts by its own rule and takes no expert weights (mergekit "
-                                 f"ignores them), got {list(weights)}; remove the weights or make them equal")
-
-    return check
 
 
 @hookimpl

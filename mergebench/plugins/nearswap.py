@@ -20,7 +20,7 @@ import torch
 
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.plugins.linear import ONE_EXPERT_HINT, expert_count
+from mergebench.plugins.checks import ONE_EXPERT_HINT, expert_count
 
 
 def nearswap(base, experts, params, ctx):

@@ -37,7 +37,7 @@ from mergebench.core.analysis import run_analysis
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import task_vectors_
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.plugins.model_stock import unweighted_check
+from mergebench.plugins.checks import unweighted_check
 
 EPSILON = Param("epsilon", float, 1e-5, "an entry counts as changed by an expert when |theta_t - theta_0| > epsilon",
                 min=0.0)

@@ -39,7 +39,8 @@ import torch
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import magnitude_mask, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.plugins.model_stock import ordered_sum, unweighted_check
+from mergebench.core.merge_ops import ordered_sum
+from mergebench.plugins.checks import unweighted_check
 
 MERGEKIT_UNIFORM_BELOW = 1e-6
 DENOMINATOR_FLOOR = 1e-6

@@ -68,7 +68,7 @@ from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import task_vectors_
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.plugins.linear import ONE_EXPERT_HINT, expert_count
+from mergebench.plugins.checks import ONE_EXPERT_HINT, expert_count
 
 Tensor = torch.Tensor
 MERGEKIT_SOURCE = "https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/"
