@@ -38,13 +38,6 @@ _HI_BINS = 1 << 15  # |x| as float32 bits has a zero sign bit: the high half is 
 _LO_BINS = 1 << 16
 
 
-class Thresholds(list):
-    """:class:`MagnitudeThreshold`'s result for one tensor: per expert ``(threshold, ties)``, plus the ``tag``
-    its maker gave (what the counts were computed from), so a merge can check it matches its own values."""
-
-    tag: Any = None
-
-
 class MagnitudeThreshold:
     """Exact top-k magnitude threshold of each expert's task vector over the tensors it observes.
 
@@ -58,18 +51,17 @@ class MagnitudeThreshold:
     ``result_for(name)`` is, per expert, ``(threshold, ties)``: keep |tau| > threshold, plus the first
     ``ties`` entries of this tensor with |tau| == threshold. ``density`` is one value or one per
     expert; ``k`` overrides the count derived from it, and ``counts(entries observed)`` (one k per
-    expert) overrides both. ``tag`` is handed back with every result (:class:`Thresholds`).
+    expert) overrides both.
     """
 
     passes = 2
 
     def __init__(self, density: float | Sequence[float], n_experts: int, k: int | None = None, *,
-                 counts: Callable[[int], Sequence[int]] | None = None, tag: Any = None):
+                 counts: Callable[[int], Sequence[int]] | None = None):
         self.density = density
         self.k = k
         self.n = n_experts
         self.counts = counts
-        self.tag = tag
         self.total = 0
         self.hi: list[Tensor | int] = [0] * n_experts  # per expert, histograms (0 until a chunk is seen)
         self.lo: list[Tensor | int] = [0] * n_experts
@@ -143,10 +135,8 @@ class MagnitudeThreshold:
             self.ties[name] = per_expert
         self.bucket_lows.clear()
 
-    def result_for(self, name: str) -> Thresholds:
-        out = Thresholds(zip(self.threshold, self.ties.get(name, [0] * self.n)))
-        out.tag = self.tag
-        return out
+    def result_for(self, name: str) -> list[tuple[float, int]]:
+        return list(zip(self.threshold, self.ties.get(name, [0] * self.n)))
 
 
 class Combined:

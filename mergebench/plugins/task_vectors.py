@@ -235,7 +235,6 @@ class TaskVectorMethod:
         probabilities (None for an expert it leaves whole)."""
         trim = ctx.analysis.inner if isinstance(ctx.analysis, L1Rescale) else ctx.analysis
         if self.sparsifier == MAGNITUDE:
-            self._check_prepass(trim, params, ctx)
             # per expert, the tied entries still to keep: carried across the chunks of the tensor
             left = ctx.state.setdefault("ties_left", [ties for _, ties in trim])
             for t, (tau, (threshold, _)) in enumerate(zip(taus, trim)):
@@ -244,7 +243,6 @@ class TaskVectorMethod:
                 tau.mul_(mask)
         elif self.sparsifier == BAND:
             upper, lower = trim
-            self._check_prepass(upper, params, ctx)
             left = ctx.state.setdefault("band_left", [[ties for _, ties in upper], [ties for _, ties in lower]])
             for t, tau in enumerate(taus):
                 outlier, used_upper = threshold_mask(tau, upper[t][0], left[0][t])
@@ -303,14 +301,6 @@ class TaskVectorMethod:
             raise ParameterError(f"merge method '{self.name}' keeps entries with probabilities density +- epsilon, "
                                  f"which must lie in (0, 1); got density {density}, epsilon {epsilon}{who}")
 
-    def _check_prepass(self, trim, params, ctx):
-        """A pre-pass made without the experts' own values (from an engine that passed only their number)
-        cannot serve a merge that has them."""
-        tag = getattr(trim, "tag", None)
-        if tag is not None and tag != self._trim_values(params, ctx):
-            raise MergebenchError(f"merge method '{self.name}': this engine does not pass per-expert "
-                                  f"{' / '.join(tag)} to its pre-pass; give one value for all experts")
-
     # ---- pre-passes ------------------------------------------------------------------------------------
 
     def _needs_prepass(self, params) -> bool:
@@ -348,8 +338,8 @@ class TaskVectorMethod:
         if self.sparsifier == MAGNITUDE:
             density = densities[0] if len(set(densities)) == 1 else densities
             if params["rounding"] == "nearest":
-                return MagnitudeThreshold(density, n, tag=values)
-            return MagnitudeThreshold(density, n, tag=values,
+                return MagnitudeThreshold(density, n)
+            return MagnitudeThreshold(density, n,
                                       counts=lambda total: [mergekit_magnitude_count(d, total) for d in densities])
         count = keep_count if params["rounding"] == "nearest" else floor_count
 
@@ -359,8 +349,8 @@ class TaskVectorMethod:
         def outliers(total):
             return [min(count(g, total), total - k) for g, k in zip(values["gamma"], kept(total))]
 
-        return Combined(MagnitudeThreshold(densities, n, counts=outliers, tag=values),
-                        MagnitudeThreshold(densities, n, tag=values,
+        return Combined(MagnitudeThreshold(densities, n, counts=outliers),
+                        MagnitudeThreshold(densities, n,
                                            counts=lambda total: [a + b for a, b in zip(outliers(total), kept(total))]))
 
     # ---- registration ----------------------------------------------------------------------------------
