@@ -6,8 +6,9 @@ Order of work, so that errors come before cost:
 3. tensors are merged one name at a time from memory maps and streamed into safetensors shards in a
    temporary directory, which replaces the target only when everything (hash checks included) passed.
 
-Peak memory is about (N + 2) float32 copies of the largest tensor plus a fixed overhead, never the
-size of the models.
+Peak memory for an elementwise method is about (N + 2) float32 copies of the largest tensor plus a fixed
+overhead, never the size of the models; a method that needs whole tensors also holds each input's
+tensor in float32 and whatever temporaries its maths makes.
 """
 
 from __future__ import annotations
