@@ -239,3 +239,13 @@ def test_per_expert_parameters_from_the_cli(tmp_path, toy_models):
     assert all(torch.equal(a[n], b[n]) for n in a)
     bad = _cli(*common, "-P", "3:density=0.9", "-o", str(tmp_path / "c"))
     assert bad.returncode == 2 and "N from 1 to 2" in bad.stderr
+
+
+def test_a_misspelt_per_expert_gradient_is_named_before_any_tensor_is_read(pm):
+    from mergebench.core.tensor_params import ParameterPlan
+
+    ties = pm.merge_methods().get("ties")
+    with pytest.raises(ParameterError, match="unknown parameter 'densty' .*did you mean 'density'"):
+        ParameterPlan(ties, {}, [{"densty": [0.1, 0.2]}], [1.0])
+    with pytest.raises(ParameterError, match="parameter 'lambda' of merge method 'ties' is one value"):
+        ParameterPlan(ties, {}, [{"lambda": [0.1, 0.2]}], [1.0])

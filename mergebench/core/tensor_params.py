@@ -97,15 +97,11 @@ class ParameterPlan:
             constant = {k: v for k, v in own.items() if not is_varying(v)}
             method.resolve_expert_params(constant, f"expert {i + 1}")  # names, per-expert-ness, values
             for k in own:
-                if is_varying(own[k]):
-                    method.resolve_expert_params({k: known[k].default}, f"expert {i + 1}")
+                if is_varying(own[k]):  # its name and per-expert-ness now, its values per tensor
+                    method.resolve_expert_params({k: known[k].default if k in known else None}, f"expert {i + 1}")
         self.varies = (any(is_varying(v) for v in self.settings.values())
                        or any(is_varying(v) for own in self.expert_settings for v in own.values())
                        or any(is_varying(w) for w in self.weight_settings))
-
-    def _value(self, setting: Any, name: str, t: float, fallback: Any = None) -> Any:
-        value = evaluate(setting, name, t)
-        return fallback if value is None else value
 
     def for_tensor(self, name: str, t: float = 0.0, experts: Sequence[int] | None = None) -> TensorParams:
         experts = range(len(self.weight_settings)) if experts is None else experts
