@@ -288,14 +288,16 @@ def _method_record(m) -> dict[str, Any]:
 
 def methods_markdown(records: list[dict[str, Any]]) -> str:
     """The methods table of README.md and docs/methods.md (a test keeps both equal to this)."""
-    lines = ["| method | what it does | parameters (default; * per expert) | reference |", "|---|---|---|---|"]
+    from mergebench.study.leaderboard import markdown_table
+
+    rows = []
     for r in records:
         params = ", ".join(f"`{p['name']}`{'*' if p['per_expert'] else ''}={p['default']}" for p in r["parameters"]) or "-"
         flags = ", ".join(f for f, on in (("needs a base", r["needs_base"]), ("stochastic", r["stochastic"])) if on)
         what = r["description"] + (f" ({flags})" if flags else "")
-        cells = [f"`{r['name']}`", what, params, r["reference"] or "-"]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([f"`{r['name']}`", what, params, r["reference"] or "-"])
+    columns = ["method", "what it does", "parameters (default; * per expert)", "reference"]
+    return "\n".join(markdown_table(columns, rows)) + "\n"
 
 
 @cli.command()

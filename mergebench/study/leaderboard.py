@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from mergebench.core.errors import InputError
 from mergebench.study import evidence, statistics
@@ -284,17 +284,23 @@ DRAW_COLUMNS = ("size", "base", "N", "method", "draws", "held-in: sd from draws"
                 "held-out: sd from draws", "sd from seeds", "draws' share")
 
 
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines; a ``|`` inside a cell is escaped so it cannot split the cell."""
+    def cell(c: Any) -> str:
+        return str(c).replace("|", "\\|")
+
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
+
+
 def markdown(rows: list[Row], title: str = "mergebench leaderboard") -> str:
     spread = ("mean over seeds [95% interval]" if any(r.held_in_ci or r.held_out_ci for r in rows)
               else "mean ± standard deviation over seeds")
     lines = [f"## {title}", "",
              "Normalised scores (held-in: merged / expert of the category; held-out: merged / base, zero-shot), "
-             f"{spread}, on the test splits; hyperparameters chosen on validation.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r, cells in zip(rows, table_rows(rows)):
-        if r.kind == "baseline":
-            cells = [f"*{c}*" if i == 3 else c for i, c in enumerate(cells)]
-        lines.append("| " + " | ".join(cells) + " |")
+             f"{spread}, on the test splits; hyperparameters chosen on validation.", ""]
+    lines += markdown_table(COLUMNS, ([f"*{c}*" if r.kind == "baseline" and i == 3 else c for i, c in enumerate(cells)]
+                                      for r, cells in zip(rows, table_rows(rows))))
     extra = notes(rows)
     if extra:
         lines += [""] + extra
@@ -302,9 +308,8 @@ def markdown(rows: list[Row], title: str = "mergebench leaderboard") -> str:
     if drawn:
         lines += ["", "### Random draws (stochastic methods, draws: K)", "",
                   "Standard deviation of one merge's score from its random draw (pooled within seeds) and between "
-                  "seeds (beyond the draws'), and the draws' share of the variance.", "",
-                  "| " + " | ".join(DRAW_COLUMNS) + " |", "|" + "---|" * len(DRAW_COLUMNS)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in drawn]
+                  "seeds (beyond the draws'), and the draws' share of the variance.", ""]
+        lines += markdown_table(DRAW_COLUMNS, drawn)
     return "\n".join(lines) + "\n"
 
 

@@ -88,6 +88,7 @@ import numpy as np
 
 from mergebench.core.errors import InputError
 from mergebench.study import evidence, statistics
+from mergebench.study.leaderboard import markdown_table
 from mergebench.study.normalise import normalise
 from mergebench.study.statistics import SeedSample, Term
 
@@ -880,26 +881,18 @@ def planning_text(report: dict[str, Any]) -> str:
             f"of the run's seeds alone. A plan needs both (`--resolve D` sets the difference).")
 
 
-def _md_table(columns: Sequence[str], rows: list[list[str]]) -> list[str]:
-    def cell(c: str) -> str:
-        return str(c).replace("|", "\\|")
-
-    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
-
-
 def markdown(report: dict[str, Any]) -> str:
     lines = ["## The paper's findings, tested", "", run_line(report), "", f"**Verdict rule.** {report['verdict_rule']}",
-             "", *_md_table(SUMMARY_COLUMNS, summary_rows(report))]
+             "", *markdown_table(SUMMARY_COLUMNS, summary_rows(report))]
     for f in report["findings"]:
         lines += ["", f"### {f['id'].split('-')[0]}. {f['claim']} **{f['verdict']}**", "",
                   f"Statistic: {f['statistic']}", ""]
         if f["tests"]:
-            lines += _md_table(TEST_COLUMNS, test_rows(f)) + [""]
+            lines += markdown_table(TEST_COLUMNS, test_rows(f)) + [""]
         lines.append(f"{f['note']}")
         if f["rows"]:
             lines += ["", f"<details><summary>the {len(f['rows'])} rows behind it</summary>", "",
-                      *_md_table(ROW_COLUMNS, finding_rows(f)), "", "</details>"]
+                      *markdown_table(ROW_COLUMNS, finding_rows(f)), "", "</details>"]
     lines += ["", "### Planning the next run", "", planning_text(report)]
     lines += ["", "## Per category", "",
               ("Normalised test score per category, mean over the seeds whose merges include the category. Held-in: "
@@ -907,10 +900,10 @@ def markdown(report: dict[str, Any]) -> str:
                "the merge over the base. Baselines in parentheses."), ""]
     for metric, title in (("held_in", "Held-in: each expert's retention"), ("held_out", "Held-out per category")):
         columns, rows = category_table(report, metric)
-        lines += [f"### {title}", "", *_md_table(columns, [labels + [num(v, signed=False) for v in values]
+        lines += [f"### {title}", "", *markdown_table(columns, [labels + [num(v, signed=False) for v in values]
                                                            for labels, values in rows]), ""]
     lines += ["### Merges that beat the base and the best expert", "",
               ("Share of merges (one per method and seed) whose normalised score is above the base's and above the "
                "best single expert's (an expert of one merged category, normalised over all N categories), as "
-               "arXiv 2511.21437 reports."), "", *_md_table(SHARE_COLUMNS, share_rows(report))]
+               "arXiv 2511.21437 reports."), "", *markdown_table(SHARE_COLUMNS, share_rows(report))]
     return "\n".join(lines) + "\n"
