@@ -221,16 +221,17 @@ def prepare(recipe: Recipe, output: Path | None, *, force: bool = False, allow_p
         if output is not None and source.root is not None and _inside(output, source.root):
             raise OutputError(f"{output}: the output would be inside the input model directory {source.root}")
     sources = ([base] if base is not None else []) + experts
+    # each input's path as the recipe names it (slices and tokenizer_source refer to inputs so) -> its source
+    index = {e.path: i + (base is not None) for i, e in reversed(list(enumerate(recipe.experts)))}
+    if recipe.base is not None:
+        index[recipe.base.path] = 0
     alignment = None
     if recipe.tokenizer_source is not None:
-        references = {e.path: i + (base is not None) for i, e in enumerate(recipe.experts)}
-        if recipe.base is not None:
-            references[recipe.base.path] = 0
-        alignment = vocab.build(recipe.tokenizer_source, sources, base is not None, references)
+        alignment = vocab.build(recipe.tokenizer_source, sources, base is not None, index)
     if recipe.slices:
         from mergebench.core.slices import slice_jobs
 
-        jobs, layers = slice_jobs(recipe, sources, base is not None)
+        jobs, layers = slice_jobs(recipe, sources, base is not None, index)
     else:
         template = sources[0]
         role_t = "the base" if base is not None else "expert 1"

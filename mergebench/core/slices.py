@@ -42,15 +42,11 @@ def _layers(source: ModelSource) -> dict[int, list[str]]:
     return out
 
 
-def slice_jobs(recipe: Recipe, sources: list[ModelSource], has_base: bool) -> tuple[list[TensorJob], int]:
-    """The output's tensors as jobs, and its layer count."""
+def slice_jobs(recipe: Recipe, sources: list[ModelSource], has_base: bool,
+               index: dict[str, int]) -> tuple[list[TensorJob], int]:
+    """The output's tensors as jobs, and its layer count; ``index``: each input's path -> its source."""
     from mergebench.core.engine import TensorJob
 
-    index: dict[str, int] = {}
-    if has_base:
-        index[recipe.base.path] = 0
-    for i, e in enumerate(recipe.experts):
-        index.setdefault(e.path, i + has_base)
     layers = {}
     jobs_by_slice = []
     out_layer = 0
