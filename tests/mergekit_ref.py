@@ -81,6 +81,18 @@ def write_llama(directory: Path, tensors: dict[str, torch.Tensor], dtype: torch.
     return directory
 
 
+def write_tokenizer(directory: Path, tokens: list[str]) -> None:
+    """A word-level tokenizer (one id per token, in order; whitespace-split) saved as transformers does."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(directory))
+
+
 def llama_family(root: Path, n_experts: int = 4, scale: float = 0.1, dtype: torch.dtype = torch.float32,
                  layers: int = 4) -> dict[str, Path]:
     """A base and ``n_experts`` experts (base plus seeded perturbations of size ``scale``)."""

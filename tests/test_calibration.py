@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mergekit_ref import llama_family, read_model
+from mergekit_ref import llama_family, read_model, write_tokenizer
 from safetensors.torch import save_file
 
 from mergebench.cli.main import cli
@@ -22,17 +22,6 @@ from mergebench.core.tensor_io import open_local
 
 TOKENS = ["[UNK]"] + [f"w{i}" for i in range(63)]  # one per row of the tiny Llamas' 64-row embedding
 LINEAR = "model.layers.1.mlp.down_proj.weight"
-
-
-def write_tokenizer(directory, tokens):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(directory))
 
 
 @pytest.fixture(scope="module")

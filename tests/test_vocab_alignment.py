@@ -14,24 +14,13 @@ import sys
 import pytest
 import torch
 import yaml
-from mergekit_ref import LLAMA, llama_tensors, needs_mergekit, read_model, run_mergekit_many
+from mergekit_ref import LLAMA, llama_tensors, needs_mergekit, read_model, run_mergekit_many, write_tokenizer
 from safetensors.torch import save_file
 
 from mergebench.core import engine
 from mergebench.core.recipe import load_recipe
 
 BASE_TOKENS = ["[UNK]"] + [f"w{i}" for i in range(59)]
-
-
-def write_tokenizer(directory, tokens):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(directory))
 
 
 def write(directory, tokens, seed, like=None, base_tokens=None):
