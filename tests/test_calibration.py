@@ -212,6 +212,41 @@ def test_cli_regmean_merge_is_the_closed_form_and_a_second_merge_reads_the_cache
                                CalibrationData.parse({"data": str(family["data"]), "samples": 5}))
 
 
+def test_each_expert_its_own_calibration_file(family, tmp_path):
+    """--calibration-data once per expert: expert i's Gram comes from file i (RegMean on each model's own task
+    data), the closed form holds with those Grams, and the card records each file by content hash."""
+    from mergebench.core.hashing import sha256_file
+
+    other = tmp_path / "other.jsonl"
+    rng = random.Random(1)
+    other.write_text("".join(json.dumps({"text": " ".join(f"w{rng.randrange(5)}" for _ in range(8))}) + "\n"
+                             for _ in range(6)))
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", "regmean", "-e", str(family["e0"]), "-e", str(family["e1"]),
+                                      "--calibration-data", str(family["data"]), "--calibration-data", str(other),
+                                      "-p", "alpha=1.0", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    merged, experts = read_model(out), [read_model(family[k]) for k in ("e0", "e1")]
+    grams = [calibration.statistics(open_local(str(family[k]), family[k], False), CalibrationRequest("gram"),
+                                    CalibrationData.parse({"data": str(f)})).get(LINEAR).matrix.double().numpy()
+             for k, f in (("e0", family["data"]), ("e1", other))]
+    expected = closed_form([e[LINEAR].double().numpy() for e in experts], grams, 1.0)
+    np.testing.assert_allclose(merged[LINEAR].numpy(), expected, rtol=1e-4, atol=1e-5)
+    same = [calibration.statistics(open_local(str(family[k]), family[k], False), CalibrationRequest("gram"),
+                                   CalibrationData.parse({"data": str(family["data"])})).get(LINEAR)
+            .matrix.double().numpy() for k in ("e0", "e1")]
+    assert not np.allclose(expected, closed_form([e[LINEAR].double().numpy() for e in experts], same, 1.0),
+                           atol=1e-4)  # one file for both would be another merge
+    record = json.loads((out / "mergebench.json").read_text())["calibration"]
+    assert [(r["expert"], r["data"], r["sha256"], r["statistic"]) for r in record] == [
+        (1, str(family["data"].resolve()), sha256_file(family["data"]), "gram"),
+        (2, str(other.resolve()), sha256_file(other), "gram")]
+    three = CliRunner().invoke(cli, ["merge", "regmean", "-e", str(family["e0"]), "-e", str(family["e1"]),
+                                     *["--calibration-data", str(other)] * 3, "-q", "-o", str(tmp_path / "x")])
+    assert_user_error(three, "lists 3 file(s) for 2 expert(s)")
+    assert not (tmp_path / "x").exists()
+
+
 # ---- (4) Fisher statistics against gradients computed here, and the Fisher merge --------------------------
 
 def reference_fisher(model_dir, rows, max_length):

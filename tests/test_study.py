@@ -72,6 +72,8 @@ def db_rows(run_dir: Path, sql: str):
     ({"search": {"ties": {"lamda": [1.0]}}}, ["unknown parameter 'lamda'"]),
     ({"search": {"ties": {"density": [1.5]}}}, ["density"]),
     ({"workers": 0}, ["workers must be an integer >= 1"]),
+    ({"calibration": {"split": "test"}}, ["calibration.split must be train or validation", "no method may learn"]),
+    ({"calibration": {"sampels": 4}}, ["unknown key 'sampels'", "did you mean 'samples'"]),
     ({"base_kinds": ["chat"]}, ["unknown base kind 'chat'"]),
     ({"executor": "slurmm"}, ["unknown executor 'slurmm'"]),
     ({"executor": {"name": "ray", "params": {"adress": "auto"}}}, ["unknown parameter 'adress'", "did you mean 'address'"]),
@@ -193,6 +195,46 @@ def test_a_method_with_a_whole_model_pre_pass_is_swept_through_the_engine(study,
     assert len(db_rows(tmp_path / "run", "SELECT * FROM sweep_points")) == 2
     assert assert_chosen_point_is_the_written_merge(tmp_path / "run", home, "ties")["trim_scope"] == "global"
     assert not list((tmp_path / "run").rglob(".*-point-*"))  # scratch merges are gone
+
+
+def test_data_aware_methods_calibrate_each_expert_on_its_own_categorys_train_split(study, tmp_path):
+    """RegMean and Fisher take part in a study: each expert's statistics come from its own category's train data
+    (never test), the in-memory sweep and the written merge get the same statistics, and both reach the
+    leaderboard."""
+    from mergebench.core import calibration
+    from mergebench.training import read_pairs
+
+    _, home, _ = study
+    config = write_config(tmp_path / "data-aware.yaml", methods=["regmean", "fisher"], base_kinds=["pretrained"],
+                          search={"regmean": {"alpha": [0.5, 1.0]}},
+                          calibration={"split": "train", "samples": 12, "max_length": 48})
+    run_dir = tmp_path / "run"
+    result = run_cli("run", config, "--run-dir", run_dir, env={"MERGEBENCH_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    assert sorted(m for m, in db_rows(run_dir, "SELECT method FROM merges")) == ["fisher", "regmean"]
+    board = (run_dir / "leaderboard.md").read_text()
+    assert "| regmean |" in board and "| fisher |" in board
+    assert assert_chosen_point_is_the_written_merge(run_dir, home, "regmean")["alpha"] in (0.5, 1.0)
+    suite = json.loads(db_rows(run_dir, "SELECT value FROM meta WHERE key = 'suite'")[0][0])
+    categories = expert_order(list(suite["held_in"]), 0)[:2]
+    for method in ("regmean", "fisher"):
+        path, = db_rows(run_dir, "SELECT m.path FROM merges g JOIN models m ON m.key = g.model "
+                                 f"WHERE g.method = '{method}'")[0]
+        record = json.loads((Path(path) / "mergebench.json").read_text())
+        assert [c["expert"] for c in record["calibration"]] == [1, 2]
+        assert {c["statistic"] for c in record["calibration"]} == {"gram" if method == "regmean" else "fisher"}
+        assert record["calibration"][0]["sha256"] != record["calibration"][1]["sha256"]
+        for entry, category in zip(record["calibration"], categories):
+            assert entry["parameters"] == {"samples": 12, "max_length": 48, "batch_size": 8, "seed": 0}
+            data = calibration.CalibrationData.parse({"data": entry["data"]})
+            train = [only(home.glob(f"artifacts/suite/*/{d}.train.jsonl")) for d in suite["held_in"][category]]
+            assert train and list(data.rows) == read_pairs(train)
+
+
+def only(paths):
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
 
 
 def test_second_run_on_the_same_directory_is_refused(study, tmp_path):

@@ -158,12 +158,13 @@ def test_methods_all_is_every_registered_method_that_can_merge_some_n(pm_pairwis
     cfg = parse({"methods": "all", "n_experts": [2, 3]}, pm_pairwise)
     names = pm_pairwise.merge_methods().names()
     assert "pairwise_mean" in cfg.methods  # a plugin's method: the registry, not a list in the code
+    assert {"regmean", "fisher"} <= set(cfg.methods)  # data-aware too: the study gives each expert calibration data
     assert cfg.methods == [m for m in names if len(cfg.unmergeable.get(m, {})) < 2]
     assert cfg.unmergeable["pairwise_mean"] == {3: "pairwise_mean merges exactly 2 experts, got 3"}
     assert set(cfg.methods) | {m for m, r in cfg.unmergeable.items() if len(r) == 2} == set(names)
     for name, reasons in cfg.unmergeable.items():  # each exclusion is the method's own check refusing N experts
         method = pm_pairwise.merge_methods().get(name)
-        if method.check is not None and getattr(method, "calibration", None) is None:
+        if method.check is not None:
             for n in reasons:
                 with pytest.raises(Exception):
                     method.check(method.resolve_params({}), (1.0,) * n)

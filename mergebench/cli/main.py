@@ -152,8 +152,9 @@ def make_progress(console: Console = stderr) -> Progress:
               help="Expert N's own value of a per-expert parameter, e.g. 2:density=0.3 (repeatable).")
 @click.option("--tokenizer-source", default=None, metavar="base|union|MODEL",
               help="When vocabularies differ: the output's tokenizer; embedding rows are aligned by token.")
-@click.option("--calibration-data", default=None, type=click.Path(path_type=Path), metavar="FILE.jsonl",
-              help="Data-aware methods (regmean, fisher): texts to collect statistics from ({\"text\": ...} per line).")
+@click.option("--calibration-data", multiple=True, type=click.Path(path_type=Path), metavar="FILE.jsonl",
+              help="Data-aware methods (regmean, fisher): texts to collect statistics from ({\"text\": ...} per "
+                   "line); once for every expert, or once per expert in --expert order (each its own task's data).")
 @click.option("--seed", type=int, default=None, help="Seed for stochastic methods (default 0).")
 @click.option("--dtype", default=None, help="Output dtype (default: the base's): float32, bfloat16, float16.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model directory.")
@@ -165,7 +166,7 @@ def make_progress(console: Console = stderr) -> Progress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], params: tuple[str, ...],
           weights: tuple[float, ...], expert_params: tuple[str, ...], tokenizer_source: str | None,
-          calibration_data: Path | None, seed: int | None, dtype: str | None, output: Path | None, force: bool,
+          calibration_data: tuple[Path, ...], seed: int | None, dtype: str | None, output: Path | None, force: bool,
           allow_pickle: bool, max_shard_size: str | None, device: str, threads: int | None, quiet: bool) -> None:
     """Merge experts with METHOD, or as a RECIPE (.yaml, or a merged model's README.md) says.
 
@@ -178,8 +179,9 @@ def merge(method_or_recipe: str, base: str | None, experts: tuple[str, ...], par
     recipe = _recipe(method_or_recipe, base, experts, params, weights, expert_params)
     if tokenizer_source is not None:
         recipe.tokenizer_source = tokenizer_source
-    if calibration_data is not None:
-        recipe.calibration = {**(recipe.calibration or {}), "data": str(calibration_data)}
+    if calibration_data:
+        files = [str(f) for f in calibration_data]
+        recipe.calibration = {**(recipe.calibration or {}), "data": files[0] if len(files) == 1 else files}
     if seed is not None:
         recipe.seed = seed
     if dtype is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.engine import MergeResult, ProgressCallback, run
@@ -28,6 +28,7 @@ def merge(
     threads: int | None = None,
     plugin_manager: PluginManager | None = None,
     progress: ProgressCallback | None = None,
+    calibration: Mapping[str, Any] | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge ``experts`` (onto ``base``) with ``method`` into ``output``.
@@ -35,6 +36,7 @@ def merge(
     Method parameters go as keyword arguments; ``lambda`` may be spelled ``lambda_``:
     ``merge("ties", base="b", experts=["e1", "e2"], output="out", density=0.2, lambda_=0.8)``.
     ``expert_params`` gives each expert its own values of per-expert parameters (e.g. ``[{"density": 0.3}, {}]``).
+    ``calibration``: data-aware methods' data, as the recipe key (``{"data": FILE or [FILE per expert], "samples": 128}``).
     """
     params = {k[:-1] if k.endswith("_") else k: v for k, v in params.items()}
     weights = list(weights) if weights is not None else [1.0] * len(experts)
@@ -49,6 +51,7 @@ def merge(
         seed=seed,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        calibration=dict(calibration) if calibration is not None else None,
     )
     return run(recipe, Path(output), force=force, allow_pickle=allow_pickle, device=device, threads=threads,
                pm=plugin_manager, progress=progress)

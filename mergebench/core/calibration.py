@@ -5,7 +5,8 @@ recipe's ``calibration`` mapping (:meth:`CalibrationData.parse`), calls :func:`s
 and hands each tensor's per-expert statistic to the maths as ``ctx.statistics``.
 
 Data (``calibration: {data: FILE.jsonl, samples: 128, max_length: 256, batch_size: 8, seed: 0}``, or
-``--calibration-data FILE.jsonl``): one JSON object per line, ``{"text": ...}``, or a pair joined into one
+``--calibration-data FILE.jsonl``; ``data`` may also list one file per expert, ``--calibration-data`` given once
+per expert, so that each expert's statistics come from its own task's data): one JSON object per line, ``{"text": ...}``, or a pair joined into one
 text with nothing in between: ``{"prompt", "completion"}``, ``{"input", "target"}`` or ``{"query",
 "answer"}`` (the suites' rows; completions carry their own leading space). Blank lines are skipped. With
 more than ``samples`` rows, ``samples`` of them are drawn without replacement (``random.Random(seed)``)
@@ -129,6 +130,19 @@ class CalibrationData:
         values = {n: p.coerce(mapping[n], "calibration") if n in mapping else p.default for n, p in known.items()}
         path = Path(str(mapping["data"])).expanduser()
         return cls(path, rows=_read_rows(path), **values)
+
+    @classmethod
+    def parse_each(cls, mapping: Mapping[str, Any] | None, experts: int) -> list[CalibrationData]:
+        """Per expert, its calibration data. ``data`` is one file for every expert, or a list of one file per
+        expert in recipe order: each expert's own task data, as RegMean and Fisher merging compute each model's
+        statistics on the data it was trained for (what ``mergebench run`` gives)."""
+        files = mapping.get("data") if isinstance(mapping, Mapping) else None
+        if not isinstance(files, (list, tuple)):
+            return [cls.parse(mapping)] * experts
+        if len(files) != experts:
+            raise ParameterError(f"calibration data lists {len(files)} file(s) for {experts} expert(s); give one "
+                                 f"file for all of them, or one per expert in order")
+        return [cls.parse({**mapping, "data": f}) for f in files]
 
     def parameters(self) -> dict[str, int]:
         return {p.name: getattr(self, p.name) for p in _PARAMS}

@@ -66,6 +66,8 @@ def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: Mer
         "tensors_copied": result.tensors_copied,
         "recipe": pinned.to_dict(),
     }
+    if result.calibration:
+        record["calibration"] = result.calibration  # each expert's calibration data, by content hash
     if recipe.given is not None:
         record["config_given"] = recipe.given  # the mergekit config exactly as the user wrote it
     (directory / "mergebench.json").write_text(json.dumps(record, indent=2) + "\n")

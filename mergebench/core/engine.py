@@ -64,6 +64,9 @@ class MergeResult:
     tensors_copied: int
     seconds: float
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    # data-aware methods: per expert, its calibration data file, that file's sha256, the data parameters and the
+    # statistics artefact's cache key
+    calibration: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -642,17 +645,21 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     return merged_count
 
 
-def calibrate(plan: _Plan, data: dict[str, Any] | None, progress: ProgressCallback | None = None) -> None:
+def calibrate(plan: _Plan, data: dict[str, Any] | None,
+              progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
     """Attach each expert's calibration statistics to ``plan`` when its method asks for them (computed once,
-    then read from the cache)."""
+    then read from the cache); per expert, what the card records of them (none when nothing was asked for)."""
     request = plan.method.calibration(dict(plan.params)) if plan.method.calibration is not None else None
     if request is None:
-        return
+        return []
     from mergebench.core import calibration
 
-    spec = calibration.CalibrationData.parse(data)
+    specs = calibration.CalibrationData.parse_each(data, len(plan.experts))
     plan.statistics = [calibration.statistics(source, request, spec, device=plan.device, progress=progress)
-                       for source in plan.experts]
+                       for source, spec in zip(plan.experts, specs)]
+    return [{"expert": i + 1, "data": str(spec.path.resolve()), "sha256": sha256_file(spec.path),
+             "parameters": spec.parameters(), "statistic": request.kind, "artefact": stats.path.parent.name}
+            for i, (spec, stats) in enumerate(zip(specs, plan.statistics))]
 
 
 def check_free_space(output: Path, needed: int) -> None:
@@ -684,7 +691,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
     output = Path(output)
     plan = prepare(recipe, output, force=force, allow_pickle=allow_pickle, device=device, pm=pm)
     check_free_space(output, sum(plan.info(j).numel * _out_dtype(plan, plan.info(j)).itemsize for j in plan.jobs))
-    calibrate(plan, recipe.calibration, progress)
+    calibrated = calibrate(plan, recipe.calibration, progress)
     old_threads = torch.get_num_threads()
     # On a GPU one host thread feeds the device; on the CPU, one worker per core.
     workers = threads or (1 if plan.device.type == "cuda" else old_threads)
@@ -707,7 +714,7 @@ def run(recipe: Recipe, output: Path, *, force: bool = False, allow_pickle: bool
             _copy_config_files(plan, tmp)
             inputs = _verify_hashes(recipe, hash_jobs)
             result = MergeResult(output, plan.method.name, plan.params, recipe.seed, merged_count,
-                                 len(order) - merged_count, time.perf_counter() - started, inputs)
+                                 len(order) - merged_count, time.perf_counter() - started, inputs, calibrated)
             write_card(tmp, recipe, plan.method, result, _dtype_words(plan))
     finally:
         torch.set_num_threads(old_threads)

@@ -11,7 +11,7 @@ import yaml
 from mergebench.core.errors import InputError, ParameterError
 from mergebench.core.plugin_manager import PluginManager
 from mergebench.core.registry import _unknown_message
-from mergebench.study.contracts import BaseChoice, ComponentChoice
+from mergebench.study.contracts import CALIBRATION_SPLITS, BaseChoice, CalibrationSettings, ComponentChoice
 
 BASE_KINDS = ("pretrained", "instruction_tuned")
 
@@ -30,6 +30,8 @@ base_kinds: [pretrained, instruction_tuned]
 n_experts: [2, 4, 8]         # how many experts each merge combines (a seeded order picks which)
 methods: [average, task_arithmetic, ties, dare_ties]   # or "all": every registered method that can merge N experts
 draws: 1                     # stochastic methods (dare_ties): K merges per seed, each its own random draw
+calibration: {split: train, samples: 128, max_length: 256}  # data-aware methods (regmean, fisher): each
+                             # expert's statistics from its own category's split (train or validation, never test)
 search: {}                   # override a method's search space, e.g. {ties: {lambda: [0.5, 1.0], density: [0.2]}}
 pretrain: {}                 # parameters of the `pretrain` base preparer, e.g. {steps: 800, lr: 0.003}
 instruction_tune: {}         # parameters of the `instruction_tune` base preparer
@@ -64,6 +66,8 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "dare_ties"])
     # random draws per seed of each stochastic method (its sweep repeated with other merge seeds)
     draws: int = 1
+    # data-aware methods' calibration data (each expert's own category, from the train or validation split)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     # method -> {N: why} for the (method, N) pairs the study skips: the method's own check refuses N experts (a
     # two-model method at N >= 2); with methods: all, a method that can merge none of the N is left out of methods
     unmergeable: dict[str, dict[int, str]] = field(default_factory=dict)
@@ -95,7 +99,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"suite": self.suite, "suite_params": dict(self.suite_params), "seeds": list(self.seeds),
                 "n_experts": list(self.n_experts), "methods": list(self.methods), "draws": self.draws,
-                "search": self.search,
+                "calibration": self.calibration.to_dict(), "search": self.search,
                 "bases": [b.to_dict() for b in self.bases], "expert_trainer": self.expert_trainer.to_dict(),
                 "multitask": None if self.multitask is None else self.multitask.to_dict(),
                 "evaluator": self.evaluator.to_dict(), "executor": self.executor.to_dict(),
@@ -103,7 +107,8 @@ class RunConfig:
                 "sweep_memory_gib": self.sweep_memory_gib}
 
 
-KNOWN_KEYS = ("suite", "suite_params", "seeds", "sizes", "base_kinds", "n_experts", "methods", "draws", "search",
+KNOWN_KEYS = ("suite", "suite_params", "seeds", "sizes", "base_kinds", "n_experts", "methods", "draws", "calibration",
+              "search",
               "bases",
               "pretrain", "instruction_tune", "expert_trainer", "expert", "multitask", "evaluator", "executor",
               "workers", "device", "storage", "sweep_memory_gib")
@@ -221,9 +226,34 @@ def _bases(entries: Any, pm: PluginManager, where: str) -> list[BaseChoice]:
     return out
 
 
+def _calibration(given: Any, where: str) -> CalibrationSettings:
+    """The ``calibration`` key: a mapping of CalibrationSettings' fields; test data is refused."""
+    if given is None:
+        return CalibrationSettings()
+    if not isinstance(given, dict):
+        raise InputError(f"{where}: calibration must be a mapping, e.g. {{split: train, samples: 128}}")
+    defaults = CalibrationSettings()
+    known = list(defaults.to_dict())
+    for key in given:
+        if key not in known:
+            raise InputError(_unknown_message(f"key '{key}'", f"{where}: calibration", known))
+    split = given.get("split", defaults.split)
+    if split not in CALIBRATION_SPLITS:
+        why = " (test data is what the leaderboard reports: no method may learn from it)" if split == "test" else ""
+        raise InputError(f"{where}: calibration.split must be {' or '.join(CALIBRATION_SPLITS)}, got {split!r}{why}")
+    values = {}
+    for key, least in (("samples", 1), ("max_length", 2), ("batch_size", 1), ("seed", None)):
+        value = given.get(key, getattr(defaults, key))
+        if not isinstance(value, int) or isinstance(value, bool) or (least is not None and value < least):
+            raise InputError(f"{where}: calibration.{key} must be an integer"
+                             f"{'' if least is None else f' >= {least}'}, got {value!r}")
+        values[key] = value
+    return CalibrationSettings(split, **values)
+
+
 def _cannot_merge(method, cfg: RunConfig) -> dict[int, str]:
     """{N: why} for each N of the study that ``method`` cannot merge: its check refuses N experts at some point of its
-    grid, or it needs calibration data (the study has none to give).
+    grid.
 
     The study merges N experts of equal weight 1 onto a base, over the method's search space (or the config's
     override of it): each (N, grid point) goes through the method's ``check``, as a merge would."""
@@ -232,11 +262,6 @@ def _cannot_merge(method, cfg: RunConfig) -> dict[int, str]:
 
     out: dict[int, str] = {}
     grid = [method.resolve_params(point) for point in grid_for(method, cfg.search.get(method.name))]
-    calibration = getattr(method, "calibration", None)
-    if calibration is not None and any(calibration(params) is not None for params in grid):
-        # a data-aware method (RegMean, Fisher) reads activations of calibration data, which the study does not give
-        return {n: f"{method.name} learns from calibration data, which `mergebench run` does not provide"
-                for n in cfg.n_experts}
     if method.check is None:
         return out
     for n in cfg.n_experts:
@@ -279,6 +304,7 @@ def parse(data: dict[str, Any], pm: PluginManager, where: str = "config") -> Run
     if not isinstance(cfg.draws, int) or isinstance(cfg.draws, bool) or cfg.draws < 1:
         raise InputError(f"{where}: draws must be an integer >= 1 (random draws per seed of stochastic methods), "
                          f"got {cfg.draws!r}")
+    cfg.calibration = _calibration(data.get("calibration"), where)
     cfg.search = data.get("search") or {}
     if not isinstance(cfg.search, dict):
         raise InputError(f"{where}: 'search' must map method -> parameter -> list of values")

@@ -174,3 +174,28 @@ class Resources:
         if self.memory_bytes:
             parts.append(f"{self.memory_bytes / 2**30:.1f} GiB")
         return ", ".join(parts)
+
+
+CALIBRATION_SPLITS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where data-aware merge methods (RegMean, Fisher) take their calibration data in a study: each expert
+    its own category's datasets' ``split`` (train or validation, never test), as (prompt, completion) pairs,
+    ``samples`` of them drawn by ``seed``; ``max_length`` and ``batch_size`` as in
+    :class:`mergebench.core.calibration.CalibrationData`."""
+
+    split: str = "train"
+    samples: int = 128
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "samples": self.samples, "max_length": self.max_length,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def data_parameters(self) -> dict[str, int]:
+        """The engine's ``calibration`` keys besides ``data``."""
+        return {k: v for k, v in self.to_dict().items() if k != "split"}

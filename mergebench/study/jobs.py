@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mergebench.study.contracts import ComponentChoice, ModelRole, Resources, SuiteData
+from mergebench.study.contracts import CalibrationSettings, ComponentChoice, ModelRole, Resources, SuiteData
 
 _SESSIONS: dict[tuple, Any] = {}
 _EXPECTED_SOURCE: str | None = None
@@ -261,10 +261,44 @@ class SweepJob(Job):
     name: str = ""
     resources: Resources = field(default_factory=Resources)
     memory_limit: int = 16 << 30  # bytes of weights the in-memory path may hold; beyond: every point on disk
+    # data-aware methods: where each expert's calibration data comes from (None: the method needs none)
+    calibration: CalibrationSettings | None = None
 
     @property
     def label(self) -> str:
         return self.name or f"{self.method} sweep"
+
+    def calibration_data(self) -> dict[str, Any] | None:
+        """The engine's ``calibration`` mapping: per expert, a JSONL file of its own category's (prompt,
+        completion) pairs from the configured split, written beside the merges under a name that is the
+        hash of its content (so equal data gives equal files, and the statistics cache hits)."""
+        if self.calibration is None:
+            return None
+        import hashlib
+        import json
+
+        from mergebench.core.errors import InputError
+        from mergebench.training import read_pairs
+
+        if self.calibration.split not in ("train", "validation"):  # a config never gets here with test data
+            raise InputError(f"calibration data may come from train or validation, not {self.calibration.split!r}")
+        if self.data is None:
+            raise InputError(f"{self.method} learns from calibration data, but suite '{self.suite}' has no data files")
+        directory = Path(self.output).parent / "calibration-data"
+        directory.mkdir(parents=True, exist_ok=True)
+        files = []
+        for category in self.categories:
+            paths = [self.data.require(d, self.calibration.split, f"calibration of the {category} expert")
+                     for d in self.held_in[category]]
+            text = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in read_pairs(paths))
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            path = directory / f"{category}-{self.calibration.split}-{digest}.jsonl"
+            if not path.is_file():
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)  # another worker writing the same file writes the same bytes
+            files.append(str(path))
+        return {"data": files, **self.calibration.data_parameters()}
 
     def weights_bytes(self) -> int:
         """The base's and experts' weights on disk: what the in-memory path would hold."""
@@ -276,7 +310,7 @@ class SweepJob(Job):
 
         return api.merge(method.name, base=self.base_dir if method.needs_base else None, experts=list(self.expert_dirs),
                          output=output, seed=self.seed, force=True, threads=1, plugin_manager=pm,
-                         device=self.device, **params)
+                         device=self.device, calibration=self.calibration_data(), **params)
 
     def run(self) -> SweepResult:
         import tempfile
@@ -327,6 +361,7 @@ class SweepJob(Job):
         val = session(Path(self.base_dir), self.suite, self.data, tuple(val_datasets), self.evaluator, "validation")
         base = load_state_dict(Path(self.base_dir)) if method.needs_base else None
         experts = [load_state_dict(Path(d)) for d in self.expert_dirs]
+        statistics = self._statistics(method)
 
         def score(state) -> SweepPoint:
             scores = dict(val.evaluate(state))  # the scores alone: points keep no per-example values
@@ -340,7 +375,8 @@ class SweepJob(Job):
             groups.setdefault(tuple(sorted((k, v) for k, v in params.items() if k != scale)), []).append(params)
         for grid in groups.values():
             if scale is not None and base is not None:
-                delta = in_memory.merge_delta(method, grid[0], base, experts, seed=self.seed)
+                delta = in_memory.merge_delta(method, grid[0], base, experts, seed=self.seed,
+                                              statistics=statistics(grid[0]))
                 for params in grid:
                     value = method.resolve_params(params)[scale]
                     if value == 0:  # theta_0 + 0 * delta is the base whatever the other parameters: score it once
@@ -352,6 +388,34 @@ class SweepJob(Job):
                 del delta
             else:
                 for params in grid:
-                    point = score(in_memory.merge(method, params, base, experts, seed=self.seed))
+                    point = score(in_memory.merge(method, params, base, experts, seed=self.seed,
+                                                  statistics=statistics(params)))
                     points.append(SweepPoint(dict(params), point.held_in, point.scores))
         return points
+
+    def _statistics(self, method) -> Callable[[Mapping[str, Any]], list[Any] | None]:
+        """params -> per expert, the calibration statistics the method asks for at them (None: it asks for
+        none), computed or read from the cache once per kind, exactly as the engine's merge of that point gets."""
+        if method.calibration is None:
+            return lambda params: None
+        from mergebench.core import calibration
+        from mergebench.core.tensor_io import open_local
+
+        found: dict[Any, list[Any]] = {}
+
+        def get(params: Mapping[str, Any]) -> list[Any] | None:
+            request = method.calibration(method.resolve_params(params))
+            if request is None:
+                return None
+            if request not in found:
+                specs = calibration.CalibrationData.parse_each(self.calibration_data(), len(self.expert_dirs))
+                found[request] = []
+                for directory, spec in zip(self.expert_dirs, specs):
+                    source = open_local(str(directory), Path(directory), False)
+                    try:
+                        found[request].append(calibration.statistics(source, request, spec, device=self.device))
+                    finally:
+                        source.close()
+            return found[request]
+
+        return get

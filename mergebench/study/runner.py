@@ -323,6 +323,9 @@ class Runner:
                         "plugin_version": artifacts.plugin_version(self.pm, method), "grid": grid,
                         "base": m.bases[kind].name, "experts": [e.name for e in expert_dirs],
                         "evaluator": cfg.evaluator.to_dict()}
+                calibration = cfg.calibration if method.calibration is not None else None
+                if calibration is not None:  # a data-aware method: other calibration data is another unit
+                    spec["calibration"] = calibration.to_dict()
                 merge_seed = draw_seed(seed, draw)
                 if draw:  # a further random draw: its own unit (the first draw keeps the key a run without draws has)
                     spec = {**spec, "draw": draw, "merge_seed": merge_seed}
@@ -339,7 +342,8 @@ class Runner:
                                         + [d for ds in self.held_out.values() for d in ds]),
                     output=self._out_dir() / "merges" / f"{size}-{kind}-n{n}-{name}-seed{seed}{suffix}",
                     device=cfg.device, name=f"{name}, N={n} ({size}, {kind}, seed {seed}{f', draw {draw}' if draw else ''})",
-                    resources=self._resources(size, kind, "sweep", n), memory_limit=int(cfg.sweep_memory_gib * 2**30))
+                    resources=self._resources(size, kind, "sweep", n), memory_limit=int(cfg.sweep_memory_gib * 2**30),
+                    calibration=calibration)
                 futures[pool.submit(job)] = _Tagged(job.label, ModelRole("merge", seed, size, kind), key, spec,
                                                     (m, categories, job.output, draw, merge_seed))
         self.reporter.stage("sweep merges", total)
