@@ -388,6 +388,24 @@ def test_engine_l1_rescale_of_dare_chunked_equals_whole(pm, family, tmp_path, mo
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_engine_l1_rescale_of_dare_draws_each_mask_once(pm, family, tmp_path, monkeypatch):
+    """The L1 pre-pass keeps the masks it draws for the merge: one draw of each expert's stream per tensor, in
+    chunks, as a merge without the pre-pass (drawing is most of DARE's time)."""
+    import mergebench.plugins.task_vectors as task_vectors
+
+    paths, models = family
+    drawn = []
+    real = task_vectors.random_keep_mask
+    monkeypatch.setattr(task_vectors, "random_keep_mask", lambda n, d, g: drawn.append(n) or real(n, d, g))
+    monkeypatch.setattr(task_vectors, "random_drop_", lambda *a: pytest.fail("a second draw"))
+    m = pm.merge_methods().get("dare_linear")
+    params = m.resolve_params({**m.mergekit_defaults, "density": 0.4})
+    engine_merge(pm, "dare_linear", paths, tmp_path / "out", 126, monkeypatch, seed=1, **params)
+    merged = [n for n in models["base"] if models["base"][n].is_floating_point()
+              and not all(torch.equal(models["base"][n], models[f"e{t}"][n]) for t in range(3))]
+    assert sum(drawn) == 3 * sum(models["base"][n].numel() for n in merged)
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_engine_per_expert_densities_of_a_trimming_member(pm, family, tmp_path, monkeypatch, method):
     paths, models = family

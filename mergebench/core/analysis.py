@@ -164,10 +164,16 @@ class Combined:
 @dataclass(frozen=True)
 class L1Rescale:
     """:class:`L1RescalePass`'s result: the wrapped pre-pass's result (None without one) and, per expert, the
-    factor that gives its sparsified task vector back the L1 norm it had before."""
+    factor that gives its sparsified task vector back the L1 norm it had before. ``masks``: per expert, the
+    flat keep mask a random sparsifier drew for the whole tensor in the pre-pass (None where it drew none), so
+    that the merge applies the very same draws without drawing them again."""
 
     inner: Any
     factors: tuple[float, ...]
+    masks: tuple[Tensor | None, ...] | None = None
+
+
+RECORD_MASKS = "record_masks"  # the pre-pass context's state key under which a random sparsifier keeps its draws
 
 
 class L1RescalePass:
@@ -175,9 +181,11 @@ class L1RescalePass:
 
     Runs ``inner``'s passes (e.g. the magnitude thresholds the sparsifier needs), then one more pass that
     sparsifies every chunk with ``sparsify_(taus, ctx)`` on a copy of the tensor's context ``ctx`` (its
-    ``analysis`` set to ``inner``'s result, fresh ``state`` and fresh random streams, so the merge that
-    follows draws the very same masks) and sums |tau| before and after with
-    :func:`~mergebench.core.merge_ops.exact_l1`: the factors are independent of the chunking.
+    ``analysis`` set to ``inner``'s result, fresh ``state`` and fresh random streams) and sums |tau| before
+    and after with :func:`~mergebench.core.merge_ops.exact_l1`: the factors are independent of the chunking.
+    A sparsifier that draws random masks appends each chunk's to ``ctx.state[RECORD_MASKS][expert]``; they
+    are kept (one byte per entry and expert, less than the (N + 2) float32 copies the engine's bound allows)
+    and handed to the merge, since drawing them is most of a random sparsifier's time.
     """
 
     def __init__(self, inner: TensorAnalysis | None, n_experts: int,
@@ -189,6 +197,7 @@ class L1RescalePass:
         self.before = [0] * n_experts
         self.after = [0] * n_experts
         self.shadow = None
+        self.result: L1Rescale | None = None
 
     def observe(self, pass_index: int, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> None:
         if pass_index < self.passes - 1:
@@ -196,7 +205,8 @@ class L1RescalePass:
             return
         if self.shadow is None:
             analysis = self.inner.result_for(name) if self.inner is not None else None
-            self.shadow = replace(self.ctx, analysis=analysis, offset=0, state={}, _generators={})
+            self.shadow = replace(self.ctx, analysis=analysis, offset=0, state={RECORD_MASKS: [[] for _ in experts]},
+                                  _generators={})
         taus = [e - base for e in experts]
         for t, tau in enumerate(taus):
             self.before[t] += exact_l1(tau)
@@ -209,8 +219,14 @@ class L1RescalePass:
             self.inner.end_pass(pass_index)
 
     def result_for(self, name: str) -> L1Rescale:
-        factors = tuple(l1_rescale_factor(b, a) for b, a in zip(self.before, self.after))
-        return L1Rescale(self.shadow.analysis if self.shadow is not None else None, factors)
+        if self.result is None:
+            factors = tuple(l1_rescale_factor(b, a) for b, a in zip(self.before, self.after))
+            if self.shadow is None:
+                return L1Rescale(None, factors)
+            drawn = self.shadow.state.pop(RECORD_MASKS)  # the chunks' masks, joined once (and then freed)
+            masks = tuple(torch.cat(chunks) if chunks else None for chunks in drawn) if any(drawn) else None
+            self.result = L1Rescale(self.shadow.analysis, factors, masks)
+        return self.result
 
 
 def run_analysis(analysis: TensorAnalysis, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> Any:

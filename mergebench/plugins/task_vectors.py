@@ -53,7 +53,7 @@ Sparsifiers (per expert and per tensor; n = the tensor's number of entries):
 - l1: scale the sparsified vector so its L1 norm equals the original's (mergekit; skipped when either norm
   is below 1e-7). Both norms are exact sums (:func:`~mergebench.core.merge_ops.exact_l1`); a chunked
   member computes them in a pre-pass (:class:`~mergebench.core.analysis.L1RescalePass`), which for DARE
-  redraws the masks from copies of the same streams.
+  draws the masks from the experts' streams and keeps them for the merge (drawn once, as without the pre-pass).
 - none.
 
 ``zero_sum_sign``, for electing members: the sign elected where the weighted sum is exactly 0: ``zero``
@@ -74,7 +74,8 @@ from typing import Any, Mapping
 
 import torch
 
-from mergebench.core.analysis import Combined, L1Rescale, L1RescalePass, MagnitudeThreshold, run_analysis
+from mergebench.core.analysis import (RECORD_MASKS, Combined, L1Rescale, L1RescalePass, MagnitudeThreshold,
+                                      run_analysis)
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import MergebenchError, ParameterError
 from mergebench.core.hookspecs import hookimpl
@@ -251,9 +252,18 @@ class TaskVectorMethod:
                 left[1][t] -= used_lower
                 tau.mul_(kept & ~outlier)
         elif self.sparsifier == RANDOM:
+            drawn = ctx.analysis.masks if isinstance(ctx.analysis, L1Rescale) else None  # the L1 pre-pass's draws
+            record = ctx.state.get(RECORD_MASKS)  # set in that pre-pass: keep the draws for the merge
             for t, (tau, d) in enumerate(zip(taus, ctx.expert_values("density", params))):
                 self._check_density(params, d, t)
-                random_drop_(tau, d, ctx.generator_for(t))
+                if drawn is not None and drawn[t] is not None:
+                    tau.mul_(drawn[t][ctx.offset:ctx.offset + tau.numel()].view(tau.shape).to(tau.device))
+                elif record is not None and d < 1.0:
+                    keep = random_keep_mask(tau.numel(), d, ctx.generator_for(t))
+                    record[t].append(keep)
+                    tau.mul_(keep.view(tau.shape).to(tau.device))
+                else:
+                    random_drop_(tau, d, ctx.generator_for(t))
         elif self.sparsifier == MAGPRUNE:
             probabilities = []
             for t, (tau, d, eps) in enumerate(zip(taus, ctx.expert_values("density", params),
