@@ -164,7 +164,8 @@ def test_gram_statistics_are_x_transpose_x_of_each_linear_layers_inputs(family):
     linear = {n for n in source.tensors if n.endswith("proj.weight")} | {"lm_head.weight"}
     assert set(stats.names()) == linear  # every linear weight, nothing else (norms and embeddings are averaged)
     texts = [r.get("text", r.get("prompt", "") + r.get("completion", "")) for r in family["rows"]]
-    names = [LINEAR, "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"]
+    names = [LINEAR, "lm_head.weight", *(f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))]
     inputs = reference_inputs(family["e0"], texts, 16, names)
     for name in names:
         gram = stats.get(name)

@@ -21,8 +21,9 @@ float32 on the merge's device, eval mode, no dropout):
   of the text), summed over the data in float32, and the token count. One forward pass per expert:
   batches of ``batch_size`` texts, right-padded, padding masked out of attention and out of G (a layer
   whose inputs are not laid out per token, e.g. a mixture-of-experts expert, counts every row it sees).
-  A weight shared with another parameter (tied embeddings) gets no Gram: the one tensor serves two
-  roles, so it is averaged. ``get(name)`` returns a :class:`Gram`.
+  Layers that read one input tensor in turn (q/k/v, gate/up) share one product. A weight shared with
+  another parameter (tied embeddings) gets no Gram: the one tensor serves two roles, so it is averaged.
+  ``get(name)`` returns a :class:`Gram`.
 - ``fisher`` (Fisher merging, Matena & Raffel, arXiv:2111.09832): the diagonal empirical Fisher of every
   parameter, F = (1/N) sum_n (d log p(x_n) / d theta)^2, the squared gradient of each example's own
   log-likelihood (per example, as the paper; not the square of a batch's summed gradient, as
@@ -248,9 +249,9 @@ def code_version() -> str:
 
 
 def _transformers_version() -> str:
-    import transformers
+    from importlib.metadata import version  # not importing transformers: a cached merge never needs it
 
-    return transformers.__version__
+    return version("transformers")
 
 
 def _build(entry: Path, spec: dict, source, request: CalibrationRequest, data: CalibrationData,
@@ -353,14 +354,18 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
     transposed: list[str] = []
     state: dict[str, torch.Tensor] = {}
 
+    last: list = [None, None, 0]  # the last input seen, its X^T X and its row count
+
     def hook(name: str):
         def record(module, inputs, output):
-            x = inputs[0].detach()
-            mask = state["mask"]
-            x = x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
-            x = x.to(torch.float32)
-            grams[name] += (x.T @ x).cpu()
-            tokens[name] += x.shape[0]
+            if inputs[0] is not last[0]:  # q/k/v (and gate/up) read one input in turn: one product for all
+                x = inputs[0].detach()
+                mask = state["mask"]
+                x = x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
+                x = x.to(torch.float32)
+                last[:] = [inputs[0], (x.T @ x).cpu(), x.shape[0]]
+            grams[name] += last[1]
+            tokens[name] += last[2]
         return record
 
     handles = []
@@ -388,6 +393,7 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
                     mask[row, :len(seq)] = True
                 state["mask"] = mask.to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device, torch.long), use_cache=False)
+                last[:] = [None, None, 0]
                 if progress:
                     progress(stage, first + len(batch), len(examples), "")
     finally:
