@@ -1,4 +1,4 @@
-"""Merge speed and memory: mergebench against mergekit 0.1.5 on all 20 of its methods, and against the I/O floor.
+"""Merge speed and memory: mergebench against mergekit 0.1.5 on its 20 methods, the I/O floor, and our TIES beyond them.
 
     python benchmarks/merge_speed.py --quick          # smoke test, under a minute, mergekit not needed
     python benchmarks/merge_speed.py                  # the full run reported in docs/benchmarks.md
@@ -24,10 +24,30 @@ in each output (ties and breadcrumbs also count the differing entries that sit a
 where the tools keep different ones of equal magnitude, or where a sign is elected on a zero sum). The floor is the time to read every input byte
 and write (and fsync) the output's bytes.
 
-``--quick`` (what CI runs, without mergekit): the smoke model, N = 2, one run, five methods (one per
-engine path); every other method is listed as skipped with that reason and its config is planned by
-mergebench without reading tensors. mergekit comes from ``--mergekit-venv`` (default: $MERGEKIT_VENV,
-the repository's ``.mergekit-venv`` that the tests use, then ``benchmarks/.venv-mergekit``).
+Methods mergekit does not have (``Bench.mergekit`` false): the subspace methods tsv_m, iso_c, iso_cts
+(their defaults, from a mergekit-schema config, which mergebench reads for any registered method) and the
+data-aware regmean and fisher (their defaults, from a mergebench recipe: ``calibration: {data, samples,
+max_length, batch_size, seed}``, which mergekit's schema has no key for) run in mergebench only; their
+mergekit columns say "n/a: not in mergekit", and their time is given as a multiple of our own TIES at the
+same (size, N) (ties is added to ``--methods`` when they are chosen without it). For regmean and fisher the
+statistics are measured apart, per size and kind, once for the largest N (``probe``, a subprocess): the
+calibration data is ``--calibration-samples`` seeded texts of ``--calibration-length`` words
+(``models.calibration_data``; the models carry a word-level tokenizer, one token per word), and for each
+expert, back to back, (a) one plain forward pass over that data (transformers' AutoModelForCausalLM in
+float32, the same tokenized batches of ``--calibration-batch`` texts, no hooks; model and tokenizer loading
+included and also given apart) and (b) the statistics pass itself (``calibration.statistics``, cold cache;
+the model's content hash, which the cache key needs, timed apart), each with its own peak anonymous memory
+(this process polled every 5 ms, freed memory given back between phases). The calibration cache
+(``MERGEBENCH_HOME/artifacts/calibration`` under ``--workdir``) is emptied when the benchmark starts; the
+merges timed afterwards read the statistics from it (a row checks that no cache entry was added), so their
+time is the merge with statistics cached, and their memory bound is the engine's plus each expert's largest
+statistic (one layer's).
+
+``--quick`` (what CI runs, without mergekit): the smoke model, N = 2, one run, seven methods (one per
+engine path, plus tsv_m and regmean, on 16 calibration texts of 64 tokens); every other method is listed
+as skipped with that reason and its config is planned by mergebench without reading tensors. mergekit
+comes from ``--mergekit-venv`` (default: $MERGEKIT_VENV, the repository's ``.mergekit-venv`` that the
+tests use, then ``benchmarks/.venv-mergekit``).
 """
 
 from __future__ import annotations
@@ -50,7 +70,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import SIZES, build  # noqa: E402
+from models import SIZES, build, calibration_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MERGEKIT_OPTIONS = ["--lazy-unpickle", "--num-threads", "2", "--quiet", "--no-copy-tokenizer"]
@@ -77,6 +97,8 @@ class Bench:
     slices: bool = False                       # a passthrough frankenmerge of two experts' layer ranges
     stochastic: bool = False                   # random drops: outputs agree in statistics, not entries
     sampled_above: int | None = None           # entries above which mergekit samples (stochastic there)
+    mergekit: bool = True                      # False: mergebench only, timed against our own ties
+    calibration: str | None = None             # the statistic a data-aware method needs (gram, fisher)
 
 
 METHODS = [
@@ -100,12 +122,23 @@ METHODS = [
     Bench("breadcrumbs_ties", {"weight": WEIGHTS, "density": (0.9, 0.8), "gamma": (0.01, 0.02)}),
     Bench("della", {"weight": WEIGHTS, "density": (0.5, 0.4), "epsilon": (0.1, 0.15)}, stochastic=True),
     Bench("della_linear", {"weight": WEIGHTS, "density": (0.5, 0.4), "epsilon": (0.1, 0.15)}, stochastic=True),
+    # beyond mergekit, with their papers' defaults (alpha 1; regmean alpha 0.9, fisher floor 1e-6; weights 1)
+    Bench("tsv_m", mergekit=False),
+    Bench("iso_c", mergekit=False),
+    Bench("iso_cts", mergekit=False),
+    Bench("regmean", base=False, mergekit=False, calibration="gram"),
+    Bench("fisher", base=False, mergekit=False, calibration="fisher"),
 ]
 BY_NAME = {b.name: b for b in METHODS}
+MERGEKIT = tuple(b.name for b in METHODS if b.mergekit)
+BEYOND = tuple(b.name for b in METHODS if not b.mergekit)
+TIES = "ties"  # what the methods beyond mergekit are timed against
+NOT_IN_MERGEKIT = "n/a: not in mergekit"
 # --quick times one method per engine path (elementwise without base, gradient + filter two-model,
-# slices, whole-tensor top-k with per-model densities, seeded random drops); the others are listed as
-# skipped, with that reason, and their configs are still built and planned by mergebench (no tensor read).
-QUICK = ("linear", "slerp", "passthrough", "ties", "dare_ties")
+# slices, whole-tensor top-k with per-model densities, seeded random drops, whole-tensor SVDs, calibration
+# statistics); the others are listed as skipped, with that reason, and their configs are still built and
+# planned by mergebench (no tensor read).
+QUICK = ("linear", "slerp", "passthrough", "ties", "dare_ties", "tsv_m", "regmean")
 QUICK_REASON = "--quick times one method per engine path; the full run times every method"
 THREAD_CHECK = "dare_ties"
 TRIMMED = ("ties", "breadcrumbs", "breadcrumbs_ties")  # deterministic magnitude trims: ties at the threshold
@@ -115,9 +148,15 @@ def n_models(bench: Bench, n: int) -> int:
     return bench.count or n
 
 
-def config_for(bench: Bench, models: dict[str, Path], n: int, layers: int) -> dict:
-    """The mergekit config both tools merge: ``models`` maps base, expert0, ... to directories."""
+def config_for(bench: Bench, models: dict[str, Path], n: int, layers: int, calibration: dict | None = None) -> dict:
+    """The mergekit config both tools merge: ``models`` maps base, expert0, ... to directories. A data-aware
+    method's is a mergebench recipe instead, with ``calibration`` (the recipe's mapping) as its data."""
     k = n_models(bench, n)
+    if bench.calibration:
+        if not calibration:
+            raise ValueError(f"{bench.name} needs calibration settings")
+        return {"method": bench.name, "experts": [{"path": str(models[f"expert{i}"])} for i in range(k)],
+                "parameters": dict(bench.parameters), "dtype": COMMON["out_dtype"], "calibration": dict(calibration)}
     cfg: dict = {"merge_method": bench.name}
     if bench.base:
         cfg["base_model"] = str(models["base"])
@@ -449,13 +488,163 @@ def check_config(config: dict, source: str) -> str | None:
     resolved, no tensor read): None when it plans, else its error."""
     from mergebench.core.engine import describe
     from mergebench.core.errors import MergebenchError
-    from mergebench.core.mergekit_config import from_mergekit
+    from mergebench.core.recipe import parse_recipe
 
     try:
-        describe(from_mergekit(config, source))
+        describe(parse_recipe(config, source))
     except MergebenchError as e:
         return str(e)
     return None
+
+
+# ---- data-aware methods: the statistics pass against one forward pass ----------------------------------
+
+def calibration_settings(work: Path, size: str, args) -> dict:
+    """The recipe's ``calibration`` mapping for ``size``: the seeded data file and the pass's settings."""
+    data = calibration_data(work / "models", size, args.calibration_samples, args.calibration_length)
+    return {"data": str(data), "samples": args.calibration_samples, "max_length": args.calibration_length,
+            "batch_size": args.calibration_batch, "seed": 0}
+
+
+def calibration_entries(home: Path) -> set[str]:
+    """The finished entries of the calibration cache under MERGEBENCH_HOME ``home``."""
+    from mergebench.core.calibration import MANIFEST
+
+    root = home / "artifacts" / "calibration"
+    return {d.name for d in root.iterdir() if (d / MANIFEST).is_file()} if root.is_dir() else set()
+
+
+class _PhasePeak:
+    """This process's anonymous resident memory, polled every 5 ms; ``start()`` opens a phase and returns the
+    memory at its start, ``stop()`` returns the phase's peak."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._lock = threading.Lock()  # a sample taken before start() must not land in the new phase
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        while True:
+            with self._lock:
+                self.peak = max(self.peak, _rss(os.getpid())[0])
+            time.sleep(0.005)
+
+    def start(self) -> int:
+        with self._lock:
+            self.peak = now = _rss(os.getpid())[0]
+        return now
+
+    def stop(self) -> int:
+        with self._lock:
+            return max(self.peak, _rss(os.getpid())[0])
+
+
+def _release() -> None:
+    """Return freed memory to the system between phases, so each phase's peak is its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the next phase's start figure shows what stayed
+        pass
+
+
+def probe(spec: dict) -> dict:
+    """For each model of ``spec``, back to back: one plain forward pass over the calibration data (the
+    gram pass's batches, no hooks) and the statistics pass (``calibration.statistics``, cold cache), each
+    timed and with its peak anonymous memory. Runs in its own process (``--probe SPEC.json``)."""
+    from mergebench.core import calibration
+    from mergebench.core.paths import mergebench_home
+    from mergebench.core.tensor_io import open_local, read_safetensors_header
+
+    data = calibration.CalibrationData.parse(spec["calibration"])
+    request = calibration.CalibrationRequest(spec["kind"])
+    cpu = torch.device("cpu")
+
+    def load(root: Path):
+        net = calibration.load_model(root, cpu)
+        tokenizer = calibration.load_tokenizer(root)
+        examples = [ids for ids, _ in (calibration.encode(tokenizer, prompt, completion, data.max_length)
+                                       for prompt, completion in data.chosen()) if ids]
+        pad = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
+        return net, examples, pad
+
+    def one_pass(net, examples, pad, batches: int | None = None) -> int:
+        """The forward passes; returns the tokens they saw."""
+        seen = 0
+        with torch.no_grad():
+            for first in list(range(0, len(examples), data.batch_size))[:batches]:
+                batch = examples[first:first + data.batch_size]
+                ids = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, seq in enumerate(batch):  # right-padded and masked, as the gram pass
+                    ids[row, :len(seq)] = torch.tensor(seq)
+                    mask[row, :len(seq)] = 1
+                net(input_ids=ids, attention_mask=mask, use_cache=False)
+                seen += int(mask.sum())
+        return seen
+
+    # untimed: the first load and forward in a process pay one-off costs (imports, kernel set-up) that the
+    # statistics pass, running second, would not
+    net, examples, pad = load(Path(spec["models"][0]))
+    one_pass(net, examples, pad, batches=1)
+    if request.kind == "fisher":  # and the backward pass the Fisher takes
+        net(input_ids=torch.tensor(examples[:1]), use_cache=False).logits.sum().backward()
+    del net, examples
+    _release()
+    peak = _PhasePeak()
+    experts = []
+    for model in spec["models"]:
+        root = Path(model)
+        start = peak.start()
+        t0 = time.perf_counter()
+        net, examples, pad = load(root)
+        t1 = time.perf_counter()
+        tokens = one_pass(net, examples, pad)
+        t2 = time.perf_counter()
+        forward = {"load_seconds": t1 - t0, "forward_seconds": t2 - t1, "seconds": t2 - t0,
+                   "start_anon_bytes": start, "peak_anon_bytes": peak.stop(), "examples": len(examples),
+                   "tokens": tokens}
+        del net, examples
+        _release()
+
+        source = open_local(str(root), root, allow_pickle=False)
+        before = calibration_entries(mergebench_home())
+        t0 = time.perf_counter()
+        calibration.model_hash(source)  # the cache key's content hash, cached by file afterwards
+        t1 = time.perf_counter()
+        start = peak.start()
+        stats = calibration.statistics(source, request, data, device=cpu)
+        t2 = time.perf_counter()
+        header = read_safetensors_header(stats.path)
+        experts.append({"model": root.name, "forward": forward, "statistics": {
+            "hash_seconds": t1 - t0, "seconds": t2 - t1, "start_anon_bytes": start, "peak_anon_bytes": peak.stop(),
+            "computed": stats.path.parent.name in calibration_entries(mergebench_home()) - before,
+            "entry": stats.path.parent.name, "artefact_bytes": stats.path.stat().st_size, "tensors": len(header),
+            "largest_statistic_bytes": max(info.nbytes for info in header.values())}})
+        source.close()
+        del stats
+        _release()
+    return {"kind": spec["kind"], "calibration": data.parameters(), "experts": experts}
+
+
+def probe_summary(result: dict, process: dict) -> dict:
+    """The per-expert figures' medians and the statistics pass as a multiple of one forward pass."""
+    med = statistics.median
+    per = result["experts"]
+    ratios = [e["statistics"]["seconds"] / e["forward"]["seconds"] for e in per]
+    return {**result, "experts_probed": len(per), "process": {k: v for k, v in process.items() if k != "stdout"},
+            "statistics_seconds": med([e["statistics"]["seconds"] for e in per]),
+            "hash_seconds": med([e["statistics"]["hash_seconds"] for e in per]),
+            "forward_seconds": med([e["forward"]["seconds"] for e in per]),
+            "forward_load_seconds": med([e["forward"]["load_seconds"] for e in per]),
+            "forward_pass_seconds": med([e["forward"]["forward_seconds"] for e in per]),
+            "ratio": med(ratios), "ratios": ratios,
+            "statistics_peak_anon_bytes": max(e["statistics"]["peak_anon_bytes"] for e in per),
+            "forward_peak_anon_bytes": max(e["forward"]["peak_anon_bytes"] for e in per),
+            "all_computed": all(e["statistics"]["computed"] for e in per)}
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -478,34 +667,70 @@ class Runner:
     def __init__(self, args, results: dict):
         self.args, self.results = args, results
         self.work = Path(args.workdir)
-        self.env = {**os.environ, "MERGEBENCH_LOAD_PLUGINS": "", "MERGEBENCH_HOME": str(self.work / "mergebench-home")}
+        self.home = self.work / "mergebench-home"
+        self.env = {**os.environ, "MERGEBENCH_LOAD_PLUGINS": "", "MERGEBENCH_HOME": str(self.home),
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         self.kit_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
         self.out_mb, self.out_kit = self.work / "out-mergebench", self.work / "out-mergekit"
         self.config = self.work / "config.yml"
 
-    def row(self, bench: Bench, size: str, n: int, models: dict, use_kit: bool) -> dict:
+    def statistics(self, bench: Bench, size: str, models: dict, calibration: dict) -> dict:
+        """The statistics pass and the forward baseline for ``bench``'s kind at ``size``, over as many experts
+        as the largest N needs: probed once, in a subprocess, and cached in the results."""
+        key = f"{size}/{bench.calibration}"
+        if key not in self.results["statistics"]:
+            k = max(n_models(bench, n) for n in self.args.experts)
+            spec = {"models": [str(models[f"expert{i}"]) for i in range(k)], "kind": bench.calibration,
+                    "calibration": calibration, "out": str(self.work / "probe.json")}
+            (self.work / "probe-spec.json").write_text(json.dumps(spec))
+            try:
+                process = measure([sys.executable, str(Path(__file__).resolve()), "--probe",
+                                   str(self.work / "probe-spec.json")], self.env)
+                found = probe_summary(json.loads((self.work / "probe.json").read_text()), process)
+            except RuntimeError as e:
+                found = {"error": str(e)}
+            self.results["statistics"][key] = {"size": size, "method": bench.name, **found}
+            print(_statistics_line(key, self.results["statistics"][key]), flush=True)
+        return self.results["statistics"][key]
+
+    def row(self, bench: Bench, size: str, n: int, models: dict, use_kit: bool,
+            calibration: dict | None = None) -> dict:
         args, k = self.args, n_models(bench, n)
-        config = config_for(bench, models, n, SIZES[size].layers)
+        probed = self.statistics(bench, size, models, calibration) if bench.calibration else None
+        config = config_for(bench, models, n, SIZES[size].layers, calibration)
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        named = {**models, "calibration.jsonl": Path(calibration["data"])} if calibration else models
         row = {"size": size, "params": SIZES[size].params, "experts": k, "method": bench.name,
-               "inputs": _inputs_label(bench, k), "config": portable(config, models),
-               "deterministic": deterministic(bench, size)}
+               "inputs": _inputs_label(bench, k), "config": portable(config, named),
+               "deterministic": deterministic(bench, size), "in_mergekit": bench.mergekit}
         cmd = mergebench_cmd(self.config, self.out_mb)
+        entries = calibration_entries(self.home)
         # the first run also hashes every input (cached afterwards by path, size, mtime); --quick skips it
         row["mergebench_first_seconds"] = (_attempt(lambda: measure(cmd, self.env)).get("seconds")
                                            if args.first_run else None)
         mb = row["mergebench"] = _attempt(lambda: median_run(cmd, args.runs, self.env))
+        if probed is not None:  # the merges read the probe's statistics: none may have been computed again
+            added = calibration_entries(self.home) - entries
+            row["statistics"] = {"probe": f"{size}/{bench.calibration}", "cache_entries_added": len(added),
+                                 "cached": not added and "error" not in probed,
+                                 "one_layer_bytes": (sum(e["statistics"]["largest_statistic_bytes"]
+                                                         for e in probed["experts"][:k])
+                                                     if "error" not in probed else None)}
         if "error" not in mb:
             row["output_bytes"] = dir_bytes(self.out_mb)
             bound = memory_bound(size, k, self.results["overhead"]["bytes"])
             row["memory_bound"] = {"bytes": bound, "largest_tensor_bytes": 4 * SIZES[size].largest_numel,
                                    "overhead_bytes": self.results["overhead"]["bytes"],
                                    "peak_anon_bytes": mb["peak_anon_bytes"], "within": mb["peak_anon_bytes"] <= bound}
+            if probed is not None and row["statistics"]["one_layer_bytes"] is not None:
+                extra = row["statistics"]["one_layer_bytes"]  # each expert's largest statistic, held at once
+                row["memory_bound"].update({"engine_bytes": bound, "statistics_bytes": extra, "bytes": bound + extra,
+                                            "within": mb["peak_anon_bytes"] <= bound + extra})
             floor = self.floor(bench, size, k, models, row)
             row["floor_multiple"] = mb["seconds"] / floor
             if mb["in_process_seconds"]:
                 row["floor_multiple_in_process"] = mb["in_process_seconds"] / floor
-        if use_kit:
+        if use_kit and bench.mergekit:
             shutil.rmtree(self.out_kit, ignore_errors=True)  # no shards left from another method's layout
             kit_cmd = mergekit_cmd(Path(args.mergekit_venv), self.config, self.out_kit)
             kit = row["mergekit"] = _attempt(lambda: median_run(kit_cmd, args.runs, self.kit_env))
@@ -534,11 +759,15 @@ def run(args) -> dict:
                                                   "mergekit": mergekit_version(venv) if use_kit else "not run"},
                "mergekit_options": MERGEKIT_OPTIONS if use_kit else None, "runs": args.runs, "rows": [],
                "skipped": [{"method": name, "reason": args.skip_reason} for name in BY_NAME if name not in args.methods],
-               "floor": {}, "threads": []}
+               "floor": {}, "threads": [], "statistics": {}}
     runner = Runner(args, results)
+    # the statistics passes are measured cold, and the merges then read what they cached
+    shutil.rmtree(runner.home / "artifacts" / "calibration", ignore_errors=True)
     results["overhead"] = fixed_overhead(work, runner.env, args.runs)
     for size in args.sizes:
         models = build(work / "models", size, max(args.experts + [2]))
+        calibration = calibration_settings(work, size, args)
+        results.setdefault("calibration", {})[size] = {**calibration, "data": Path(calibration["data"]).name}
         done: set[tuple[str, int]] = set()
         for n in args.experts:
             for name in args.methods:
@@ -550,21 +779,40 @@ def run(args) -> dict:
                 if reason:
                     results["skipped"].append({"method": name, "size": size, "experts": n, "reason": reason})
                     continue
-                row = runner.row(bench, size, n, models, use_kit)
+                row = runner.row(bench, size, n, models, use_kit, calibration if bench.calibration else None)
                 results["rows"].append(row)
                 print(_row_line(row), flush=True)
+                compare_with_ties(results)
                 if args.json:  # after every row, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(results, indent=2))
         if args.thread_check:
             results["threads"].append(thread_check(models, work, runner.env, size))
     if args.quick_checked:  # methods --quick does not time: mergebench still plans their configs
         models = build(work / "models", args.sizes[0], max(args.experts + [2]))
+        calibration = calibration_settings(work, args.sizes[0], args)
         results["configs_checked"] = {
-            name: check_config(config_for(BY_NAME[name], models, args.experts[0], SIZES[args.sizes[0]].layers),
-                               f"{name} config") or "accepted" for name in args.quick_checked}
+            name: check_config(config_for(BY_NAME[name], models, args.experts[0], SIZES[args.sizes[0]].layers,
+                                          calibration), f"{name} config") or "accepted" for name in args.quick_checked}
     shutil.rmtree(runner.out_mb, ignore_errors=True)
     shutil.rmtree(runner.out_kit, ignore_errors=True)
     return results
+
+
+def compare_with_ties(results: dict) -> None:
+    """Each row of a method beyond mergekit gets its time as a multiple of our ties at the same (size, N)."""
+    ties = {(r["size"], r["experts"]): r["mergebench"] for r in results["rows"]
+            if r["method"] == TIES and "error" not in r["mergebench"]}
+    for r in results["rows"]:
+        if r.get("in_mergekit", True) or "error" in r["mergebench"]:
+            continue
+        t, mb = ties.get((r["size"], r["experts"])), r["mergebench"]
+        if t is None:
+            r["vs_ties"] = None
+            continue
+        inside = (mb["in_process_seconds"] / t["in_process_seconds"]
+                  if mb.get("in_process_seconds") and t.get("in_process_seconds") else None)
+        r["vs_ties"] = {"ties_seconds": t["seconds"], "ties_in_process_seconds": t.get("in_process_seconds"),
+                        "ratio": mb["seconds"] / t["seconds"], "ratio_in_process": inside}
 
 
 def thread_check(models: dict, work: Path, env: dict, size: str) -> dict:
@@ -618,13 +866,24 @@ def _row_line(row: dict) -> str:
         line = f"{head} mergebench {mb['seconds']:6.2f} s {mb['peak_bytes'] / 2**30:5.2f} GiB " \
                f"({row['floor_multiple']:.1f}x floor)"
     kit = row.get("mergekit")
-    if kit and "error" in kit:
+    if not row.get("in_mergekit", True):
+        vs = row.get("vs_ties")
+        line += f" | {NOT_IN_MERGEKIT}" + (f" | {vs['ratio']:.1f}x our ties" if vs else "")
+    elif kit and "error" in kit:
         line += f" | mergekit FAILED: {kit['error']}"
     elif kit:
         line += f" | mergekit {kit['seconds']:6.2f} s {kit['peak_bytes'] / 2**30:5.2f} GiB"
         if "speedup" in row:
             line += f" | {row['speedup']:.1f}x faster"
     return line
+
+
+def _statistics_line(key: str, s: dict) -> str:
+    if "error" in s:
+        return f"{key:>12} statistics FAILED: {s['error']}"
+    return (f"{key:>12} statistics pass {s['statistics_seconds']:6.2f} s per expert, one forward pass "
+            f"{s['forward_seconds']:6.2f} s ({s['ratio']:.2f}x), peak {s['statistics_peak_anon_bytes'] / 2**30:.2f} / "
+            f"{s['forward_peak_anon_bytes'] / 2**30:.2f} GiB anon")
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -712,17 +971,29 @@ def _bound_cell(row: dict) -> str:
     b = row.get("memory_bound")
     if not b:
         return "-"
-    return f"{'yes' if b['within'] else 'NO'}: {_gib(b['peak_anon_bytes'])} of {_gib(b['bytes'])}"
+    cell = f"{'yes' if b['within'] else 'NO'}: {_gib(b['peak_anon_bytes'])} of {_gib(b['bytes'])}"
+    if "statistics_bytes" in b:  # a data-aware method's bound also holds each expert's statistic of one layer
+        cell += f" (engine {_gib(b['engine_bytes'])} + statistics {_gib(b['statistics_bytes'])})"
+    return cell
+
+
+def _ties_cell(vs: dict | None) -> str:
+    if not vs:
+        return "-"
+    return f"{vs['ratio']:.2f}x ({_num(vs.get('ratio_in_process'))}x)"
 
 
 def markdown_tables(results: dict) -> str:
+    beyond = any(not r.get("in_mergekit", True) for r in results["rows"])  # the last column is theirs
     lines = [("| size | inputs (N) | method | mergebench s: wall (in-process; first run) | mergekit s | speed-up "
               "| mergebench peak GiB (anon) | mergekit peak GiB (anon) | within (N+2) x largest tensor + overhead "
-              "(anon GiB) | x I/O floor: wall (in-process) | output MB | agreement with mergekit |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(anon GiB) | x I/O floor: wall (in-process) | output MB | agreement with mergekit |"
+              + (" x our TIES: wall (in-process) |" if beyond else "")),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if beyond else "")]
     for r in results["rows"]:
         mb, kit = r["mergebench"], r.get("mergekit")
         kit_ok = kit and "error" not in kit
+        na = not r.get("in_mergekit", True)
         if "error" in mb:
             mb_cells = ["failed: " + mb["error"], "-", "-", "-"]
         else:
@@ -731,11 +1002,15 @@ def markdown_tables(results: dict) -> str:
                         f"{_gib(mb['peak_bytes'])} ({_gib(mb['peak_anon_bytes'])})", _bound_cell(r),
                         f"{r['floor_multiple']:.2f} ({_num(r.get('floor_multiple_in_process'))})"]
         cells = [r["size"], f"{r['inputs']}", r["method"], mb_cells[0],
+                 NOT_IN_MERGEKIT if na else
                  f"{kit['seconds']:.2f}" if kit_ok else ("failed: " + kit["error"] if kit else "-"),
-                 f"{r['speedup']:.1f}x" if "speedup" in r else "-",
-                 mb_cells[1], f"{_gib(kit['peak_bytes'])} ({_gib(kit['peak_anon_bytes'])})" if kit_ok else "-",
-                 mb_cells[2], mb_cells[3],
-                 f"{r['output_bytes'] / 1e6:.0f}" if "output_bytes" in r else "-", _agreement_cell(r.get("agreement"))]
+                 NOT_IN_MERGEKIT if na else f"{r['speedup']:.1f}x" if "speedup" in r else "-",
+                 mb_cells[1],
+                 NOT_IN_MERGEKIT if na else f"{_gib(kit['peak_bytes'])} ({_gib(kit['peak_anon_bytes'])})" if kit_ok else "-",
+                 mb_cells[2], mb_cells[3], f"{r['output_bytes'] / 1e6:.0f}" if "output_bytes" in r else "-",
+                 NOT_IN_MERGEKIT if na else _agreement_cell(r.get("agreement"))]
+        if beyond:
+            cells.append(_ties_cell(r.get("vs_ties")))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| size/inputs | read inputs s | write output + fsync s | floor s | input GB | output MB |",
               "|---|---|---|---|---|---|"]
@@ -743,6 +1018,10 @@ def markdown_tables(results: dict) -> str:
         lines.append(f"| {key} | {v['read_seconds']:.2f} | {v['write_seconds']:.2f} | {v['seconds']:.2f} | "
                      f"{v['input_bytes'] / 1e9:.2f} | {v['output_bytes'] / 1e6:.0f} |")
     lines += ["", summary_table(results)]
+    if any(not r.get("in_mergekit", True) for r in results["rows"]):
+        lines += ["", beyond_table(results)]
+    if results.get("statistics"):
+        lines += ["", statistics_table(results)]
     o = results.get("overhead")
     if o:
         lines += ["", (f"Fixed overhead in the bound: {_gib(o['bytes'])} GiB anonymous ({o['method']}; "
@@ -765,6 +1044,8 @@ def summary_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for size in sorted({r["size"] for r in results["rows"]}, key=lambda s: -SIZES[s].params):
         for r in _largest_n_rows(results, size):
+            if not r.get("in_mergekit", True):
+                continue  # beyond_table
             speedup, b = r.get("speedup"), r.get("memory_bound")
             cells = [size, r["method"], r["inputs"],
                      f"{speedup:.1f}x" if speedup else "-", ("yes" if speedup >= 3 else "no") if speedup else "-",
@@ -774,13 +1055,62 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def beyond_table(results: dict) -> str:
+    """The methods beyond mergekit, every (size, N): their time as a multiple of our ties (target: within 5x,
+    judged on the in-process time, which leaves out the interpreter start both pay) and memory."""
+    lines = [("| size | method | inputs | mergebench s: wall (in-process) | our TIES s: wall (in-process) "
+              "| x our TIES: wall (in-process) | within 5x (in-process) | anon peak / bound | within bound |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if r.get("in_mergekit", True):
+            continue
+        mb, vs, b = r["mergebench"], r.get("vs_ties"), r.get("memory_bound")
+        if "error" in mb:
+            lines.append(f"| {r['size']} | {r['method']} | {r['inputs']} | failed: {mb['error']} | - | - | - | - | - |")
+            continue
+        ratio = vs and (vs.get("ratio_in_process") or vs["ratio"])
+        cells = [r["size"], r["method"], r["inputs"], f"{mb['seconds']:.2f} ({_num(mb.get('in_process_seconds'))})",
+                 f"{vs['ties_seconds']:.2f} ({_num(vs.get('ties_in_process_seconds'))})" if vs else "no ties row",
+                 _ties_cell(vs), ("yes" if ratio <= 5 else "NO") if vs else "-",
+                 f"{b['peak_anon_bytes'] / b['bytes']:.2f}" if b else "-", ("yes" if b["within"] else "NO") if b else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def statistics_table(results: dict) -> str:
+    """regmean's and fisher's statistics pass per expert against one plain forward pass over the same data."""
+    lines = [("| size | method (statistic) | experts | tokens per expert | statistics pass s per expert: median "
+              "(range) | one forward pass s per expert: load + forward | statistics / forward pass: median (range) "
+              "| content hash s | statistics pass peak GiB anon (at start) | forward pass peak GiB anon (at start) "
+              "| statistics MiB per expert (largest tensor) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, s in results.get("statistics", {}).items():
+        size, kind = key.split("/")
+        if "error" in s:
+            lines.append(f"| {size} | {s['method']} ({kind}) | - | - | failed: {s['error']} | - | - | - | - | - | - |")
+            continue
+        per = s["experts"]
+        seconds = [e["statistics"]["seconds"] for e in per]
+        cells = [size, f"{s['method']} ({kind})", s["experts_probed"], per[0]["forward"]["tokens"],
+                 f"{statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f})",
+                 f"{s['forward_load_seconds']:.2f} + {s['forward_pass_seconds']:.2f} = {s['forward_seconds']:.2f}",
+                 f"{s['ratio']:.2f}x ({min(s['ratios']):.2f}-{max(s['ratios']):.2f})", f"{s['hash_seconds']:.2f}",
+                 f"{_gib(s['statistics_peak_anon_bytes'])} ({_gib(max(e['statistics']['start_anon_bytes'] for e in per))})",
+                 f"{_gib(s['forward_peak_anon_bytes'])} ({_gib(max(e['forward']['start_anon_bytes'] for e in per))})",
+                 f"{per[0]['statistics']['artefact_bytes'] / 2**20:.1f} "
+                 f"({per[0]['statistics']['largest_statistic_bytes'] / 2**20:.2f})"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: smoke size, N=2, one run, methods {', '.join(QUICK)}")
     parser.add_argument("--sizes", default="0.1B,0.5B", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--experts", default="2,4,8")
-    parser.add_argument("--methods", default=",".join(BY_NAME), help="comma-separated mergekit method names")
+    parser.add_argument("--methods", default=",".join(BY_NAME),
+                        help=f"comma-separated, from mergekit's {', '.join(MERGEKIT)} and beyond it {', '.join(BEYOND)}")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / ".work"))
     parser.add_argument("--mergekit-venv", default=str(default_mergekit_venv()),
@@ -792,7 +1122,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--plot", default=None, help="write the PNG plot here")
     parser.add_argument("--from-json", default=None, help="only render tables (and --plot) from saved results")
+    parser.add_argument("--calibration-samples", type=int, default=32, help="regmean/fisher: calibration texts")
+    parser.add_argument("--calibration-length", type=int, default=128, help="regmean/fisher: tokens per text")
+    parser.add_argument("--calibration-batch", type=int, default=8, help="regmean: texts per forward pass")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one statistics probe
     args = parser.parse_args(argv)
+    if args.probe:
+        spec = json.loads(Path(args.probe).read_text())
+        Path(spec["out"]).write_text(json.dumps(probe(spec), indent=2))
+        return 0
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
         if args.plot and not plot(results, Path(args.plot)):
@@ -803,6 +1141,7 @@ def main(argv=None) -> int:
     args.skip_reason = "not in --methods"
     if args.quick:
         args.sizes, args.experts, args.runs, args.methods = "smoke", "2", 1, ",".join(QUICK)
+        args.calibration_samples, args.calibration_length = 16, 64
         args.first_run, args.skip_reason = False, QUICK_REASON
         args.quick_checked = [b.name for b in METHODS if b.name not in QUICK]
     args.sizes = args.sizes.split(",")
@@ -810,7 +1149,10 @@ def main(argv=None) -> int:
     args.methods = args.methods.split(",")
     unknown = [m for m in args.methods if m not in BY_NAME]
     if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; mergekit's are {', '.join(BY_NAME)}")
+        parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+    if TIES not in args.methods and any(m in BEYOND for m in args.methods):
+        print(f"adding {TIES} to --methods: the methods beyond mergekit are timed against it", file=sys.stderr)
+        args.methods.insert(0, TIES)
     results = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

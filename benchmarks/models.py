@@ -1,14 +1,20 @@
 """Llama-shaped bf16 models for merge benchmarks, built locally and deterministically.
 
 A base of seeded N(0, 0.02) weights (norms at 1) and experts = base + seeded N(0, 0.002) perturbations,
-written as Hugging Face safetensors directories (sharded) with a Llama config.json. Generated once per
-(size, seed) and reused; a `.complete` marker makes interrupted builds start over.
+written as Hugging Face safetensors directories (sharded) with a Llama config.json and a word-level
+tokenizer (token i is the word ``w<i>``; ids 0-2 are [UNK], <s>, </s>), so that transformers loads them as
+``AutoModelForCausalLM`` (what data-aware methods' calibration runs). Generated once per (size, seed) and
+reused; a `.complete` marker makes interrupted builds start over.
+
+Calibration data (:func:`calibration_data`): seeded texts of uniformly drawn words ``w3`` .. ``w<vocab-1>``,
+one ``{"text": ...}`` per line, each exactly ``words`` tokens under that tokenizer (it adds no BOS).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +80,42 @@ def _write(directory: Path, shape: Shape, make, shard_bytes: int) -> None:
             writer.write(t.name, make(t.name, t.shape).to(torch.bfloat16))
     writer.finish()
     (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    write_tokenizer(tmp, shape.vocab)
     (tmp / ".complete").write_text("ok")
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
+
+
+SPECIAL = ("[UNK]", "<s>", "</s>")  # ids 0, 1, 2: the config's bos_token_id and eos_token_id
+
+
+def write_tokenizer(directory: Path, vocab: int) -> None:
+    """A word-level tokenizer over the model's vocabulary (whitespace-split; word ``w<i>`` is id i)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = list(SPECIAL) + [f"w{i}" for i in range(len(SPECIAL), vocab)]
+    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(directory))
+
+
+def calibration_data(root: Path, size: str, texts: int, words: int, seed: int = 0) -> Path:
+    """root/size/calibration-*.jsonl: ``texts`` lines of ``words`` seeded random words of ``size``'s vocabulary."""
+    path = root / size / f"calibration-{texts}x{words}-seed{seed}.jsonl"
+    if not path.exists():
+        rng = random.Random(seed)
+        vocab = SIZES[size].vocab
+        lines = [json.dumps({"text": " ".join(f"w{rng.randrange(len(SPECIAL), vocab)}" for _ in range(words))})
+                 for _ in range(texts)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.rename(path)
+    return path
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -99,10 +138,14 @@ def build(root: Path, size: str, n_experts: int, seed: int = 0) -> dict[str, Pat
     paths = {"base": out / "base"}
     if not (paths["base"] / ".complete").exists():
         _write(paths["base"], shape, base_tensor, shard_bytes)
+    elif not (paths["base"] / "tokenizer.json").exists():  # built before models had tokenizers
+        write_tokenizer(paths["base"], shape.vocab)
     for i in range(n_experts):
         path = out / f"expert{i}"
         paths[f"expert{i}"] = path
         if (path / ".complete").exists():
+            if not (path / "tokenizer.json").exists():
+                write_tokenizer(path, shape.vocab)
             continue
 
         def expert_tensor(name, dims, i=i):

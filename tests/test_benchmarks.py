@@ -40,6 +40,8 @@ def _safetensors_bytes(d: Path) -> int:
 MERGEKIT_METHODS = {"linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion",
                     "passthrough", "ram", "ramplus_tl", "sce", "task_arithmetic", "ties", "dare_ties", "dare_linear",
                     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+# the methods beyond mergekit it times against our ties
+BEYOND_METHODS = {"tsv_m", "iso_c", "iso_cts", "regmean", "fisher"}
 
 
 def _reference_ties(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
@@ -79,12 +81,74 @@ def _reference_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tens
     return ((torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)).reshape(v0.shape)
 
 
-def _assert_bf16_close(got: torch.Tensor, want: torch.Tensor, what) -> None:
-    """``got`` (bf16) is ``want`` rounded to bf16, give or take one step where float32 rounding decides it."""
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """P Q^T for A = P S Q^T: the orthonormal matrix nearest to A, over A's numerical rank (singular values
+    above max(rows, cols) x float32 eps x the largest, mergebench's documented rule; the authors' code keeps
+    every column, whose direction is arbitrary where A's columns are dependent)."""
+    p, sigma, qh = torch.linalg.svd(a, full_matrices=False)
+    keep = sigma > max(a.shape) * torch.finfo(torch.float32).eps * sigma[0]
+    return p[:, keep] @ qh[keep]
+
+
+def _reference_tsv_m(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., arXiv:2412.00081) in float64, alpha 1, weights 1: each task vector's top
+    floor(r / N) singular triplets, U and V concatenated and replaced by their polar factors; 1-D tensors get
+    the mean task vector. (These task vectors are full rank: none of their own triplets is dropped.)"""
+    b = base.double()
+    taus = [e.double() - b for e in experts]
+    if b.dim() != 2:
+        return b + sum(taus) / len(taus)
+    k = min(b.shape) // len(taus)
+    us, ss, vs = [], [], []
+    for tau in taus:
+        u, sigma, vh = torch.linalg.svd(tau, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(sigma[:k])
+        vs.append(vh[:k].T)
+    return b + _polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ _polar(torch.cat(vs, 1)).T
+
+
+def _reference_grams(model_dir: Path, token_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """X^T X (float64) of every nn.Linear's inputs over one unpadded batch of the token ids."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(hook(f"{name}.weight"))
+    with torch.no_grad():
+        model(input_ids=torch.tensor(token_ids))
+    return grams
+
+
+def _reference_regmean(experts: list[torch.Tensor], grams: list[torch.Tensor] | None, alpha: float) -> torch.Tensor:
+    """RegMean (Jin et al., arXiv:2212.09849), weights 1: W* = (sum_i W_i G~_i)(sum_i G~_i)^-1 with
+    G~ = alpha G + (1 - alpha) diag(G), solved in float64; tensors without a Gram are the mean."""
+    if grams is None:
+        return sum(e.double() for e in experts) / len(experts)
+    tilde = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in grams]
+    a = sum(tilde)
+    b = sum(g @ w.double().T for g, w in zip(tilde, experts))  # in x out
+    return torch.linalg.solve(a, b).T
+
+
+def _assert_bf16_close(got: torch.Tensor, want: torch.Tensor, what, rtol32: float = 0.0, share: float = 1e-3) -> None:
+    """``got`` (bf16) is ``want`` rounded to bf16, give or take one step where float32 rounding decides it.
+    ``rtol32``: the float32 error of the computation relative to the tensor's largest entry (SVDs and solves
+    make some; it matters only where the result nearly cancels), and ``share`` of entries may round the other way."""
     assert got.dtype == torch.bfloat16 and got.shape == want.shape, what
     g, w = got.float(), want.float()
-    assert ((g - w).abs() <= w.abs() * 2.0**-7 + 1e-8).all(), (what, (g - w).abs().max())  # 1e-8: float32 residue of cancellation
-    assert (g != w.bfloat16().float()).float().mean() < 1e-3, what
+    atol = max(1e-8, rtol32 * float(w.abs().max()))  # 1e-8: float32 residue of cancellation
+    assert ((g - w).abs() <= w.abs() * 2.0**-7 + atol).all(), (what, (g - w).abs().max())
+    assert (g != w.bfloat16().float()).float().mean() < share, what
 
 
 def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures(tmp_path, monkeypatch, capsys):
@@ -112,17 +176,17 @@ def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures
     stdout = capsys.readouterr().out
     results = json.loads(out.read_text())
 
-    # every mergekit method is timed or listed as skipped with a reason, and --quick's skipped configs
-    # are planned by mergebench (every tensor's parameters resolved)
+    # every mergekit method, and every one beyond it, is timed or listed as skipped with a reason, and --quick's
+    # skipped configs are planned by mergebench (every tensor's parameters resolved)
     timed = [r["method"] for r in results["rows"]]
     skipped = {s["method"]: s["reason"] for s in results["skipped"]}
-    assert set(bench.BY_NAME) == MERGEKIT_METHODS
-    assert set(timed) | set(skipped) == MERGEKIT_METHODS and not set(timed) & set(skipped)
+    assert set(bench.MERGEKIT) == MERGEKIT_METHODS and set(bench.BEYOND) == BEYOND_METHODS
+    assert set(timed) | set(skipped) == MERGEKIT_METHODS | BEYOND_METHODS and not set(timed) & set(skipped)
     assert all(reason.strip() for reason in skipped.values())
     assert results["configs_checked"] == {m: "accepted" for m in skipped}
     errors = {r["method"]: r["mergebench"]["error"] for r in results["rows"] if "error" in r["mergebench"]}
     assert not errors
-    assert timed == ["linear", "slerp", "passthrough", "ties", "dare_ties"] and len(outputs) == 5
+    assert timed == ["linear", "slerp", "passthrough", "ties", "dare_ties", "tsv_m", "regmean"] and len(outputs) == 7
 
     # what was merged: base + 2 experts of the smoke shape, all bf16
     shape = bench.SIZES["smoke"]
@@ -184,7 +248,10 @@ def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures
         method, mb = row["method"], row["mergebench"]
         k = {"slerp": 1}.get(method, 2)
         assert (row["size"], row["experts"], row["params"]) == ("smoke", k, shape.params)
-        assert row["config"]["dtype"] == "float32" and row["config"]["out_dtype"] == "bfloat16"
+        if "merge_method" in row["config"]:  # a mergekit config; regmean's is our recipe (calibration data)
+            assert row["config"]["dtype"] == "float32" and row["config"]["out_dtype"] == "bfloat16"
+        else:
+            assert row["config"]["dtype"] == "bfloat16" and row["config"]["calibration"]["data"] == "calibration.jsonl"
         assert row["output_bytes"] == output_bytes[method]  # the weights it wrote, not the card or config
         layers_out = 2 if method == "passthrough" else 1  # the frankenmerge stacks twice the layers
         layer_bytes = 2 * sum(math.prod(s) for n, s in shape.tensors() if ".layers." in n)
@@ -198,11 +265,76 @@ def test_merge_speed_quick_times_the_right_merges_and_reports_consistent_figures
         assert max(mb["peak_anon_bytes"], mb["peak_file_bytes"]) < mb["peak_bytes"]
         assert mb["peak_bytes"] <= mb["peak_anon_bytes"] + mb["peak_file_bytes"]
         bound = row["memory_bound"]
-        assert bound["bytes"] == (k + 2) * 4 * 2048 * 128 + overhead  # the largest tensor: 2048 x 128 float32
+        # the largest tensor: 2048 x 128 float32; regmean also holds each expert's largest Gram (down_proj's
+        # inputs: 512 x 512 float32)
+        grams = 2 * 4 * 512 * 512 if method == "regmean" else 0
+        assert bound["bytes"] == (k + 2) * 4 * 2048 * 128 + overhead + grams
         assert bound["within"] == (mb["peak_anon_bytes"] <= bound["bytes"])
         assert mb["peak_anon_bytes"] < 2 * bound["bytes"]
         assert f"| smoke | {row['inputs']} | {method} | {mb['seconds']:.2f} (" in stdout
     assert not (work / "out-mergebench").exists()
+
+    # beyond mergekit: not run there, and timed as a multiple of our ties at the same (size, N)
+    rows = {r["method"]: r for r in results["rows"]}
+    ties_seconds = rows["ties"]["mergebench"]["seconds"]
+    for method in ("tsv_m", "regmean"):
+        row = rows[method]
+        assert row["in_mergekit"] is False and "mergekit" not in row and "speedup" not in row
+        assert row["vs_ties"]["ratio"] == pytest.approx(row["mergebench"]["seconds"] / ties_seconds)
+        assert row["vs_ties"]["ratio_in_process"] == pytest.approx(
+            row["mergebench"]["in_process_seconds"] / rows["ties"]["mergebench"]["in_process_seconds"])
+        line = next(x for x in stdout.splitlines() if x.startswith(f"| smoke | {row['inputs']} | {method} | "))
+        assert line.count("n/a: not in mergekit") == 4 and f"| {row['vs_ties']['ratio']:.2f}x (" in line
+        assert f"| smoke | {method} | {row['inputs']} | " in stdout  # the beyond-mergekit table
+    assert all("vs_ties" not in r for r in results["rows"] if r["in_mergekit"])
+
+    # tsv_m is TSV-M of these inputs (float64 reference, weights and alpha 1)
+    for name, b in base.items():
+        _assert_bf16_close(merged["tsv_m"][name], _reference_tsv_m(b, [e0[name], e1[name]]), ("tsv_m", name),
+                           rtol32=1e-5, share=1e-2)
+    head_sum = base["lm_head.weight"].float() + sum(e["lm_head.weight"].float() - base["lm_head.weight"].float()
+                                                    for e in (e0, e1))
+    assert ((merged["tsv_m"]["lm_head.weight"].float() - head_sum).abs() > 1e-4).float().mean() > 0.5  # not the sum
+
+    # regmean: the statistics pass was probed cold, once per expert, over the calibration data the recipe names
+    # (16 texts of 64 words; word w<i> is token i); the probe's Grams are X^T X of each linear layer's inputs
+    # on that data, and the merges read them from the cache (none computed again)
+    data = work / "models" / "smoke" / results["calibration"]["smoke"]["data"]
+    token_ids = [[int(w[1:]) for w in json.loads(line)["text"].split()] for line in data.read_text().splitlines()]
+    assert len(token_ids) == 16 and {len(t) for t in token_ids} == {64}
+    probe = results["statistics"]["smoke/gram"]
+    assert probe["experts_probed"] == 2 and probe["all_computed"] is True
+    for e in probe["experts"]:
+        assert (e["forward"]["examples"], e["forward"]["tokens"]) == (16, 16 * 64)
+        assert e["statistics"]["seconds"] > 0 and e["forward"]["forward_seconds"] > 0
+        assert e["forward"]["start_anon_bytes"] <= e["forward"]["peak_anon_bytes"] <= probe["process"]["peak_anon_bytes"]
+    ratios = [e["statistics"]["seconds"] / e["forward"]["seconds"] for e in probe["experts"]]
+    assert probe["ratio"] == pytest.approx(sum(ratios) / 2)  # the median of two
+    cache = work / "mergebench-home" / "artifacts" / "calibration"
+    entries = sorted(d.name for d in cache.iterdir() if (d / "mergebench-artifact.json").is_file())
+    assert entries == sorted(e["statistics"]["entry"] for e in probe["experts"])  # 2: the merges added none
+    assert rows["regmean"]["statistics"] == {"probe": "smoke/gram", "cache_entries_added": 0, "cached": True,
+                                             "one_layer_bytes": 2 * 4 * 512 * 512}
+    from safetensors.torch import load_file
+
+    linear = [n for n, s in shape.tensors() if len(s) == 2 and "embed" not in n]
+    reference_grams = []
+    for i, e in enumerate(probe["experts"]):
+        stored = load_file(cache / e["statistics"]["entry"] / "statistics.safetensors")
+        ours = _reference_grams(models[f"expert{i}"], token_ids)
+        assert sorted(stored) == sorted(ours) == sorted(linear)
+        for name, g in ours.items():
+            torch.testing.assert_close(stored[name].double(), g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+        reference_grams.append(ours)
+    for name, b in base.items():
+        grams = [g[name] for g in reference_grams] if name in linear else None
+        want = _reference_regmean([e0[name], e1[name]], grams, alpha=0.9)
+        _assert_bf16_close(merged["regmean"][name], want, ("regmean", name), rtol32=1e-5, share=1e-2)
+        if grams is not None:  # the regression moves the weights away from the plain mean
+            mean = (e0[name].double() + e1[name].double()) / 2
+            assert ((want - mean).abs() > mean.abs() * 2.0**-7).float().mean() > 0.1, name
+    line = next(x for x in stdout.splitlines() if x.startswith("| smoke | regmean (gram) | 2 | 1024 | "))
+    assert f"| {probe['ratio']:.2f}x (" in line
 
     # the thread check compares three real dare_ties merges (seed 7), equal to the engine's own
     threads = results["threads"][0]
@@ -241,7 +373,7 @@ def test_merge_speed_configs_are_planned_by_mergekit(tmp_path, monkeypatch):
     models = bench.build(tmp_path / "models", "smoke", 8)
     paths = []
     for n in (2, 8):
-        for b in bench.METHODS:
+        for b in (b for b in bench.METHODS if b.mergekit):
             path = tmp_path / f"{b.name}-{n}.yml"
             path.write_text(yaml.safe_dump(bench.config_for(b, models, n, bench.SIZES["smoke"].layers)))
             paths.append(path)
