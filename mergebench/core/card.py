@@ -50,6 +50,8 @@ def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: Mer
     from mergebench import __version__
 
     pinned = _pinned_recipe(recipe, result)
+    # whether these parameters draw random numbers (the seed then determines the output)
+    random = method.draws_random(result.parameters, [e.parameters for e in recipe.experts])
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     record = {
         "mergebench_version": __version__,
@@ -57,7 +59,7 @@ def write_card(directory: Path, recipe: Recipe, method: MergeMethod, result: Mer
         "python": platform.python_version(),
         "created": when,
         "method": {"name": method.name, "plugin": method.plugin, "reference": method.reference,
-                   "stochastic": method.stochastic},
+                   "stochastic": random},
         "parameters": result.parameters,
         "seed": result.seed,
         "dtype": dtype,
@@ -87,7 +89,7 @@ tags:
 
 - Method: **{method.name}** ({method.reference or 'no reference given'}), from plugin `{method.plugin}`
 - Parameters: {params}
-- Seed: {result.seed}{' (the method is stochastic: the seed determines the output)' if method.stochastic else ''}
+- Seed: {result.seed}{' (the method is stochastic: the seed determines the output)' if random else ''}
 - Output dtype: {dtype}
 - Tensors merged: {result.tensors_merged}; copied unchanged from the base: {result.tensors_copied}
 - mergebench {__version__}, torch {torch.__version__}, created {when}

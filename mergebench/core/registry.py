@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from mergebench.core.errors import ParameterError, PluginError
 
@@ -176,7 +176,11 @@ class MergeMethod(Component):
     # True when a given base takes no part in the maths (linear, karcher, passthrough): reading a mergekit
     # config, a base listed among the models is then one more input, as mergekit treats it
     ignores_base: bool = False
+    # True when the maths may draw random numbers (the engine then gives each expert its own random stream)
     stochastic: bool = False
+    # For a stochastic method, (params, expert_params) -> whether these values draw any (e.g. DARE at
+    # density 1 draws none): only then does the seed change the output. None: always.
+    random_when: Callable[[dict[str, Any], tuple[Mapping[str, Any], ...]], bool] | None = None
     # True when each output entry depends only on the same entry of the inputs (plus ctx.analysis):
     # the engine then streams the tensor through ``merge`` in cache-sized flat chunks.
     elementwise: bool = False
@@ -201,6 +205,13 @@ class MergeMethod(Component):
     @property
     def kind(self) -> str:
         return "merge method"
+
+    def draws_random(self, params: Mapping[str, Any], expert_params: Sequence[Mapping[str, Any]] = ()) -> bool:
+        """Whether merging with these resolved parameters draws random numbers, so that the seed (and a
+        study's further random draws) can change the output."""
+        if not self.stochastic:
+            return False
+        return self.random_when is None or bool(self.random_when(dict(params), tuple(expert_params)))
 
     def __post_init__(self) -> None:
         if self.merge is None and self.delta is not None and self.scale_param is not None:

@@ -20,9 +20,9 @@ Conventions (there is no paper: mergekit's implementation, by Arcee, is the orig
   deterministic, independent of the seed, and equal to what mergekit's sample estimates (the sampled
   quartiles sit within a few 1e-4 of the exact ones in rank). ``quantile_sample: S`` reproduces mergekit's
   estimator on tensors of more than S entries (``mergekit_defaults``: S = 1,000,000), drawing from the
-  expert's random stream (``ctx.generator_for(0)``); that is why the method is declared stochastic, though with
-  the default its output does not depend on the seed. Below S entries both agree with mergekit to float32
-  rounding.
+  expert's random stream (``ctx.generator_for(0)``); that is why the method is declared stochastic, with
+  ``random_when`` saying that only ``quantile_sample`` > 0 draws (the card and a study's ``draws`` go by it).
+  Below S entries both agree with mergekit to float32 rounding.
 - The threshold is inclusive (>=), as mergekit: where more than three quarters of the scores are equal (say 0,
   rows the expert left unchanged), Q1 = M = Q3 and every entry at or above that value takes the expert's update.
 - Kept entries are theta_0 + (theta_1 - theta_0), which may differ from theta_1 in the last bit, as mergekit's.
@@ -86,6 +86,7 @@ def register_merge_methods(register):
             merge=arcee_fusion,
             check=unweighted_check("arcee_fusion", min_experts=1, max_experts=1),
             stochastic=True,
+            random_when=lambda params, expert_params: params["quantile_sample"] > 0,
             mergekit_defaults={"quantile_sample": MERGEKIT_QUANTILE_SAMPLE},
         )
     )

@@ -83,6 +83,7 @@ from mergebench.core.merge_ops import (agreeing_sums, disjoint_mean, elect_sign,
                                        l1_rescale_factor, random_drop_, random_keep_mask, task_vectors_,
                                        threshold_mask, weighted_sum)
 from mergebench.core.registry import MergeMethod, Param
+from mergebench.core.tensor_params import is_varying
 from mergebench.plugins import LAMBDA_GRID
 
 DENSITY_GRID = (0.1, 0.2)  # the TIES and DARE papers prune 90% and 80% of each task vector
@@ -363,6 +364,12 @@ class TaskVectorMethod:
                         MagnitudeThreshold(densities, n,
                                            counts=lambda total: [a + b for a, b in zip(outliers(total), kept(total))]))
 
+    def _draws(self, params, expert_params) -> bool:
+        """Random sparsifiers draw only where some expert's density lies strictly between 0 and 1 (a density
+        that varies by tensor, a gradient or filters, is taken to draw)."""
+        densities = [ep.get("density", params["density"]) for ep in expert_params] or [params["density"]]
+        return any(is_varying(d) or 0.0 < d < 1.0 for d in densities)
+
     # ---- registration ----------------------------------------------------------------------------------
 
     def method(self) -> MergeMethod:
@@ -370,7 +377,7 @@ class TaskVectorMethod:
         return MergeMethod(
             name=self.name, description=self.description, reference=self.reference, params=self.params,
             delta=self.delta, scale_param="lambda", check=self._check, elementwise=self.elementwise,
-            stochastic=self.sparsifier in (RANDOM, MAGPRUNE),
+            stochastic=self.sparsifier in (RANDOM, MAGPRUNE), random_when=self._draws,
             tensor_analysis=self.tensor_analysis if prepass else None,
             analysis=self.analysis if self.sparsifier == MAGNITUDE else None,
             mergekit_defaults=self.mergekit, search_space=self.search_space)

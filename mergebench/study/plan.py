@@ -25,7 +25,7 @@ from typing import Any
 from mergebench.core.plugin_manager import PluginManager
 from mergebench.study.config import RunConfig
 from mergebench.study.contracts import BaseChoice, Resources
-from mergebench.study.runner import expert_order, grid_for
+from mergebench.study.runner import expert_order, grid_for, random_grid
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
@@ -237,7 +237,8 @@ def make_plan(cfg: RunConfig, pm: PluginManager, gpu_memory_gib: float = 80.0, c
                     continue
                 method = pm.merge_methods().get(name)
                 points = len(grid_for(method, cfg.search.get(name)))
-                sweeps = len(cfg.seeds) * (cfg.draws if method.stochastic else 1)  # draws: K of stochastic methods
+                random = random_grid(method, cfg.search.get(name))
+                sweeps = len(cfg.seeds) * (cfg.draws if random else 1)  # draws: K of methods that draw random numbers
                 plan.jobs.append(PlannedJobs(
                     "sweep", f"{where}: {name}, N={n} ({points} points on {held_in_datasets} validation sets max)"
                     + (f", {cfg.draws} random draws per seed" if sweeps > len(cfg.seeds) else ""),

@@ -74,6 +74,11 @@ def grid_for(method, overrides: dict[str, list[Any]] | None) -> list[dict[str, A
     return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
 
+def random_grid(method, overrides: dict[str, list[Any]] | None) -> bool:
+    """Whether some point of the method's grid draws random numbers: only then do ``draws: K`` repeat its sweeps."""
+    return any(method.draws_random(method.resolve_params(p)) for p in grid_for(method, overrides))
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One run per directory at a time: a second one fails at once with a clear message."""
@@ -312,7 +317,7 @@ class Runner:
             todo = [(n, kind, name, draw) for n, kind, name in itertools.product(
                 sorted(cfg.n_experts, reverse=True), cfg.base_kinds, cfg.methods)
                 if n not in cfg.unmergeable.get(name, {})  # the method's check refuses N experts
-                for draw in range(cfg.draws if methods.get(name).stochastic else 1)]
+                for draw in range(cfg.draws if random_grid(methods.get(name), cfg.search.get(name)) else 1)]
             for n, kind, name, draw in todo:
                 total += 1
                 method = methods.get(name)
