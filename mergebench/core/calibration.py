@@ -235,6 +235,16 @@ def statistics(source, request: CalibrationRequest, data: CalibrationData, devic
     return Statistics(entry / ARTEFACT)
 
 
+def per_expert(sources, request: CalibrationRequest, mapping: Mapping[str, Any] | None,
+               device: torch.device | str = "cpu", progress: ProgressCallback | None = None
+               ) -> tuple[list[CalibrationData], list[Statistics]]:
+    """Each expert's data (:meth:`CalibrationData.parse_each` of the recipe's ``calibration`` mapping) and its
+    statistics: what a merge, and a study's in-memory sweep of it, hand the maths."""
+    specs = CalibrationData.parse_each(mapping, len(sources))
+    return specs, [statistics(source, request, spec, device=device, progress=progress)
+                   for source, spec in zip(sources, specs)]
+
+
 def model_hash(source) -> str:
     """Combined sha256 of the model's weight files and of its config and tokenizer files."""
     from mergebench.core.tensor_io import iter_config_files

@@ -654,9 +654,7 @@ def calibrate(plan: _Plan, data: dict[str, Any] | None,
         return []
     from mergebench.core import calibration
 
-    specs = calibration.CalibrationData.parse_each(data, len(plan.experts))
-    plan.statistics = [calibration.statistics(source, request, spec, device=plan.device, progress=progress)
-                       for source, spec in zip(plan.experts, specs)]
+    specs, plan.statistics = calibration.per_expert(plan.experts, request, data, plan.device, progress)
     return [{"expert": i + 1, "data": str(spec.path.resolve()), "sha256": sha256_file(spec.path),
              "parameters": spec.parameters(), "statistic": request.kind, "artefact": stats.path.parent.name}
             for i, (spec, stats) in enumerate(zip(specs, plan.statistics))]

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mergebench.study.contracts import CalibrationSettings, ComponentChoice, ModelRole, Resources, SuiteData
+from mergebench.study.contracts import (CALIBRATION_SPLITS, CalibrationSettings, ComponentChoice, ModelRole,
+                                       Resources, SuiteData)
 
 _SESSIONS: dict[tuple, Any] = {}
 _EXPECTED_SOURCE: str | None = None
@@ -280,7 +281,7 @@ class SweepJob(Job):
         from mergebench.core.errors import InputError
         from mergebench.training import read_pairs
 
-        if self.calibration.split not in ("train", "validation"):  # a config never gets here with test data
+        if self.calibration.split not in CALIBRATION_SPLITS:  # a config never gets here with test data
             raise InputError(f"calibration data may come from train or validation, not {self.calibration.split!r}")
         if self.data is None:
             raise InputError(f"{self.method} learns from calibration data, but suite '{self.suite}' has no data files")
@@ -408,13 +409,11 @@ class SweepJob(Job):
             if request is None:
                 return None
             if request not in found:
-                specs = calibration.CalibrationData.parse_each(self.calibration_data(), len(self.expert_dirs))
-                found[request] = []
-                for directory, spec in zip(self.expert_dirs, specs):
-                    source = open_local(str(directory), Path(directory), False)
-                    try:
-                        found[request].append(calibration.statistics(source, request, spec, device=self.device))
-                    finally:
+                sources = [open_local(str(d), Path(d), False) for d in self.expert_dirs]
+                try:
+                    found[request] = calibration.per_expert(sources, request, self.calibration_data(), self.device)[1]
+                finally:
+                    for source in sources:
                         source.close()
             return found[request]
 
