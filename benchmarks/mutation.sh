@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # Mutation testing of the merge maths, the engine and the study's selection, normalisation, leaderboard
 # and database modules with mutmut 3 (configured in pyproject.toml's [tool.mutmut]). Not run in CI: it
-# takes tens of minutes on 2 cores. Results and every surviving mutant: docs/testing.md.
+# takes hours on 2 cores. Results and every surviving mutant: docs/testing.md.
 #
 #   benchmarks/mutation.sh GROUP [GROUP ...]   run mutmut on the mutants of these groups, then summarise
-#   benchmarks/mutation.sh --fast GROUP ...    the same with only the unit tests that need no model files
-#                                              and no study run (tests/test_mutants.py, tests/test_methods.py,
-#                                              tests/test_normalise_cache.py), in a scratch copy under
-#                                              ${TMPDIR:-/tmp}: a lower bound on the full suite's score, in a
-#                                              fraction of the time (no toy study, no engine runs)
+#   benchmarks/mutation.sh --fast GROUP ...    the same with only the unit tests that need no model files,
+#                                              no mergekit and no study run (FAST_TESTS below), in a scratch
+#                                              copy under ${TMPDIR:-/tmp}: a lower bound on the full
+#                                              selection's score, in a fraction of the time
 #   benchmarks/mutation.sh --summary [--fast] [GROUP]  only summarise what mutants/ holds (no tests run)
 #
 # Groups: normalise leaderboard database selection (jobs.best_point) jobs (all of jobs.py) study
-#         (normalise + leaderboard + database + selection) average task_arithmetic ties dare_ties plugins
+#         (normalise + leaderboard + database + selection) average task_vectors plugins (both)
 #         merge_ops in_memory maths (plugins + merge_ops + in_memory) engine all
-# Any other argument is passed to mutmut as a mutant-name glob (e.g. 'mergebench.core.engine.x_plan*').
+# Any other argument is passed to mutmut as a mutant-name glob (e.g. 'mergebench.core.engine.x_build_plan*').
 #
 # Environment: MUTMUT_CHILDREN (parallel mutants, default 2), NICE (niceness, default 19).
 # mutmut keeps its state in mutants/ (git-ignored): re-running a group re-tests all of that group's
 # mutants; `mutmut show NAME` prints one mutant's diff, `mutmut browse` browses them all.
+# While others edit the working tree, run it from a copy of the committed code, e.g.
+#   mkdir /tmp/mb-mut && git archive HEAD | tar -x -C /tmp/mb-mut && /tmp/mb-mut/benchmarks/mutation.sh --fast study
 {  # braces: bash reads the whole script before running it, so editing it mid-run is safe
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ patterns_of() {
         selection)       echo "mergebench.study.jobs.x_best_point__mutmut_*" ;;
         jobs)            echo "mergebench.study.jobs.*" ;;
         study)           echo "$(patterns_of normalise) $(patterns_of leaderboard) $(patterns_of database) $(patterns_of selection)" ;;
-        average|task_arithmetic|ties|dare_ties) echo "mergebench.plugins.$1.*" ;;
+        average|task_vectors) echo "mergebench.plugins.$1.*" ;;
         plugins)         echo "mergebench.plugins.*" ;;
         merge_ops|in_memory|engine) echo "mergebench.core.$1.*" ;;
         maths)           echo "$(patterns_of plugins) $(patterns_of merge_ops) $(patterns_of in_memory)" ;;
@@ -73,7 +74,7 @@ if survivors:
 PY
 }
 
-if [[ $# -eq 0 ]]; then sed -n '2,21p' "$0"; exit 2; fi
+if [[ $# -eq 0 ]]; then sed -n '2,23p' "$0"; exit 2; fi
 summary_only=0 fast=0
 while [[ $# -gt 0 && "$1" == --* ]]; do
     case "$1" in
@@ -83,20 +84,23 @@ while [[ $# -gt 0 && "$1" == --* ]]; do
     esac
     shift
 done
+# The fast selection: the unit tests of these modules that take seconds (no toy study, no mergekit), and
+# every tests/test_mutants_*.py.
+FAST_TESTS=(tests/test_mutants.py tests/test_engine_mutants.py tests/test_methods.py tests/test_normalise_cache.py
+            tests/test_methods_task_vectors.py tests/test_conventions.py tests/test_statistics.py)
+while IFS= read -r extra; do FAST_TESTS+=("$extra"); done < <(find tests -maxdepth 1 -name 'test_mutants_*.py' | sort)
 if [[ $fast -eq 1 ]]; then
     # A scratch project whose [tool.mutmut] selects only the fast unit tests; its mutants/ lives there.
     scratch="${TMPDIR:-/tmp}/mergebench-mutation-fast"
     if [[ $summary_only -eq 0 ]]; then
-        mkdir -p "$scratch/tests"
-        rm -rf "$scratch/mergebench" && cp -pr mergebench "$scratch/"
-        cp -p tests/conftest.py tests/test_mutants.py tests/test_methods.py tests/test_normalise_cache.py \
-            "$scratch/tests/"
-        python - "$scratch/pyproject.toml" <<'PY'
-import re, sys
+        mkdir -p "$scratch"
+        rm -rf "$scratch/mergebench" "$scratch/tests" "$scratch/examples"
+        cp -pr mergebench tests examples "$scratch/"
+        python - "$scratch/pyproject.toml" "${FAST_TESTS[@]}" <<'PY'
+import json, re, sys
 text = open("pyproject.toml").read()
-fast = ('pytest_add_cli_args_test_selection = ["tests/test_mutants.py", "tests/test_methods.py", '
-        '"tests/test_normalise_cache.py"]')
-text = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]", fast, text, flags=re.S)
+fast = "pytest_add_cli_args_test_selection = " + json.dumps(sys.argv[2:])
+text = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]", lambda _: fast, text, flags=re.S)
 open(sys.argv[1], "w").write(text)
 PY
     fi

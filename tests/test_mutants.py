@@ -101,6 +101,7 @@ def test_database_settings_and_schema(tmp_path):
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert db.conn.isolation_level is None  # autocommit outside explicit transactions
+    assert db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000  # ms waited for another writer's lock
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"meta", "units", "models", "scores", "sweep_points", "merges", "draws", "examples"}
     db.close()
@@ -631,9 +632,8 @@ def _u16(numel, seed):
 
 def test_random_keep_mask_keeps_exactly_the_uniforms_below_density():
     n = 1 << 20
-    # density 1.0 is left out: its threshold 32768 does not fit the int16 comparison (all False); the
-    # methods never draw at density >= 1 (random_drop_ returns early), see docs/testing.md
-    for density in (0.0, 0.75, 65535 / 65536, 0.2):
+    # density 1.0 keeps every entry (its threshold, 32768, is beyond int16: handled apart)
+    for density in (0.0, 0.75, 65535 / 65536, 0.2, 1.0):
         g = torch.Generator().manual_seed(5)
         keep = random_keep_mask(n, density, g)
         assert torch.equal(keep, _u16(n, 5) < round(density * 65536)), density
