@@ -502,3 +502,36 @@ def test_a_whole_tensor_method_gets_the_base_and_its_parameters(toy_models, tmp_
     out = load_file(tmp_path / "o" / "model.safetensors")
     torch.testing.assert_close(out["layer.0.weight"], base["layer.0.weight"] + 0.5 * e0["layer.0.weight"],
                                rtol=0, atol=0)
+
+
+# --- the per-tensor plan without tensor data (describe, what `mergebench convert` shows) ---------------------
+
+
+def test_describe_lists_every_output_tensor_resolved_without_reading_any(toy_models, pm, monkeypatch):
+    from mergebench.core.recipe import ModelInput, Recipe
+    from mergebench.core.tensor_io import ModelSource
+
+    def no_reading(self, name):
+        raise AssertionError(f"describe read tensor {name}")
+
+    monkeypatch.setattr(ModelSource, "load", no_reading)
+    recipe = Recipe("ties", [ModelInput(str(toy_models["e0"]), 2.0, parameters={"density": 0.3}),
+                             ModelInput(str(toy_models["e1"]), 1.0)],
+                    base=ModelInput(str(toy_models["base"])), parameters={"density": [0.2, 0.6]}, dtype="bfloat16")
+    rows = {r.name: r for r in engine.describe(recipe, pm=pm)}
+    assert sorted(rows) == ["layer.0.bias", "layer.0.weight", "layer.1.weight", "position_ids"]
+    # layer 1 of layers 0..1 sits at t = 1, where the gradient [0.2, 0.6] is 0.6; layer 0 and unnumbered at t = 0
+    last = rows["layer.1.weight"]
+    assert last.inputs == ("base: layer.1.weight", "expert 1: layer.1.weight", "expert 2: layer.1.weight")
+    assert (last.t, last.params["density"], last.weights) == (1.0, 0.6, (2.0, 1.0))
+    assert last.expert_params == ({"density": 0.3}, {}) and (last.dtype, last.shape) == ("bfloat16", (4, 16))
+    first = rows["layer.0.bias"]
+    assert (first.t, first.params["density"], first.dtype, first.shape) == (0.0, 0.2, "bfloat16", (16,))
+    ids = rows["position_ids"]
+    assert (ids.t, ids.dtype, ids.shape) == (0.0, "int64", (8,))
+    assert ids.inputs == ("base: position_ids", "expert 1: position_ids", "expert 2: position_ids")
+    # without a base, the first expert is the template and every input is an expert
+    plain = Recipe("average", [ModelInput(str(toy_models["e0"])), ModelInput(str(toy_models["e1"]), 3.0)])
+    rows = {r.name: r for r in engine.describe(plain, pm=pm)}
+    assert rows["layer.0.weight"].inputs == ("expert 1: layer.0.weight", "expert 2: layer.0.weight")
+    assert rows["layer.0.weight"].weights == (1.0, 3.0) and rows["layer.0.weight"].dtype == "float32"
