@@ -13,7 +13,7 @@ import torch
 
 import mergebench
 from mergebench.core import engine
-from mergebench.core.errors import InputError, MergebenchError
+from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.registry import MergeMethod
 from mergebench import hookimpl
 
@@ -535,3 +535,129 @@ def test_describe_lists_every_output_tensor_resolved_without_reading_any(toy_mod
     rows = {r.name: r for r in engine.describe(plain, pm=pm)}
     assert rows["layer.0.weight"].inputs == ("expert 1: layer.0.weight", "expert 2: layer.0.weight")
     assert rows["layer.0.weight"].weights == (1.0, 3.0) and rows["layer.0.weight"].dtype == "float32"
+
+
+def test_describe_refuses_a_pickled_checkpoint_unless_allowed_and_uses_the_given_plugins(toy_models, tmp_path, pm):
+    from conftest import load_dir
+    from mergebench.core.recipe import ModelInput, Recipe
+
+    (tmp_path / "pickled").mkdir()
+    torch.save(load_dir(toy_models["e1"]), tmp_path / "pickled" / "pytorch_model.bin")
+    recipe = Recipe("average", [ModelInput(str(toy_models["e0"])), ModelInput(str(tmp_path / "pickled"))])
+    with pytest.raises(MergebenchError, match="allow-pickle"):
+        engine.describe(recipe, pm=pm)
+    assert len(engine.describe(recipe, allow_pickle=True, pm=pm)) == 4
+    # a method only the given plugin manager knows
+    pm.register(_plugin(MergeMethod(name="firstonly", description="", merge=lambda b, e, p, c: e[0], needs_base=False)))
+    rows = engine.describe(Recipe("firstonly", [ModelInput(str(toy_models["e0"]))]), pm=pm)
+    assert sorted(r.name for r in rows) == ["layer.0.bias", "layer.0.weight", "layer.1.weight", "position_ids"]
+
+
+# --- NaN checks under a one-pass whole-model analysis; dtype names; a single expert that is not copied --------
+
+
+class _CountingPass:
+    """A one-pass whole-model analysis that counts the entries it sees (its result: that count)."""
+
+    passes = 1
+
+    def __init__(self):
+        self.seen = 0
+
+    def observe(self, pass_index, name, base, experts):
+        self.seen += experts[0].numel()
+
+    def end_pass(self, pass_index):
+        pass
+
+    def result_for(self, name):
+        return self.seen
+
+
+def test_a_one_pass_whole_model_analysis_still_refuses_nan_inputs_by_name(toy_models, tmp_path, pm):
+    def mean(base, experts, params, ctx):
+        return sum(experts) / len(experts)
+
+    pm.register(_plugin(MergeMethod(name="onepass", description="", merge=mean, needs_base=False, elementwise=True,
+                                    analysis=lambda params, own: _CountingPass())))
+    bad = {n: t.clone() for n, t in toy_tensors(0).items()}
+    bad["layer.1.weight"][2, 5] = float("nan")
+    path = write_model(tmp_path / "bad", bad)
+    with pytest.raises(InputError) as err:
+        mergebench.merge("onepass", experts=[toy_models["e0"], path], output=tmp_path / "out", plugin_manager=pm)
+    assert str(err.value) == f"expert 2 ({path}): tensor 'layer.1.weight' contains NaN or Inf values"
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_names_may_carry_torch_prefix_and_unknown_ones_list_the_valid():
+    assert engine.parse_dtype("torch.bfloat16") is torch.bfloat16
+    assert engine.parse_dtype("Torch.Float16") is torch.float16 and engine.parse_dtype(None) is None
+    with pytest.raises(ParameterError) as e:
+        engine.parse_dtype("float8")
+    assert str(e.value) == ("unknown dtype 'float8' (valid: bf16, bfloat16, float, float16, float32, float64, fp16, fp32, "
+                            "fp64, half)")
+
+
+def test_a_single_expert_scaled_by_passthrough_is_merged_not_copied(toy_models, tmp_path, pm, monkeypatch):
+    from conftest import load_dir
+
+    monkeypatch.setattr(engine, "CHUNK", 8)  # several chunks per tensor
+    result = mergebench.merge("passthrough", experts=[toy_models["e0"]], output=tmp_path / "out", plugin_manager=pm,
+                              expert_params=[{"scale": 0.5}])
+    assert (result.tensors_merged, result.tensors_copied) == (3, 1)
+    e0, out = load_dir(toy_models["e0"]), load_dir(tmp_path / "out")
+    for name in ("layer.0.weight", "layer.0.bias", "layer.1.weight"):
+        assert torch.equal(out[name], e0[name] * 0.5), name
+    assert torch.equal(out["position_ids"], e0["position_ids"])
+
+
+def test_different_vocabularies_are_refused_naming_the_rows_and_the_fix(tmp_path, pm):
+    config = {"model_type": "toy", "architectures": ["ToyModel"]}
+    base = write_model(tmp_path / "base", {"model.embed_tokens.weight": torch.zeros(10, 4), "w": torch.zeros(3)},
+                       {**config, "vocab_size": 10})
+    expert = write_model(tmp_path / "e", {"model.embed_tokens.weight": torch.ones(12, 4), "w": torch.ones(3)},
+                         {**config, "vocab_size": 12})
+    with pytest.raises(InputError) as e:
+        mergebench.merge("task_arithmetic", base=base, experts=[expert], output=tmp_path / "out", plugin_manager=pm)
+    assert str(e.value) == (
+        "vocabularies differ: tensor 'model.embed_tokens.weight' has 12 rows in expert 1 (" + str(expert) + ") but 10 "
+        "in the base; set tokenizer_source (recipe or mergekit config) or --tokenizer-source to base, union or one "
+        "model's path to align them by token")
+
+
+def test_aligned_vocabularies_still_have_every_other_tensor_checked():
+    from mergebench.core.in_memory import StateDictSource
+
+    template = StateDictSource({"model.embed_tokens.weight": torch.zeros(10, 4), "w": torch.zeros(3)}, "a")
+    other = StateDictSource({"model.embed_tokens.weight": torch.zeros(12, 4), "w": torch.zeros(5)}, "b")
+    template.config, other.config = {"vocab_size": 10}, {"vocab_size": 12}
+    with pytest.raises(InputError) as e:  # rows aligned by token are fine, the other tensor's shape is not
+        engine._check_compatible(template, "the base", other, "expert 1", aligned=True)
+    assert str(e.value) == "tensor 'w' has shape [5] in expert 1 (b) but [3] in the base"
+    other._state["w"] = torch.ones(3)
+    other.tensors = StateDictSource(other._state, "b").tensors
+    engine._check_compatible(template, "the base", other, "expert 1", aligned=True)
+
+
+def test_a_union_vocabulary_rewrites_the_config_and_the_tokenizer(tmp_path, pm):
+    import json
+
+    from conftest import load_dir
+    from mergekit_ref import write_tokenizer
+    from mergebench.core.recipe import ModelInput, Recipe
+
+    config = {"model_type": "toy", "architectures": ["ToyModel"], "torch_dtype": "float32"}
+    inputs = []
+    for name, tokens in (("e0", ["[UNK]", "a", "b"]), ("e1", ["[UNK]", "a", "b", "c"])):
+        rows = torch.arange(len(tokens) * 2, dtype=torch.float32).reshape(-1, 2)
+        path = write_model(tmp_path / name, {"model.embed_tokens.weight": rows, "w": torch.ones(2)},
+                           {**config, "vocab_size": len(tokens)})
+        write_tokenizer(path, tokens)
+        inputs.append(ModelInput(str(path)))
+    engine.run(Recipe("linear", inputs, tokenizer_source="union"), tmp_path / "out", pm=pm)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written == {**config, "vocab_size": 4}  # without --dtype the dtype keys are left as they were
+    assert load_dir(tmp_path / "out")["model.embed_tokens.weight"].shape == (4, 2)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()) == 4

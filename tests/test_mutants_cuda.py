@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_dir, write_model
 
 import mergebench
 from mergebench.core.merge_ops import exact_l1, random_drop_, random_keep_mask
 from mergebench.plugins.task_vectors import magprune_probabilities
-
-from conftest import load_dir, write_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -16,7 +16,8 @@ import math
 import numpy as np
 import pytest
 
-from mergebench.study import leaderboard as lb, per_example
+from mergebench.study import leaderboard as lb
+from mergebench.study import per_example
 from mergebench.study.database import ResultsDB, score_statements
 
 A = pytest.approx
@@ -163,11 +164,11 @@ def test_interval_basis_and_the_seeds_only_note(db):
     # held-in of raw: per seed mean(0.4/0.8, 0.4/0.8) = 0.5
     assert r["raw"].held_in.mean == A(0.5)
     assert lb.notes(rows) == [
-        "Intervals: two-level bootstrap over seeds and test examples (mergebench.study.statistics). ▲ the best "
-        "merge of its (size, base, N) group; ≈ a merge whose interval overlaps the best's: the table cannot order "
-        "them (`mergebench compare RUN A B` tests a pair on paired data).",
-        "Intervals over seeds only (4 rows, e.g. toy/pre/N=2/base): no per-example results were recorded for "
-        "some of their datasets (an evaluator that returns only scores, or evaluated before they were kept)."]
+        ("Intervals: two-level bootstrap over seeds and test examples (mergebench.study.statistics). ▲ the best "
+         "merge of its (size, base, N) group; ≈ a merge whose interval overlaps the best's: the table cannot order "
+         "them (`mergebench compare RUN A B` tests a pair on paired data)."),
+        ("Intervals over seeds only (4 rows, e.g. toy/pre/N=2/base): no per-example results were recorded for "
+         "some of their datasets (an evaluator that returns only scores, or evaluated before they were kept).")]
     # a table whose every row resamples examples has only the first note
     examples_only = [lb.Row("toy", "pre", 2, "m", "merge", lb.Stat(0.5, 0.0, 2), lb.Stat(0.5, 0.0, 2),
                             held_in_ci=[0.4, 0.6], ci_basis="seeds and examples")]
@@ -221,9 +222,9 @@ def test_markdown_with_intervals_and_the_random_draws_table(db):
     rows = lb.build(db, methods=("ta", "dare"))
     text = lb.markdown(rows, title="T")
     lines = text.split("\n")
-    assert lines[:3] == ["## T", "", "Normalised scores (held-in: merged / expert of the category; held-out: merged "
+    assert lines[:3] == ["## T", "", ("Normalised scores (held-in: merged / expert of the category; held-out: merged "
                          "/ base, zero-shot), mean over seeds [95% interval], on the test splits; hyperparameters "
-                         "chosen on validation."]
+                         "chosen on validation.")]
     dare_held_in = lines[7].split(" | ")[4]  # its interval comes from resampled draws: within 0.6 .. 1.2
     low, high = (float(x) for x in dare_held_in.removeprefix("0.900 [").removesuffix("] ≈").split(", "))
     assert 0.6 <= low < 0.9 < high <= 1.2
@@ -237,10 +238,10 @@ def test_markdown_with_intervals_and_the_random_draws_table(db):
         "| toy | pre | 2 | *base* | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 2 | baseline |",
         "", *lb.notes(rows),
         "", "### Random draws (stochastic methods, draws: K)", "",
-        "Standard deviation of one merge's score from its random draw (pooled within seeds) and between seeds "
-        "(beyond the draws'), and the draws' share of the variance.", "",
-        "| size | base | N | method | draws | held-in: sd from draws | sd from seeds | draws' share | "
-        "held-out: sd from draws | sd from seeds | draws' share |",
+        ("Standard deviation of one merge's score from its random draw (pooled within seeds) and between seeds "
+         "(beyond the draws'), and the draws' share of the variance."), "",
+        ("| size | base | N | method | draws | held-in: sd from draws | sd from seeds | draws' share | "
+         "held-out: sd from draws | sd from seeds | draws' share |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
         "| toy | pre | 2 | dare | 3 | 0.115 | 0.273 | 15% | - | - | - |", ""]
     assert len(lb.notes(rows)) == 2

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from mergebench.core import in_memory
-from mergebench.core.errors import InputError
-from mergebench.core.merge_ops import ordered_sum
+from mergebench.core.context import TensorContext
+from mergebench.core.errors import InputError, MergebenchError, ParameterError
+from mergebench.core.merge_ops import exact_l1, l1_rescale_factor, ordered_sum, random_keep_mask
 from mergebench.core.plugin_manager import make_plugin_manager
-from mergebench.plugins.task_vectors import mergekit_magnitude_count
+from mergebench.plugins import LAMBDA_GRID
+from mergebench.plugins.task_vectors import (DARE_TIES, DELLA_TIES, TASK_ARITHMETIC, TIES, magprune_probabilities,
+                                             mergekit_magnitude_count)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +173,6 @@ def test_ties_with_mergekit_rounding_at_density_0_keeps_nothing_and_a_single_ent
 
 # ---- DELLA's keep probabilities (plugins/task_vectors.py: magprune_probabilities) ------------------------------
 
-from mergebench.plugins.task_vectors import magprune_probabilities  # noqa: E402
-
 
 def _della_reference(rows, density, epsilon):
     """density - epsilon + 2 epsilon rank / (n - 1), ranking |x| ascending within each row, ties by index."""
@@ -210,8 +211,6 @@ def test_magprune_ranks_a_3d_tensor_along_dim_1_as_mergekit():
 
 
 # ---- keep masks, exact L1 norms and mergekit's rescale (core/merge_ops.py) -------------------------------------
-
-from mergebench.core.merge_ops import exact_l1, l1_rescale_factor, random_keep_mask  # noqa: E402
 
 
 def _uniforms(numel, seed):
@@ -257,9 +256,6 @@ def test_l1_rescale_factor_skips_norms_below_1e_7_not_at_it():
 
 # ---- the task-vector family's checks ------------------------------------------------------------------------------
 
-from mergebench.core.errors import ParameterError  # noqa: E402
-from mergebench.plugins.task_vectors import DELLA_TIES  # noqa: E402
-
 
 def test_della_refuses_a_window_that_touches_0_or_1():
     for density, epsilon in ((0.3, 0.3), (0.5, 0.5), (0.75, 0.25)):  # density - eps == 0, density + eps == 1
@@ -272,9 +268,6 @@ def test_della_refuses_a_window_that_touches_0_or_1():
 
 
 # ---- registration and whether a member draws random numbers ------------------------------------------------------
-
-from mergebench.plugins import LAMBDA_GRID  # noqa: E402
-from mergebench.plugins.task_vectors import DARE_TIES, TIES  # noqa: E402
 
 
 def test_registered_members_carry_their_text_checks_defaults_and_grids(methods):
@@ -314,11 +307,6 @@ def test_global_ties_trims_each_expert_to_its_own_density(methods):
 
 
 # ---- direct calls of a member's maths, and the checks at the edges of their ranges ---------------------------------
-
-from mergebench.core.context import TensorContext  # noqa: E402
-from mergebench.core.errors import MergebenchError  # noqa: E402
-from mergebench.core.merge_ops import random_keep_mask as _keep  # noqa: E402
-from mergebench.plugins.task_vectors import TASK_ARITHMETIC  # noqa: E402
 
 
 def test_a_reused_context_trims_each_new_tensor_by_its_own_threshold():
@@ -382,5 +370,5 @@ def test_normalize_without_election_refuses_only_weights_summing_to_about_0():
 
 
 def test_random_keep_mask_at_density_1_is_boolean_and_keeps_all():
-    keep = _keep(11, 1.0, torch.Generator().manual_seed(0))
+    keep = random_keep_mask(11, 1.0, torch.Generator().manual_seed(0))
     assert keep.dtype == torch.bool and keep.all() and keep.shape == (11,)
