@@ -10,15 +10,13 @@ import threading
 
 import pytest
 import torch
+from conftest import toy_tensors, write_hub_snapshot, write_model
 
 import mergebench
+from mergebench import hookimpl
 from mergebench.core import engine
 from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.registry import MergeMethod
-from mergebench import hookimpl
-
-from conftest import toy_tensors, write_hub_snapshot, write_model
-
 
 # --- the writer thread ---------------------------------------------------------------------------
 
@@ -539,6 +537,7 @@ def test_describe_lists_every_output_tensor_resolved_without_reading_any(toy_mod
 
 def test_describe_refuses_a_pickled_checkpoint_unless_allowed_and_uses_the_given_plugins(toy_models, tmp_path, pm):
     from conftest import load_dir
+
     from mergebench.core.recipe import ModelInput, Recipe
 
     (tmp_path / "pickled").mkdir()
@@ -644,6 +643,7 @@ def test_a_union_vocabulary_rewrites_the_config_and_the_tokenizer(tmp_path, pm):
 
     from conftest import load_dir
     from mergekit_ref import write_tokenizer
+
     from mergebench.core.recipe import ModelInput, Recipe
 
     config = {"model_type": "toy", "architectures": ["ToyModel"], "torch_dtype": "float32"}

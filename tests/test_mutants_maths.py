@@ -11,11 +11,22 @@ import torch
 from mergebench.core import in_memory
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import InputError, MergebenchError, ParameterError
-from mergebench.core.merge_ops import exact_l1, l1_rescale_factor, ordered_sum, random_keep_mask
+from mergebench.core.merge_ops import (
+    exact_l1,
+    l1_rescale_factor,
+    ordered_sum,
+    random_keep_mask,
+)
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.plugins import LAMBDA_GRID
-from mergebench.plugins.task_vectors import (DARE_TIES, DELLA_TIES, TASK_ARITHMETIC, TIES, magprune_probabilities,
-                                             mergekit_magnitude_count)
+from mergebench.plugins.task_vectors import (
+    DARE_TIES,
+    DELLA_TIES,
+    TASK_ARITHMETIC,
+    TIES,
+    magprune_probabilities,
+    mergekit_magnitude_count,
+)
 
 
 @pytest.fixture(scope="module")
