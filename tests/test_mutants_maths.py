@@ -20,6 +20,7 @@ from mergebench.core.merge_ops import (
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.plugins import LAMBDA_GRID
 from mergebench.plugins.task_vectors import (
+    BREADCRUMBS_LINEAR,
     DARE_TIES,
     DELLA_TIES,
     TASK_ARITHMETIC,
@@ -211,9 +212,6 @@ def test_magprune_two_entry_rows_span_the_window_and_any_float_type_is_ranked():
     assert torch.allclose(magprune_probabilities(x, 0.5, 0.2).to(torch.float32), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: magprune_probabilities ranks a tensor of 3+ dimensions along its last "
-                                       "dimension's arange (torch.arange(length).expand_as(order)), so it fails "
-                                       "unless shape[1] == shape[-1]; mergekit ranks along dim 1 (see report)")
 def test_magprune_ranks_a_3d_tensor_along_dim_1_as_mergekit():
     x = torch.tensor([[[3.0, -1.0], [1.0, 2.0], [-2.0, 0.5]], [[0.0, 0.0], [1.0, 1.0], [0.0, 2.0]]])
     # along dim 1 (length 3), per (i, k): ranks of |x[i, :, k]|, ties by index: r = rank / 2
@@ -329,14 +327,17 @@ def test_a_reused_context_trims_each_new_tensor_by_its_own_threshold():
     assert out[:2].tolist() == [0.0, 0.0] and out[3] == 40.0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: TaskVectorMethod.delta re-runs its own pre-pass on a reused context but "
-                                       "keeps the tie allowance ('ties_left' / 'band_left') the first call used up, so "
-                                       "the second call keeps one entry fewer (see report)")
 def test_a_reused_context_gives_each_whole_tensor_its_own_top_k():
     ctx = TensorContext("w", (1.0,))
     first = TIES.delta(torch.zeros(4), [torch.tensor([4.0, 3.0, 2.0, 1.0])], {"density": 0.5}, ctx)
     again = TIES.delta(torch.zeros(4), [torch.tensor([4.0, 3.0, 2.0, 1.0])], {"density": 0.5}, ctx)
     assert first.tolist() == again.tolist() == [4.0, 3.0, 0.0, 0.0]
+    # breadcrumbs carries two allowances (the outliers and the kept band): both start again too. Of six tied
+    # entries at density 0.5 and gamma 1/6, one outlier goes and three stay
+    ctx = TensorContext("w", (1.0,))
+    params = {"density": 0.5, "gamma": 1 / 6}
+    calls = [BREADCRUMBS_LINEAR.delta(torch.zeros(6), [torch.ones(6)], params, ctx) for _ in range(2)]
+    assert calls[0].tolist() == calls[1].tolist() and calls[0].sum() == 3.0
 
 
 def test_a_chunk_without_its_pre_pass_is_refused():

@@ -128,15 +128,18 @@ def _values(name: str, params: Mapping[str, Any], experts) -> tuple:
 def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each entry: density - epsilon + 2 epsilon * rank / (row length - 1), ranking
     |tau| ascending along dim 1 (a 0-D or 1-D tensor is one row; ties by index); a one-entry row gets density."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+    # rank along dim 1 as mergekit does: dim 1 moved last, the other dimensions flattened into rows
+    lined = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1)
+    rows = lined.reshape(-1, lined.shape[-1])
     length = rows.shape[1]
     # |x| as float32 bits sorts like |x| (non-negative floats order as their integer patterns), and an int32
     # sort is ~30% faster than a float one here
     order = torch.argsort(rows.abs().to(torch.float32).view(torch.int32), dim=1, stable=True)
     # each entry's rank is the inverse permutation of the sort: a scatter, not a second sort
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(length).expand_as(order)).to(torch.float32)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand_as(order)).to(torch.float32)
     r = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + r * (2 * epsilon)).reshape(tau.shape)
+    probabilities = ((density - epsilon) + r * (2 * epsilon)).reshape(lined.shape)
+    return probabilities.movedim(-1, 1) if tau.dim() > 2 else probabilities.reshape(tau.shape)
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,9 @@ class TaskVectorMethod:
                                       f"pre-pass (the engine must give the pre-pass the tensor's context)")
             ctx.analysis = run_analysis(self._tensor_prepass(params, ctx), ctx.name, base, experts)
             ctx.state["own_prepass"] = True
+            # a new whole tensor: the tie allowances a previous call used up start again from this pre-pass
+            ctx.state.pop("ties_left", None)
+            ctx.state.pop("band_left", None)
         taus = task_vectors_(base, experts)
         rescale = params.get("rescale", "none")
         before = [exact_l1(tau) for tau in taus] if rescale == "l1" and not self.elementwise else None
