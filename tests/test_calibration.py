@@ -279,17 +279,31 @@ def test_fisher_statistics_and_merge(family, pm):
     reference = reference_fisher(family["e0"], family["rows"], 16)
     assert set(stats[0].names()) == set(sources[0].tensors) == set(reference)
     for name, expected in reference.items():
-        got = stats[0].get(name).double()
+        got = stats[0].get(name).values.double()
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6 * float(expected.abs().max()))
+    # the whole model's norm: over named_parameters (a tied parameter once)
+    norm = float(torch.sqrt(sum(t.square().sum() for t in reference.values())))
+    assert stats[0].get(LINEAR).model_norm == pytest.approx(norm, rel=1e-3)
     # the merge: sum_i w_i max(F_i, floor) theta_i / sum_i w_i max(F_i, floor), per entry
     experts = [read_model(family[k]) for k in ("e0", "e1")]
     floor = 1e-3
     merged = in_memory.merge(method(pm, "fisher"), {"fisher_floor": floor}, None, experts, weights=[1.0, 3.0],
                              statistics=stats)
     for name in (LINEAR, "model.norm.weight", "model.embed_tokens.weight"):
-        f = [s.get(name).clamp_min(floor) * w for s, w in zip(stats, (1.0, 3.0))]
+        f = [s.get(name).values.clamp_min(floor) * w for s, w in zip(stats, (1.0, 3.0))]
         torch.testing.assert_close(merged[name], (f[0] * experts[0][name] + f[1] * experts[1][name]) / (f[0] + f[1]))
-    weights = stats[0].get("model.embed_tokens.weight")  # rows of tokens the data never uses: no information
+    # normalize: each expert's Fisher over its whole-model norm first (the authors' normalize_fishers)
+    norms = [float(torch.sqrt(sum(s.get(n).values.double().square().sum() for n in s.names()))) for s in stats]
+    assert norms[0] != pytest.approx(norms[1], rel=1e-2)  # else the test could not tell normalising from not
+    merged = in_memory.merge(method(pm, "fisher"), {"fisher_floor": floor, "normalize": True}, None, experts,
+                             weights=[1.0, 3.0], statistics=stats)
+    for name in (LINEAR, "model.norm.weight"):
+        f = [s.get(name).values.clamp_min(floor) * w / n for s, w, n in zip(stats, (1.0, 3.0), norms)]
+        torch.testing.assert_close(merged[name], (f[0] * experts[0][name] + f[1] * experts[1][name]) / (f[0] + f[1]))
+    with pytest.raises(InputError, match="normalize needs each expert's whole-model Fisher norm"):
+        in_memory.merge(method(pm, "fisher"), {"normalize": True}, None, experts,
+                        statistics=[{n: s.get(n).values for n in s.names()} for s in stats])
+    weights = stats[0].get("model.embed_tokens.weight").values  # rows of tokens the data never uses: no information
     assert (weights.sum(1) == 0).any() and (weights.sum(1) > floor).any()
 
 
@@ -309,7 +323,11 @@ def test_tied_embeddings_get_no_gram_and_one_fisher_under_both_names(family, tmp
     grams = calibration.statistics(source, CalibrationRequest("gram"), spec(family))
     assert grams.get("lm_head.weight") is None and grams.get(LINEAR) is not None
     fishers = calibration.statistics(source, CalibrationRequest("fisher"), spec(family))
-    assert torch.equal(fishers.get("lm_head.weight"), fishers.get("model.embed_tokens.weight"))
+    head, embedding = fishers.get("lm_head.weight"), fishers.get("model.embed_tokens.weight")
+    assert torch.equal(head.values, embedding.values)
+    # the whole-model norm counts the tied parameter once
+    once = sum(float(fishers.get(n).values.double().square().sum()) for n in fishers.names() if n != "lm_head.weight")
+    assert head.model_norm == pytest.approx(once ** 0.5, rel=1e-9)
 
 
 # ---- (5) user errors: one line, exit code 2 ----------------------------------------------------------------

@@ -31,7 +31,9 @@ float32 on the merge's device, eval mode, no dropout):
   tokens for a pair (the prompt is context), every token after the first for a text. "Empirical": the
   tokens of the data, not samples from the model. ``batch_size`` is unused (one backward per example);
   an example with nothing to score is skipped and not counted. Tied parameters get their Fisher under
-  every name the files hold them by. ``get(name)`` returns a float32 tensor shaped as the parameter.
+  every name the files hold them by. ``get(name)`` returns a :class:`Fisher`: a float32 tensor shaped as the
+  parameter, and the L2 norm of the expert's whole Fisher (over every parameter the files hold, a tied one
+  counted once), for methods that normalise each expert's Fisher by it.
 
 Statistics are keyed by the files the model would be rebuilt from and nothing else (names as the model's
 ``state_dict``, kept only where the model's files hold that tensor), and cached as one safetensors
@@ -53,6 +55,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -105,6 +108,15 @@ class Gram:
     matrix: torch.Tensor
     tokens: int
     transposed: bool = False
+
+
+@dataclass(frozen=True)
+class Fisher:
+    """One parameter's diagonal Fisher (float32, shaped as the parameter) and ``model_norm``: the L2 norm of the
+    expert's Fisher over the whole model (every parameter its files hold, a tied one counted once)."""
+
+    values: torch.Tensor
+    model_norm: float
 
 
 @dataclass(frozen=True)
@@ -199,11 +211,12 @@ class Statistics:
         self.tokens: dict[str, int] = json.loads(meta.get("tokens", "{}"))
         self.transposed = frozenset(json.loads(meta.get("transposed", "[]")))
         self.examples = int(meta.get("examples", "0"))
+        self.model_norm = float(meta.get("model_norm", "nan"))
 
     def names(self) -> list[str]:
         return sorted(self._names)
 
-    def get(self, name: str) -> Gram | torch.Tensor | None:
+    def get(self, name: str) -> Gram | Fisher | None:
         if name not in self._names:
             return None
         from safetensors import safe_open
@@ -212,7 +225,7 @@ class Statistics:
             tensor = f.get_tensor(name)
         if self.kind == "gram":
             return Gram(tensor, self.tokens.get(name, 0), name in self.transposed)
-        return tensor
+        return Fisher(tensor, self.model_norm)
 
 
 def statistics(source, request: CalibrationRequest, data: CalibrationData, device: torch.device | str = "cpu",
@@ -286,6 +299,8 @@ def _build(entry: Path, spec: dict, source, request: CalibrationRequest, data: C
     if len(kept) < len(tensors):
         log.warning("%s: %d %s statistics name no tensor in the files (e.g. '%s'); those tensors are averaged",
                     source.reference, len(tensors) - len(kept), request.kind, next(n for n in tensors if n not in kept))
+    if request.kind == "fisher":
+        meta["model_norm"] = _model_norm(kept, meta.pop("tied"))
     meta = {"kind": request.kind, **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}}
     tmp = entry.with_name(f".{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -298,6 +313,12 @@ def _build(entry: Path, spec: dict, source, request: CalibrationRequest, data: C
         os.rename(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_norm(tensors: dict[str, torch.Tensor], tied: list[list[str]]) -> float:
+    """The L2 norm over all of ``tensors`` (in float64), each group of ``tied`` names counted once."""
+    also = {name for group in tied for name in sorted(n for n in group if n in tensors)[1:]}
+    return math.sqrt(sum(float(t.double().square().sum()) for n, t in tensors.items() if n not in also))
 
 
 def load_model(root: Path, device: torch.device) -> torch.nn.Module:
@@ -440,4 +461,5 @@ def _fishers(model, examples, device, stage, progress):
         for name in aliases[id(p)]:
             # safetensors stores no shared storage: one copy per name of a tied parameter
             tensors[name] = fisher.clone() if len(aliases[id(p)]) > 1 else fisher
-    return tensors, {"examples": str(count)}
+    tied = [names for names in aliases.values() if len(names) > 1]
+    return tensors, {"examples": str(count), "tied": tied}

@@ -13,9 +13,14 @@ gradient of each example's log-likelihood, :mod:`mergebench.core.calibration`), 
   no expert's data reaches from dividing by ~0. It is absolute, so where every F_i is below it the entry
   is the weighted mean; with floor 0 an entry where every F_i is 0 is the weighted mean too. The authors'
   ``favor_target_model`` (floor only the first model) is not offered: all experts are alike here.
-- Not done: the authors' code and FusionBench by default also divide each expert's Fisher by its L2 norm
-  over the whole model (``normalize_fishers`` / ``normalize_fisher_weight``), which the paper's equation
-  does not have; here the experts' Fishers, computed on the same data, are compared as they are.
+- ``normalize`` (default false, the paper's equation): when true, each expert's Fisher is first divided by its
+  L2 norm over the whole model, ||F_i|| (every parameter its files hold, a tied one counted once; recorded with
+  the statistics, so the merge still streams one tensor at a time), as the authors' code (``normalize_fishers``)
+  and FusionBench (``normalize_fisher_weight``) do by default: theta*_j = sum_i (w_i / ||F_i||) max(F_i,j, floor)
+  theta_i,j / sum_i (w_i / ||F_i||) max(F_i,j, floor). It stops an expert whose Fisher is larger overall (a
+  sharper loss, more scored tokens) from outweighing the others everywhere. The floor applies before the
+  division, as a bound on F; FusionBench adds its 1e-6 to F and to the norm instead, which differs only where F
+  is that small.
 - Tensors without a Fisher (none was collected for that name) are the weighted mean. The base, when
   given, takes no part.
 
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.core.calibration import CalibrationRequest
+from mergebench.core.calibration import CalibrationRequest, Fisher
 from mergebench.core.errors import InputError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import MergeMethod, Param
@@ -34,13 +39,22 @@ from mergebench.plugins.regmean import check_weights, weighted_mean
 
 
 def fisher(base, experts, params, ctx):
-    """sum_i w_i max(F_i, floor) theta_i / sum_i w_i max(F_i, floor), per entry"""
+    """sum_i c_i max(F_i, floor) theta_i / sum_i c_i max(F_i, floor), per entry; c_i = w_i, or w_i / ||F_i||
+    with ``normalize``"""
     fishers = ctx.statistics
     if fishers is None or any(f is None for f in fishers):
         return weighted_mean(experts, ctx.weights)
     numerator = torch.zeros_like(experts[0])
     denominator = torch.zeros_like(experts[0])
     for theta, f, weight in zip(experts, fishers, ctx.weights):
+        if params.get("normalize"):
+            norm = getattr(f, "model_norm", float("nan"))
+            if not norm > 0:  # NaN (a bare tensor, or statistics without the norm) or 0 (no information at all)
+                raise InputError(f"fisher: normalize needs each expert's whole-model Fisher norm, and the statistics "
+                                 f"for tensor '{ctx.name}' give {norm}; merge with normalize false, or compute the "
+                                 f"statistics again with this version")
+            weight = weight / norm
+        f = f.values if isinstance(f, Fisher) else f
         if not isinstance(f, torch.Tensor) or f.shape != theta.shape:
             got = list(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise InputError(f"fisher: the Fisher for tensor '{ctx.name}' is {got}, not shaped as the tensor "
@@ -61,7 +75,9 @@ def register_merge_methods(register):
             description="Per-entry average weighted by each expert's diagonal Fisher information on calibration data.",
             reference="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, arXiv:2111.09832",
             params=(Param("fisher_floor", float, 1e-6, "lower bound on each Fisher entry (the authors' code's "
-                                                       "fisher_floor)", min=0.0),),
+                                                       "fisher_floor)", min=0.0),
+                    Param("normalize", bool, False, "divide each expert's Fisher by its L2 norm over the whole model "
+                                                    "(the authors' code's normalize_fishers)")),
             merge=fisher,
             check=check_weights("fisher"),
             needs_base=False,
