@@ -105,11 +105,17 @@ def regmean(base, experts, params, ctx):
     device = experts[0].device
     a = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
     b = torch.zeros(weights_t[0].shape, dtype=torch.float64, device=device)
+    fallback = torch.zeros_like(b)  # the weighted mean, in float64
     for w_t, g, weight in zip(weights_t, grams, ctx.weights):
         gram = reduce_non_diagonal(g.matrix.to(device, torch.float64, copy=True), params["alpha"]).mul_(weight)
         a += gram
-        b += gram @ w_t.to(torch.float64)
-    fallback = weighted_mean([w.to(torch.float64) for w in weights_t], ctx.weights)
+        # one float64 copy of one expert's weight at a time (an output head of N experts in float64 at once
+        # would be 2N float32 copies of the largest tensor)
+        w64 = w_t.to(torch.float64)
+        b.addmm_(gram, w64)
+        fallback.add_(w64, alpha=weight)
+        del w64
+    fallback.div_(sum(ctx.weights))
     merged_t = solve_psd(a, b, fallback).to(torch.float32)  # W*^T: in x out
     return merged_t if transposed else merged_t.T.contiguous()
 
