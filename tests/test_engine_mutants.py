@@ -661,3 +661,38 @@ def test_a_union_vocabulary_rewrites_the_config_and_the_tokenizer(tmp_path, pm):
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()) == 4
+
+
+# --- whole-tensor methods share one working-memory budget across workers -----------------------------------------
+
+
+def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_method(tmp_path, pm):
+    """A whole-tensor job holds (inputs + 1) float32 copies of its tensor; with two workers the two largest
+    tensors must not be merged at once (that would double the engine's (N + 2) x largest bound), while small
+    tensors still run side by side."""
+
+    changed, active, peaks = threading.Condition(), {}, {"bytes": 0, "jobs": 0}
+
+    def hold(base, experts, params, ctx):
+        size = (len(experts) + 2) * experts[0].numel() * 4  # base + experts + output, as the engine counts
+        with changed:
+            active[ctx.name] = size
+            peaks["bytes"] = max(peaks["bytes"], sum(active.values()))
+            peaks["jobs"] = max(peaks["jobs"], len(active))
+            changed.notify_all()
+            # give the other worker time to start whatever it may
+            changed.wait_for(lambda: len(active) > 1, timeout=0.5)
+            del active[ctx.name]
+            changed.notify_all()
+        return experts[0].clone()
+
+    pm.register(_plugin(MergeMethod(name="hold", description="", merge=hold)))
+    g = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (512, 64), "head.weight": (512, 64), **{f"layer.{i}.weight": (8, 8) for i in range(6)}}
+    models = []
+    for m in range(3):
+        models.append(write_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()}))
+    mergebench.merge("hold", base=models[0], experts=models[1:], output=tmp_path / "o", plugin_manager=pm, threads=2)
+    largest = 4 * 512 * 64 * 4  # base + 2 experts + output, float32
+    assert peaks["bytes"] <= largest  # never the embedding and the head together
+    assert peaks["jobs"] == 2  # but small tensors side by side

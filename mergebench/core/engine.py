@@ -8,7 +8,8 @@ Order of work, so that errors come before cost:
 
 Peak memory for an elementwise method is about (N + 2) float32 copies of the largest tensor plus a fixed
 overhead, never the size of the models; a method that needs whole tensors also holds each input's
-tensor in float32 and whatever temporaries its maths makes.
+tensor in float32 and whatever temporaries its maths makes. Workers share one budget for those whole tensors,
+(N + 2) float32 copies of the largest (:class:`_MemoryGate`): two large tensors are never merged at once.
 """
 
 from __future__ import annotations
@@ -584,6 +585,31 @@ def _hash_inputs(plan: _Plan, pool: ThreadPoolExecutor) -> list[tuple[str, Model
     return jobs
 
 
+class _MemoryGate:
+    """Working memory shared by the workers: a whole-tensor job holds (inputs + 1) float32 copies of its tensor,
+    so two workers merging the two largest tensors at once would need twice the engine's bound. A job waits
+    until its bytes fit in ``capacity`` (the largest job's), so small tensors still run side by side."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, size: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + size <= self.capacity)
+            self.used += size
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self.used -= size
+            self._cond.notify_all()
+
+
+def _working_bytes(plan: _Plan, job: TensorJob) -> int:
+    """A whole-tensor job's float32 working set: every input and the output."""
+    return (len(job.inputs) + 1) * plan.info(job).numel * 4
+
+
 def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, workers: int, writer: "_Writer",
                    progress: ProgressCallback | None) -> int:
     """Merge every tensor in ``order`` on ``workers`` threads, handing results to the writer in order.
@@ -594,13 +620,20 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
         free.put(_chunk_buffers(plan))
+    # elementwise methods work in their chunk buffers; the others hold whole tensors
+    gate = None if plan.method.elementwise else _MemoryGate(max((_working_bytes(plan, j) for j in order), default=0))
 
     def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
         torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
         buffers = free.get()
+        working = _working_bytes(plan, job) if gate is not None else 0
+        if gate is not None:
+            gate.acquire(working)
         try:
             return _merge_one(plan, job, analysis, seed, buffers)
         finally:
+            if gate is not None:
+                gate.release(working)
             free.put(buffers)
             for source, name in job.inputs:
                 plan.sources[source].release(name)
