@@ -668,8 +668,8 @@ def test_a_union_vocabulary_rewrites_the_config_and_the_tokenizer(tmp_path, pm):
 
 def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_method(tmp_path, pm):
     """A whole-tensor job holds (inputs + 1) float32 copies of its tensor; with two workers the two largest
-    tensors must not be merged at once (that would double the engine's (N + 2) x largest bound), while small
-    tensors still run side by side."""
+    tensors must not be merged at once (that would double the engine's (N + 2) x largest bound), while smaller
+    tensors still run beside them."""
 
     changed, active, peaks = threading.Condition(), {}, {"bytes": 0, "jobs": 0}
 
@@ -693,6 +693,6 @@ def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_met
     for m in range(3):
         models.append(write_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()}))
     mergebench.merge("hold", base=models[0], experts=models[1:], output=tmp_path / "o", plugin_manager=pm, threads=2)
-    largest = 4 * 512 * 64 * 4  # base + 2 experts + output, float32
-    assert peaks["bytes"] <= largest  # never the embedding and the head together
-    assert peaks["jobs"] == 2  # but small tensors side by side
+    largest, small = 4 * 512 * 64 * 4, 4 * 8 * 8 * 4  # base + 2 experts + output, float32
+    assert peaks["bytes"] <= largest + small  # never the embedding and the head together
+    assert peaks["jobs"] == 2  # but a layer beside either, or two layers

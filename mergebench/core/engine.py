@@ -9,7 +9,8 @@ Order of work, so that errors come before cost:
 Peak memory for an elementwise method is about (N + 2) float32 copies of the largest tensor plus a fixed
 overhead, never the size of the models; a method that needs whole tensors also holds each input's
 tensor in float32 and whatever temporaries its maths makes. Workers share one budget for those whole tensors,
-(N + 2) float32 copies of the largest (:class:`_MemoryGate`): two large tensors are never merged at once.
+(N + 2) float32 copies of the largest and of one smaller tensor (:class:`_MemoryGate`): two tensors of the
+largest size are never merged at once.
 """
 
 from __future__ import annotations
@@ -587,8 +588,8 @@ def _hash_inputs(plan: _Plan, pool: ThreadPoolExecutor) -> list[tuple[str, Model
 
 class _MemoryGate:
     """Working memory shared by the workers: a whole-tensor job holds (inputs + 1) float32 copies of its tensor,
-    so two workers merging the two largest tensors at once would need twice the engine's bound. A job waits
-    until its bytes fit in ``capacity`` (the largest job's), so small tensors still run side by side."""
+    so two workers merging the two largest tensors at once (an embedding and an output head) would need twice
+    the engine's bound. A job waits until its bytes fit in ``capacity`` (:func:`_gate_capacity`)."""
 
     def __init__(self, capacity: int):
         self.capacity, self.used = capacity, 0
@@ -610,6 +611,13 @@ def _working_bytes(plan: _Plan, job: TensorJob) -> int:
     return (len(job.inputs) + 1) * plan.info(job).numel * 4
 
 
+def _gate_capacity(sizes: list[int]) -> int:
+    """The largest job plus the largest job of a smaller size: a layer may be merged beside the embedding,
+    but two tensors of the largest size never at once."""
+    largest = max(sizes, default=0)
+    return largest + max((s for s in sizes if s < largest), default=0)
+
+
 def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, workers: int, writer: "_Writer",
                    progress: ProgressCallback | None) -> int:
     """Merge every tensor in ``order`` on ``workers`` threads, handing results to the writer in order.
@@ -621,7 +629,7 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     for _ in range(workers):
         free.put(_chunk_buffers(plan))
     # elementwise methods work in their chunk buffers; the others hold whole tensors
-    gate = None if plan.method.elementwise else _MemoryGate(max((_working_bytes(plan, j) for j in order), default=0))
+    gate = None if plan.method.elementwise else _MemoryGate(_gate_capacity([_working_bytes(plan, j) for j in order]))
 
     def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
         torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
