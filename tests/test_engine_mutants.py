@@ -671,7 +671,7 @@ def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_met
     tensors must not be merged at once (that would double the engine's (N + 2) x largest bound), while smaller
     tensors still run beside them."""
 
-    changed, active, peaks = threading.Condition(), {}, {"bytes": 0, "jobs": 0}
+    changed, active, peaks = threading.Condition(), {}, {"bytes": 0, "jobs": 0, "beside_largest": False}
 
     def hold(base, experts, params, ctx):
         size = (len(experts) + 2) * experts[0].numel() * 4  # base + experts + output, as the engine counts
@@ -679,6 +679,8 @@ def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_met
             active[ctx.name] = size
             peaks["bytes"] = max(peaks["bytes"], sum(active.values()))
             peaks["jobs"] = max(peaks["jobs"], len(active))
+            big = {"embed.weight", "head.weight"} & set(active)
+            peaks["beside_largest"] |= bool(big) and len(active) > len(big)
             changed.notify_all()
             # give the other worker time to start whatever it may
             changed.wait_for(lambda: len(active) > 1, timeout=0.5)
@@ -695,4 +697,4 @@ def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_met
     mergebench.merge("hold", base=models[0], experts=models[1:], output=tmp_path / "o", plugin_manager=pm, threads=2)
     largest, small = 4 * 512 * 64 * 4, 4 * 8 * 8 * 4  # base + 2 experts + output, float32
     assert peaks["bytes"] <= largest + small  # never the embedding and the head together
-    assert peaks["jobs"] == 2  # but a layer beside either, or two layers
+    assert peaks["jobs"] == 2 and peaks["beside_largest"]  # but a layer beside either of them

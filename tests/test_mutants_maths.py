@@ -112,6 +112,11 @@ def test_in_memory_hands_each_expert_its_calibration_statistics(methods):
     fishers = [_Stats(w=torch.tensor([1.0, 3.0])), _Stats(w=torch.tensor([3.0, 1.0]))]
     out = in_memory.merge(methods.get("fisher"), {}, None, experts, statistics=fishers)
     assert torch.allclose(out["w"], torch.tensor([(1 + 9) / 4, (6 + 6) / 4]), rtol=0, atol=1e-6)
+    # the statistics are the caller's, reused by every point of a sweep: the merge leaves them as they were
+    weighted = in_memory.merge(methods.get("fisher"), {"fisher_floor": 2.0}, None, experts, weights=[2.0, 1.0],
+                               statistics=fishers)
+    assert fishers[0]["w"].tolist() == [1.0, 3.0] and fishers[1]["w"].tolist() == [3.0, 1.0]
+    assert torch.allclose(weighted["w"], torch.tensor([(4 * 1 + 3 * 3) / 7, (6 * 2 + 2 * 6) / 8]), rtol=0, atol=1e-6)
     # without statistics Fisher merging is the plain mean
     assert torch.equal(in_memory.merge(methods.get("fisher"), {}, None, experts)["w"], torch.tensor([2.0, 4.0]))
     # the scale-free path hands them over too (a probe method records what its context holds)
@@ -217,6 +222,22 @@ def test_magprune_ranks_a_3d_tensor_along_dim_1_as_mergekit():
     # along dim 1 (length 3), per (i, k): ranks of |x[i, :, k]|, ties by index: r = rank / 2
     r = torch.tensor([[[1.0, 0.5], [0.0, 1.0], [0.5, 0.0]], [[0.0, 0.0], [1.0, 0.5], [0.5, 1.0]]])
     assert torch.allclose(magprune_probabilities(x, 0.5, 0.1), 0.4 + 0.2 * r, rtol=0, atol=1e-6)
+
+
+def test_magprune_ranks_every_fibre_along_dim_1_of_a_4d_tensor():
+    # a conv-shaped (out, in, kh, kw) tensor: each x[i, :, j, k] is ranked on its own, ties by index
+    x = torch.randint(-3, 4, (2, 5, 3, 2), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    got = magprune_probabilities(x, 0.5, 0.2)
+    assert got.is_contiguous() and got.shape == x.shape
+    for i in range(2):
+        for j in range(3):
+            for k in range(2):
+                fibre = x[i, :, j, k].abs().tolist()
+                ranks = [sum(1 for m, b in enumerate(fibre) if b < a or (b == a and m < n)) for n, a in enumerate(fibre)]
+                expected = torch.tensor([0.3 + 0.4 * r / 4 for r in ranks])
+                assert torch.allclose(got[i, :, j, k], expected, rtol=0, atol=1e-6), (i, j, k)
+    # an empty tensor has no ranks to take
+    assert magprune_probabilities(torch.zeros(0), 0.5, 0.1).shape == (0,)
 
 
 # ---- keep masks, exact L1 norms and mergekit's rescale (core/merge_ops.py) -------------------------------------

@@ -198,7 +198,7 @@ def _read_rows(path: Path) -> tuple[tuple[str, str], ...]:
 
 class Statistics:
     """One expert's statistics, read lazily from their artefact: ``get(tensor_name)`` -> :class:`Gram` (gram),
-    a float32 tensor (fisher), or None where the tensor has none."""
+    a :class:`Fisher` (fisher), or None where the tensor has none."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open

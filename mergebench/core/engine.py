@@ -634,13 +634,14 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
         torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
         buffers = free.get()
-        working = _working_bytes(plan, job) if gate is not None else 0
-        if gate is not None:
-            gate.acquire(working)
+        working = 0
         try:
+            if gate is not None:
+                gate.acquire(_working_bytes(plan, job))
+                working = _working_bytes(plan, job)
             return _merge_one(plan, job, analysis, seed, buffers)
         finally:
-            if gate is not None:
+            if working:
                 gate.release(working)
             free.put(buffers)
             for source, name in job.inputs:

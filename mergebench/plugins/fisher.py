@@ -59,7 +59,8 @@ def fisher(base, experts, params, ctx):
             got = list(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise InputError(f"fisher: the Fisher for tensor '{ctx.name}' is {got}, not shaped as the tensor "
                              f"{list(theta.shape)}; the calibration statistics belong to another model")
-        f = f.to(theta.device, torch.float32).clamp_min_(params["fisher_floor"]).mul_(weight)
+        # a copy: the statistics may be the caller's (an in-memory sweep reuses them for every point)
+        f = f.to(theta.device, torch.float32, copy=True).clamp_min_(params["fisher_floor"]).mul_(weight)
         denominator += f
         numerator.addcmul_(f, theta)
     unreached = denominator == 0  # only with floor 0: no expert has information there

@@ -130,7 +130,7 @@ def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) ->
     |tau| ascending along dim 1 (a 0-D or 1-D tensor is one row; ties by index); a one-entry row gets density."""
     # rank along dim 1 as mergekit does: dim 1 moved last, the other dimensions flattened into rows
     lined = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1)
-    rows = lined.reshape(-1, lined.shape[-1])
+    rows = lined.flatten(0, -2)  # (0,) -> (1, 0) too
     length = rows.shape[1]
     # |x| as float32 bits sorts like |x| (non-negative floats order as their integer patterns), and an int32
     # sort is ~30% faster than a float one here
@@ -139,7 +139,7 @@ def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) ->
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand_as(order)).to(torch.float32)
     r = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     probabilities = ((density - epsilon) + r * (2 * epsilon)).reshape(lined.shape)
-    return probabilities.movedim(-1, 1) if tau.dim() > 2 else probabilities.reshape(tau.shape)
+    return probabilities.movedim(-1, 1).contiguous() if tau.dim() > 2 else probabilities.reshape(tau.shape)
 
 
 @dataclass(frozen=True)
