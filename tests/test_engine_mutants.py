@@ -694,7 +694,13 @@ def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_met
     models = []
     for m in range(3):
         models.append(write_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()}))
-    mergebench.merge("hold", base=models[0], experts=models[1:], output=tmp_path / "o", plugin_manager=pm, threads=2)
+    # a broken budget can deadlock the workers: a merge that does not finish is a failure, not a hang
+    merging = threading.Thread(target=mergebench.merge, args=("hold",), daemon=True, kwargs=dict(
+        base=models[0], experts=models[1:], output=tmp_path / "o", plugin_manager=pm, threads=2))
+    merging.start()
+    merging.join(timeout=60)
+    assert not merging.is_alive(), "the merge's workers deadlocked"
+    assert (tmp_path / "o" / "model.safetensors").is_file()
     largest, small = 4 * 512 * 64 * 4, 4 * 8 * 8 * 4  # base + 2 experts + output, float32
     assert peaks["bytes"] <= largest + small  # never the embedding and the head together
     assert peaks["jobs"] == 2 and peaks["beside_largest"]  # but a layer beside either of them
