@@ -666,41 +666,57 @@ def test_a_union_vocabulary_rewrites_the_config_and_the_tokenizer(tmp_path, pm):
 # --- whole-tensor methods share one working-memory budget across workers -----------------------------------------
 
 
-def test_two_workers_never_hold_two_of_the_largest_tensors_of_a_whole_tensor_method(tmp_path, pm):
-    """A whole-tensor job holds (inputs + 1) float32 copies of its tensor; with two workers the two largest
-    tensors must not be merged at once (that would double the engine's (N + 2) x largest bound), while smaller
-    tensors still run beside them."""
+SCENARIOS = {
+    # the embedding and the head in a row, two workers
+    "pair": ({"a.embed.weight": (512, 64), "b.head.weight": (512, 64),
+              **{f"c.layer.{i}.weight": (8, 8) for i in range(6)}}, 2),
+    # three workers: a layer beside the embedding, then two middle-sized tensors; only one fits beside it
+    "three workers": ({"a.embed.weight": (512, 64), "b.layer.weight": (8, 8), "c.mid.weight": (128, 64),
+                       "d.mid.weight": (128, 64), **{f"e.layer.{i}.weight": (8, 8) for i in range(4)}}, 3),
+}
 
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("inputs", [3, 1])
+def test_workers_share_one_budget_for_whole_tensors(tmp_path, pm, inputs, scenario):
+    """A whole-tensor job holds (inputs + 1) float32 copies of its tensor. The workers together hold at most the
+    largest job plus the largest job of a smaller size: never the embedding and the head at once (that would
+    double the engine's (N + 2) x largest bound), while smaller tensors still run beside them. With base + 2
+    experts and with a single expert."""
+    shapes, threads = SCENARIOS[scenario]
     changed, active, peaks = threading.Condition(), {}, {"bytes": 0, "jobs": 0, "beside_largest": False}
 
     def hold(base, experts, params, ctx):
-        size = (len(experts) + 2) * experts[0].numel() * 4  # base + experts + output, as the engine counts
+        size = (len(experts) + (base is not None) + 1) * experts[0].numel() * 4  # inputs + output, as the engine
+        layer = ".layer" in ctx.name
         with changed:
             active[ctx.name] = size
             peaks["bytes"] = max(peaks["bytes"], sum(active.values()))
             peaks["jobs"] = max(peaks["jobs"], len(active))
-            big = {"embed.weight", "head.weight"} & set(active)
-            peaks["beside_largest"] |= bool(big) and len(active) > len(big)
+            peaks["beside_largest"] |= bool({"a.embed.weight", "b.head.weight"} & set(active)) and any(
+                ".layer" in n for n in active)
             changed.notify_all()
-            # give the other worker time to start whatever it may
-            changed.wait_for(lambda: len(active) > 1, timeout=0.5)
+            # every other tensor is held long enough for the other workers to start whatever they may; a layer
+            # leaves once it has a partner
+            changed.wait_for(lambda: layer and len(active) > 1, timeout=0.3)
             del active[ctx.name]
             changed.notify_all()
         return experts[0].clone()
 
-    pm.register(_plugin(MergeMethod(name="hold", description="", merge=hold)))
+    pm.register(_plugin(MergeMethod(name="hold", description="", merge=hold, needs_base=False,
+                                    fixed_point=lambda *_: False)))
     g = torch.Generator().manual_seed(0)
-    shapes = {"embed.weight": (512, 64), "head.weight": (512, 64), **{f"layer.{i}.weight": (8, 8) for i in range(6)}}
     models = []
-    for m in range(3):
+    for m in range(inputs):
         models.append(write_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()}))
+    base, experts = (models[0], models[1:]) if inputs > 1 else (None, models)
     # a broken budget can deadlock the workers: a merge that does not finish is a failure, not a hang
     merging = threading.Thread(target=mergebench.merge, args=("hold",), daemon=True, kwargs=dict(
-        base=models[0], experts=models[1:], output=tmp_path / "o", plugin_manager=pm, threads=2))
+        base=base, experts=experts, output=tmp_path / "o", plugin_manager=pm, threads=threads))
     merging.start()
     merging.join(timeout=60)
     assert not merging.is_alive(), "the merge's workers deadlocked"
     assert (tmp_path / "o" / "model.safetensors").is_file()
-    largest, small = 4 * 512 * 64 * 4, 4 * 8 * 8 * 4  # base + 2 experts + output, float32
-    assert peaks["bytes"] <= largest + small  # never the embedding and the head together
-    assert peaks["jobs"] == 2 and peaks["beside_largest"]  # but a layer beside either of them
+    sizes = sorted({(inputs + 1) * h * w * 4 for h, w in shapes.values()})  # inputs + output, float32
+    assert peaks["bytes"] <= sizes[-1] + sizes[-2]  # the largest and the next size, never two of the largest
+    assert peaks["jobs"] >= 2 and peaks["beside_largest"]  # but a layer beside the embedding or the head
