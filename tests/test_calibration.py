@@ -242,6 +242,12 @@ def test_each_expert_its_own_calibration_file(family, tmp_path):
     assert [(r["expert"], r["data"], r["sha256"], r["statistic"]) for r in record] == [
         (1, str(family["data"].resolve()), sha256_file(family["data"]), "gram"),
         (2, str(other.resolve()), sha256_file(other), "gram")]
+    # and the data's parameters and the statistics' artefact (the cache entry they were read from)
+    assert [r["parameters"] for r in record] == [CalibrationData.parse({"data": str(other)}).parameters()] * 2
+    for r, k, f in zip(record, ("e0", "e1"), (family["data"], other)):
+        stats = calibration.statistics(open_local(str(family[k]), family[k], False), CalibrationRequest("gram"),
+                                       CalibrationData.parse({"data": str(f)}))
+        assert r["artefact"] == stats.path.parent.name
     three = CliRunner().invoke(cli, ["merge", "regmean", "-e", str(family["e0"]), "-e", str(family["e1"]),
                                      *["--calibration-data", str(other)] * 3, "-q", "-o", str(tmp_path / "x")])
     assert_user_error(three, "lists 3 file(s) for 2 expert(s)")

@@ -109,6 +109,7 @@ def test_whole_model_analysis_reports_cumulative_progress_per_pass(toy_models, t
     assert len(analysis) == 6
     merging = [c for c in calls if c[0] == "merging"]
     assert merging[-1][1] == merging[-1][2] == total + 8 * 8  # the int64 tensor is copied and counted
+    assert sorted(c[3] for c in merging) == sorted([*sizes, "position_ids"])  # each tensor named once, as written
 
 
 @pytest.mark.parametrize("trim_scope", ["global", "tensor"])
