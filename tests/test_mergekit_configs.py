@@ -249,3 +249,24 @@ def test_a_misspelt_per_expert_gradient_is_named_before_any_tensor_is_read(pm):
         ParameterPlan(ties, {}, [{"densty": [0.1, 0.2]}], [1.0])
     with pytest.raises(ParameterError, match="parameter 'lambda' of merge method 'ties' is one value"):
         ParameterPlan(ties, {}, [{"lambda": [0.1, 0.2]}], [1.0])
+
+
+def test_a_slices_merge_writes_its_layer_count_into_every_layer_key_of_the_config(tmp_path):
+    """Slices stack another number of layers: config.json's num_hidden_layers (Llama), n_layer (GPT-2) and
+    num_layers say how many, or the merged model does not load as what it is."""
+    paths = llama_family(tmp_path / "m", n_experts=2)
+    for key in ("e0", "e1"):
+        config_path = paths[key] / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "n_layer": config["num_hidden_layers"],
+                                           "num_layers": config["num_hidden_layers"]}))
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": str(paths["e0"]), "layer_range": [0, 2]}]},
+                      {"sources": [{"model": str(paths["e1"]), "layer_range": [1, 4]}]}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _cli("merge", str(path), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["num_hidden_layers"], written["n_layer"], written["num_layers"]) == (5, 5, 5)
+    assert sum(1 for n in read_model(tmp_path / "out") if n.endswith("mlp.down_proj.weight")) == 5
