@@ -78,6 +78,28 @@ def toy_models(tmp_path):
     return paths
 
 
+def method_plugin(method):
+    """A plugin object registering one MergeMethod (``pm.register(method_plugin(m))``)."""
+    from mergebench import hookimpl
+
+    class Plugin:
+        __name__ = f"plugin_{method.name}"
+
+        @hookimpl
+        def register_merge_methods(self, register):
+            register(method)
+
+    return Plugin()
+
+
+def reference_uniforms16(numel: int, seed: int) -> torch.Tensor:
+    """merge_ops' documented random stream, drawn here independently: 32-bit draws viewed as pairs of 16-bit
+    words, read as unsigned [0, 65536) (int64)."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**31), 2**31, ((numel + 1) // 2,), generator=g, dtype=torch.int32)
+    return words.view(torch.int16)[:numel].to(torch.int64) + 32768
+
+
 def load_dir(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory, read with the reference safetensors reader."""
     from safetensors.torch import load_file

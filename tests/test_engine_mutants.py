@@ -10,10 +10,9 @@ import threading
 
 import pytest
 import torch
-from conftest import toy_tensors, write_hub_snapshot, write_model
+from conftest import method_plugin, toy_tensors, write_hub_snapshot, write_model
 
 import mergebench
-from mergebench import hookimpl
 from mergebench.core import engine
 from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.registry import MergeMethod
@@ -130,23 +129,12 @@ def test_nan_or_inf_in_an_expert_is_refused_and_nothing_is_written(toy_models, t
 # --- the method's output is checked ---------------------------------------------------------------
 
 
-def _plugin(method: MergeMethod):
-    class Plugin:
-        __name__ = f"plugin_{method.name}"
-
-        @hookimpl
-        def register_merge_methods(self, register):
-            register(method)
-
-    return Plugin()
-
-
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_a_method_returning_the_wrong_shape_is_refused_with_what_it_returned(toy_models, tmp_path, pm, elementwise):
     def short(base, experts, params, ctx):  # wrong only for layer.0.weight, which is not merged first
         return experts[0][:3].clone() if ctx.name == "layer.0.weight" else experts[0].clone()
 
-    pm.register(_plugin(MergeMethod(name="short", description="", merge=short, needs_base=False,
+    pm.register(method_plugin(MergeMethod(name="short", description="", merge=short, needs_base=False,
                                     elementwise=elementwise)))
     out = tmp_path / "out"
     with pytest.raises(MergebenchError) as err:
@@ -158,7 +146,7 @@ def test_a_method_returning_the_wrong_shape_is_refused_with_what_it_returned(toy
 
 
 def test_a_method_returning_a_non_tensor_is_refused_with_its_type(toy_models, tmp_path, pm):
-    pm.register(_plugin(MergeMethod(name="listy", description="", needs_base=False,
+    pm.register(method_plugin(MergeMethod(name="listy", description="", needs_base=False,
                                     merge=lambda base, experts, params, ctx: experts[0].tolist())))
     with pytest.raises(MergebenchError) as err:
         mergebench.merge("listy", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
@@ -172,7 +160,7 @@ def test_a_method_returning_a_non_tensor_is_refused_with_its_type(toy_models, tm
 def test_non_finite_output_is_refused_with_the_float16_hint_only_for_float16(toy_models, tmp_path, pm, elementwise,
                                                                              dtype, factor, hint):
     """1e30 is finite in float32 but overflows float16; the hint is given only when float16 overflowed."""
-    pm.register(_plugin(MergeMethod(name="huge", description="", needs_base=False, elementwise=elementwise,
+    pm.register(method_plugin(MergeMethod(name="huge", description="", needs_base=False, elementwise=elementwise,
                                     merge=lambda base, experts, params, ctx: experts[0] * factor)))
     out = tmp_path / "out"
     with pytest.raises(MergebenchError) as err:
@@ -429,7 +417,7 @@ def test_a_whole_tensor_method_sees_whole_tensors(toy_models, tmp_path, pm, monk
         seen.append((ctx.name, tuple(experts[0].shape)))
         return experts[0] - experts[0].mean() + experts[1] * 0
 
-    pm.register(_plugin(MergeMethod(name="centre", description="", merge=centre, needs_base=False)))
+    pm.register(method_plugin(MergeMethod(name="centre", description="", merge=centre, needs_base=False)))
     result = mergebench.merge("centre", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
                               plugin_manager=pm, threads=1)
     assert (result.tensors_merged, result.tensors_copied) == (3, 1)
@@ -450,7 +438,7 @@ def test_a_whole_tensor_method_gets_float32_copies_of_half_precision_inputs(tmp_
         dtypes.extend(e.dtype for e in experts)
         return experts[0] / 3
 
-    pm.register(_plugin(MergeMethod(name="first", description="", merge=first, needs_base=False)))
+    pm.register(method_plugin(MergeMethod(name="first", description="", merge=first, needs_base=False)))
     t = {n: v.to(torch.bfloat16) if v.is_floating_point() else v for n, v in toy_tensors(0).items()}
     a, b = write_model(tmp_path / "a", t), write_model(tmp_path / "b", toy_tensors(1, dtype=torch.bfloat16))
     mergebench.merge("first", experts=[a, b], output=tmp_path / "out", dtype="float32", plugin_manager=pm)
@@ -461,7 +449,7 @@ def test_a_whole_tensor_method_gets_float32_copies_of_half_precision_inputs(tmp_
 
 def test_a_whole_tensor_method_never_sees_nan_inputs(toy_models, tmp_path, pm):
     calls = []
-    pm.register(_plugin(MergeMethod(name="firstw", description="", needs_base=False,
+    pm.register(method_plugin(MergeMethod(name="firstw", description="", needs_base=False,
                                     merge=lambda base, experts, params, ctx: calls.append(ctx.name) or experts[0])))
     nan = {n: v.clone() for n, v in toy_tensors(0).items()}
     nan["layer.1.weight"][1, 2] = float("nan")
@@ -477,7 +465,7 @@ def test_a_whole_tensor_method_may_write_into_its_float32_inputs(toy_models, tmp
     """The engine hands the method copies: in-place maths on an input is the method's own business."""
     from safetensors.torch import load_file
 
-    pm.register(_plugin(MergeMethod(name="double", description="", needs_base=False,
+    pm.register(method_plugin(MergeMethod(name="double", description="", needs_base=False,
                                     merge=lambda base, experts, params, ctx: experts[0].mul_(2))))
     before = (toy_models["e0"] / "model.safetensors").read_bytes()
     mergebench.merge("double", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "o", plugin_manager=pm,
@@ -493,7 +481,7 @@ def test_a_whole_tensor_method_gets_the_base_and_its_parameters(toy_models, tmp_
 
     from mergebench import Param
 
-    pm.register(_plugin(MergeMethod(name="scaled", description="", params=[Param("k", float, 1.0, "scale")],
+    pm.register(method_plugin(MergeMethod(name="scaled", description="", params=[Param("k", float, 1.0, "scale")],
                                     merge=lambda base, experts, params, ctx: base + params["k"] * experts[0])))
     mergebench.merge("scaled", base=toy_models["base"], experts=[toy_models["e0"], toy_models["e1"]], k=0.5,
                      output=tmp_path / "o", plugin_manager=pm)
@@ -548,7 +536,7 @@ def test_describe_refuses_a_pickled_checkpoint_unless_allowed_and_uses_the_given
         engine.describe(recipe, pm=pm)
     assert len(engine.describe(recipe, allow_pickle=True, pm=pm)) == 4
     # a method only the given plugin manager knows
-    pm.register(_plugin(MergeMethod(name="firstonly", description="", merge=lambda b, e, p, c: e[0], needs_base=False)))
+    pm.register(method_plugin(MergeMethod(name="firstonly", description="", merge=lambda b, e, p, c: e[0], needs_base=False)))
     rows = engine.describe(Recipe("firstonly", [ModelInput(str(toy_models["e0"]))]), pm=pm)
     assert sorted(r.name for r in rows) == ["layer.0.bias", "layer.0.weight", "layer.1.weight", "position_ids"]
 
@@ -578,7 +566,7 @@ def test_a_one_pass_whole_model_analysis_still_refuses_nan_inputs_by_name(toy_mo
     def mean(base, experts, params, ctx):
         return sum(experts) / len(experts)
 
-    pm.register(_plugin(MergeMethod(name="onepass", description="", merge=mean, needs_base=False, elementwise=True,
+    pm.register(method_plugin(MergeMethod(name="onepass", description="", merge=mean, needs_base=False, elementwise=True,
                                     analysis=lambda params, own: _CountingPass())))
     bad = {n: t.clone() for n, t in toy_tensors(0).items()}
     bad["layer.1.weight"][2, 5] = float("nan")
@@ -706,7 +694,7 @@ def test_workers_share_one_budget_for_whole_tensors(tmp_path, pm, inputs, scenar
             changed.notify_all()
         return experts[0].clone()
 
-    pm.register(_plugin(MergeMethod(name="hold", description="", merge=hold, needs_base=False,
+    pm.register(method_plugin(MergeMethod(name="hold", description="", merge=hold, needs_base=False,
                                     fixed_point=lambda *_: False)))
     g = torch.Generator().manual_seed(0)
     models = []

@@ -610,6 +610,7 @@ def test_database_waits_for_another_writer_instead_of_failing(tmp_path):
 
 # ---- merge maths helpers and the methods' checks (core/merge_ops.py, plugins/) -----------------------------
 
+from conftest import reference_uniforms16  # noqa: E402
 from mergebench.core.merge_ops import drop_and_rescale_, magnitude_mask  # noqa: E402
 from mergebench.plugins import average as average_plugin, task_vectors as ties_plugin  # noqa: E402
 from mergebench.plugins.task_vectors import DARE_TIES as dare_plugin  # noqa: E402
@@ -623,27 +624,20 @@ def test_magnitude_mask_is_boolean_at_the_edges():
         assert mask.dtype == torch.bool and mask.tolist() == expected, k
 
 
-def _u16(numel, seed):
-    """The documented stream: 32-bit draws viewed as pairs of 16-bit words, read as unsigned [0, 65536)."""
-    g = torch.Generator().manual_seed(seed)
-    words = torch.randint(-(2**31), 2**31, ((numel + 1) // 2,), generator=g, dtype=torch.int32)
-    return words.view(torch.int16)[:numel].to(torch.int32) + 32768
-
-
 def test_random_keep_mask_keeps_exactly_the_uniforms_below_density():
     n = 1 << 20
     # density 1.0 keeps every entry (its threshold, 32768, is beyond int16: handled apart)
     for density in (0.0, 0.75, 65535 / 65536, 0.2, 1.0):
         g = torch.Generator().manual_seed(5)
         keep = random_keep_mask(n, density, g)
-        assert torch.equal(keep, _u16(n, 5) < round(density * 65536)), density
+        assert torch.equal(keep, reference_uniforms16(n, 5) < round(density * 65536)), density
     assert not random_keep_mask(n, 0.0, torch.Generator().manual_seed(1)).any()
 
 
 def test_drop_and_rescale_draws_from_the_given_generator_and_skips_density_one_or_more():
     tau = torch.arange(1.0, 65.0)
     out = drop_and_rescale_(tau.clone(), 0.5, torch.Generator().manual_seed(9))
-    assert torch.equal(out, tau * (_u16(64, 9) < 32768) / 0.5)
+    assert torch.equal(out, tau * (reference_uniforms16(64, 9) < 32768) / 0.5)
     g = torch.Generator().manual_seed(9)
     assert torch.equal(drop_and_rescale_(tau.clone(), 1.5, g), tau)
     assert torch.equal(drop_and_rescale_(tau.clone(), 1.0, g), tau)

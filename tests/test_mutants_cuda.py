@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_dir, write_model
+from conftest import load_dir, method_plugin, write_model
 
 import mergebench
 from mergebench.core.merge_ops import exact_l1, random_drop_, random_keep_mask
@@ -62,19 +62,6 @@ def test_a_merge_on_the_gpu_writes_the_cpu_merge(models, tmp_path, pm, method, p
         torch.testing.assert_close(out["cuda"][name], tensor, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def _plugin(method):
-    from mergebench import hookimpl
-
-    class Plugin:
-        __name__ = f"plugin_{method.name}"
-
-        @hookimpl
-        def register_merge_methods(self, register):
-            register(method)
-
-    return Plugin()
-
-
 @pytest.mark.parametrize("elementwise", [True, False])
 def test_the_engine_hands_the_method_gpu_tensors(models, tmp_path, pm, elementwise):
     from mergebench.core.registry import MergeMethod
@@ -85,7 +72,7 @@ def test_the_engine_hands_the_method_gpu_tensors(models, tmp_path, pm, elementwi
         seen.update(x.device.type for x in [base, *experts])
         return sum(experts) / len(experts)
 
-    pm.register(_plugin(MergeMethod(name="gpumean", description="", merge=mean, elementwise=elementwise)))
+    pm.register(method_plugin(MergeMethod(name="gpumean", description="", merge=mean, elementwise=elementwise)))
     mergebench.merge("gpumean", base=models / "base", experts=[models / f"e{t}" for t in range(3)],
                      output=tmp_path / "out", device="cuda", plugin_manager=pm)
     assert seen == {"cuda"}

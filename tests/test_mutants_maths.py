@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import reference_uniforms16
 
 from mergebench.core import in_memory
 from mergebench.core.context import TensorContext
@@ -243,17 +244,10 @@ def test_magprune_ranks_every_fibre_along_dim_1_of_a_4d_tensor():
 # ---- keep masks, exact L1 norms and mergekit's rescale (core/merge_ops.py) -------------------------------------
 
 
-def _uniforms(numel, seed):
-    """The documented stream: 32-bit draws viewed as pairs of 16-bit words, read as unsigned [0, 65536)."""
-    g = torch.Generator().manual_seed(seed)
-    words = torch.randint(-(2**31), 2**31, ((numel + 1) // 2,), generator=g, dtype=torch.int32)
-    return words.view(torch.int16)[:numel].to(torch.int64) + 32768
-
-
 def test_random_keep_mask_with_per_entry_probabilities_of_any_float_type():
     n = 1 << 16
     probabilities = torch.tensor([0.75, 0.5, 0.25, 0.0, 1.0, 0.125, 0.625, 0.875]).repeat(n // 8)
-    u = _uniforms(n, 3)
+    u = reference_uniforms16(n, 3)
     expected = u < (probabilities.double() * 65536).round().long()  # keep where the uniform is below p * 2^16
     for dtype in (torch.float32, torch.float16, torch.float64):
         keep = random_keep_mask(n, probabilities.to(dtype), torch.Generator().manual_seed(3))
