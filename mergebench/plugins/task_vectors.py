@@ -136,7 +136,8 @@ def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) ->
     # sort is ~30% faster than a float one here
     order = torch.argsort(rows.abs().to(torch.float32).view(torch.int32), dim=1, stable=True)
     # each entry's rank is the inverse permutation of the sort: a scatter, not a second sort
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand_as(order)).to(torch.float32)
+    positions = torch.arange(length, device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32)
     r = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     probabilities = ((density - epsilon) + r * (2 * epsilon)).reshape(lined.shape)
     return probabilities.movedim(-1, 1).contiguous() if tau.dim() > 2 else probabilities.reshape(tau.shape)
