@@ -28,6 +28,7 @@ from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import ParameterError
 from mergebench.core.merge_ops import exact_l1
 from mergebench.core.plugin_manager import make_plugin_manager
+from mergebench.plugins import task_vectors
 from mergebench.plugins.task_vectors import magprune_probabilities
 
 from mergekit_ref import llama_family, needs_mergekit, read_model, venv
@@ -298,6 +299,30 @@ def test_della_by_hand_rescales_each_kept_entry_by_its_probability(pm):
     mean = torch.where(den > 0, (taus[0] * agree[0] + 2 * taus[1] * agree[1]) / den.clamp(min=1e-30), 0.0)
     assert torch.allclose(run(pm, "della", base, [a, b], **params), mean, rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (6, 4), (9,)])
+def test_della_by_blocks_of_rows_equals_the_whole_tensor_reference(pm, monkeypatch, shape):
+    """MagPrune goes by blocks of whole rows (an odd row length: two rows a block, so no 32-bit draw is split)
+    and gives the bits of the whole tensor at once, which equal the reference's draws and per-row ranks."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.zeros(shape)
+    xs = [torch.randn(shape, generator=g) for _ in range(2)]
+    want = []
+    for t, (x, d, e) in enumerate([(xs[0], 0.5, 0.2), (xs[1], 0.4, 0.3)]):
+        lined = x.reshape(1, -1) if x.dim() == 1 else x  # a 1-D tensor is one row
+        ranks = lined.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
+        p = ((d - e) + 2 * e * ranks / (lined.shape[1] - 1)).reshape(shape)
+        keep = (uniforms(9, "w", t, x.numel()) < torch.round(p.reshape(-1) * 65536)).view(shape)
+        want.append(x * keep / p)
+    params = {"seed": 9, "weights": [1.0, 2.0],
+              "expert_params": [{"density": 0.5, "epsilon": 0.2}, {"density": 0.4, "epsilon": 0.3}]}
+    whole = run(pm, "della_linear", base, xs, **params)
+    monkeypatch.setattr(task_vectors, "MAGPRUNE_BLOCK", 8)
+    blocked = run(pm, "della_linear", base, xs, **params)
+    assert torch.equal(blocked, whole)
+    assert torch.allclose(blocked, want[0] + 2 * want[1], rtol=1e-6, atol=1e-7)
+    assert 0 < int((blocked != 0).sum()) < blocked.numel()  # the masks are not trivial on these streams
 
 # ---- the random members, statistically -------------------------------------------------------------
 

@@ -44,7 +44,8 @@ Sparsifiers (per expert and per tensor; n = the tensor's number of entries):
   r = rank / (row length - 1), keep probability p = density - epsilon + 2 epsilon r (a one-entry row:
   p = density), then Bernoulli(p) from the expert's stream in flat order. Needs density - epsilon > 0
   and density + epsilon < 1; density >= 1 drops nothing and density <= 0 drops all, as in mergekit.
-  Ranks need whole rows, so della and della_linear see whole tensors (not elementwise).
+  Ranks need whole rows, so della and della_linear see whole tensors (not elementwise); a 2-D tensor's
+  ranks, draws and keep_prob division then go by blocks of rows (:func:`magprune_`), the same bits.
 
 ``rescale``, per expert and tensor, after sparsifying (mergekit's ``rescale: true | false`` is ``l1 | none``):
 - keep_prob: divide each kept entry by its keep probability: 1/density (DARE paper, peft), 1/p_i (DELLA
@@ -143,6 +144,35 @@ def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) ->
     return probabilities.movedim(-1, 1).contiguous() if tau.dim() > 2 else probabilities.reshape(tau.shape)
 
 
+# entries per block of rows in :func:`magprune_`: the sort's temporaries (int64 order and ranks, float32
+# probabilities, about 7x the block in float32 terms) stay a few MiB, not several copies of the tensor
+MAGPRUNE_BLOCK = 1 << 20
+
+
+def magprune_(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+              divide: bool) -> torch.Tensor:
+    """DELLA's drop, in place: keep each entry with its :func:`magprune_probabilities` p (Bernoulli, from
+    ``generator`` in flat order), and divide the kept ones by p where ``divide`` (rescale ``keep_prob``).
+
+    A 2-D tensor's rows are contiguous in flat order and ranked independently, so it goes by blocks of
+    whole rows of an even number of entries (the draws then equal one draw for the whole tensor): the same
+    bits as the whole tensor at once, with temporaries of one block. Other shapes (a 1-D tensor is one row;
+    3-D ones rank along dim 1, across flat order) go whole."""
+    if tau.dim() != 2 or tau.numel() <= MAGPRUNE_BLOCK:
+        blocks = [tau]
+    else:
+        rows, length = tau.shape
+        step = max(1, MAGPRUNE_BLOCK // length)
+        step += (step * length) % 2  # an odd number of entries would split a 32-bit draw between two blocks
+        blocks = [tau[start:start + step] for start in range(0, rows, step)]
+    for block in blocks:
+        p = magprune_probabilities(block, density, epsilon)
+        block.mul_(random_keep_mask(block.numel(), p.reshape(-1), generator).view(block.shape).to(block.device))
+        if divide:
+            block.div_(p.to(block.device))
+    return tau
+
+
 @dataclass(frozen=True)
 class TaskVectorMethod:
     """One member of the family: its sparsifier, whether it elects signs, its defaults (from its paper) and
@@ -207,7 +237,7 @@ class TaskVectorMethod:
         taus = task_vectors_(base, experts)
         rescale = params.get("rescale", "none")
         before = [exact_l1(tau) for tau in taus] if rescale == "l1" and not self.elementwise else None
-        probabilities = self._sparsify_(taus, params, ctx)
+        self._sparsify_(taus, params, ctx)
         common = None
         if rescale == "l1":
             factors = (ctx.analysis.factors if before is None else
@@ -223,10 +253,6 @@ class TaskVectorMethod:
                 for tau, d in zip(taus, densities):
                     if d < 1.0:
                         tau.div_(d)
-        elif rescale == "keep_prob":
-            for tau, p in zip(taus, probabilities):
-                if p is not None:
-                    tau.div_(p.to(tau.device))
         out = self._mix(taus, params, ctx.weights)
         return out if common is None else out.div_(common)
 
@@ -240,8 +266,8 @@ class TaskVectorMethod:
         return out.div_(sum(weights)) if params["normalize"] else out
 
     def _sparsify_(self, taus, params, ctx):
-        """Zero each task vector's dropped entries in place (no rescaling); MagPrune returns the keep
-        probabilities (None for an expert it leaves whole)."""
+        """Zero each task vector's dropped entries in place; no rescaling, except MagPrune's ``keep_prob``
+        division, done block by block beside the draws (its probabilities are never all held at once)."""
         trim = ctx.analysis.inner if isinstance(ctx.analysis, L1Rescale) else ctx.analysis
         if self.sparsifier == MAGNITUDE:
             # per expert, the tied entries still to keep: carried across the chunks of the tensor
@@ -273,21 +299,14 @@ class TaskVectorMethod:
                 else:
                     random_drop_(tau, d, ctx.generator_for(t))
         elif self.sparsifier == MAGPRUNE:
-            probabilities = []
             for t, (tau, d, eps) in enumerate(zip(taus, ctx.expert_values("density", params),
                                                   ctx.expert_values("epsilon", params))):
                 if d >= 1.0 or d <= 0.0:  # mergekit: nothing dropped / all dropped, whatever epsilon
                     if d <= 0.0:
                         tau.zero_()
-                    probabilities.append(None)
                     continue
                 self._check_window(d, eps, t)
-                p = magprune_probabilities(tau, d, eps)
-                tau.mul_(random_keep_mask(tau.numel(), p.reshape(-1), ctx.generator_for(t)).view(tau.shape)
-                         .to(tau.device))
-                probabilities.append(p)
-            return probabilities
-        return None
+                magprune_(tau, d, eps, ctx.generator_for(t), divide=params.get("rescale") == "keep_prob")
 
     # ---- checks ----------------------------------------------------------------------------------------
 
