@@ -22,6 +22,7 @@ from mergebench.core.api import merge as engine_merge
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import ParameterError
 from mergebench.core.plugin_manager import make_plugin_manager
+from mergebench.plugins import spherical
 
 from mergekit_ref import llama_family, llama_tensors, needs_mergekit, read_model, run_mergekit_many, write_llama
 
@@ -314,6 +315,28 @@ def test_karcher_by_hand(pm):
     got = call(pm, "karcher", None, [e1[:2], e2[:2], torch.zeros(2)], max_iter=50, tol=1e-7)
     torch.testing.assert_close(got, (2 / 3) * T([math.sqrt(0.5), math.sqrt(0.5)]))
 
+
+
+@pytest.mark.parametrize("shape", [(37, 13), (300,), (1, 9)])
+@pytest.mark.parametrize("method, n, base, params", [
+    ("slerp", 1, True, {"t": 0.3}),
+    ("nuslerp", 2, True, {}),
+    ("nuslerp", 2, False, {"nuslerp_flatten": False}),
+    ("nuslerp", 2, False, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", 3, True, {}),
+    ("multislerp", 3, False, {}),
+    ("karcher", 3, False, {}),
+])
+def test_spherical_temporaries_by_blocks_give_the_whole_tensors_bits(pm, monkeypatch, shape, method, n, base, params):
+    """The elementwise temporaries go by blocks of spherical.BLOCK entries (uneven ones here): bit for bit
+    what whole-tensor temporaries give; mergekit's agreement is tested above on tensors of one block."""
+    g = torch.Generator().manual_seed(3)
+    theta0 = torch.randn(shape, generator=g)
+    experts = [theta0 + 0.3 * torch.randn(shape, generator=g) for _ in range(n)]
+    weights = [1.0, 2.0, 0.5][:n]
+    whole = call(pm, method, theta0 if base else None, experts, weights, **params)
+    monkeypatch.setattr(spherical, "BLOCK", 7)
+    assert torch.equal(call(pm, method, theta0 if base else None, experts, weights, **params), whole)
 
 @pytest.mark.parametrize("method, n, params, weights, match", [
     ("slerp", 2, {}, None, "exactly 1 expert"),

@@ -416,8 +416,6 @@ def test_engine_l1_rescale_of_dare_chunked_equals_whole(pm, family, tmp_path, mo
 def test_engine_l1_rescale_of_dare_draws_each_mask_once(pm, family, tmp_path, monkeypatch):
     """The L1 pre-pass keeps the masks it draws for the merge: one draw of each expert's stream per tensor, in
     chunks, as a merge without the pre-pass (drawing is most of DARE's time)."""
-    import mergebench.plugins.task_vectors as task_vectors
-
     paths, models = family
     drawn = []
     real = task_vectors.random_keep_mask

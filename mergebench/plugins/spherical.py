@@ -1,6 +1,9 @@
 """Spherical merges: slerp, nuslerp, multislerp and karcher, as mergekit 0.1.5 computes them.
 
-None is elementwise: each needs norms or dot products over a whole tensor (or over its rows).
+None is elementwise: each needs norms or dot products over a whole tensor (or over its rows). Their
+elementwise temporaries go by blocks of ``BLOCK`` entries (the same bits as whole ones), so a merge holds
+its inputs and at most two whole working tensors (karcher's mean and tangent; the product inside cos for
+slerp and nuslerp; multislerp's sum).
 
 slerp (base theta_0 and one expert theta_1; t one value per tensor, outside [0, 1] it extrapolates):
     cos   = <theta_0, theta_1> / (|theta_0| |theta_1|)    over the whole tensor; a norm <= 1e-8 counts as 1
@@ -77,13 +80,31 @@ T_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 .. 0.9
 
 # ---- shared spherical maths ---------------------------------------------------------------------
 
+# entries per block of the elementwise temporaries below: a few MiB, where a whole-tensor temporary would
+# be one more copy of the tensor beyond the engine's (N + 2) x largest tensor
+BLOCK = 1 << 20
+
+
+def spans(numel: int):
+    """(start, stop) of consecutive flat blocks of at most BLOCK entries."""
+    return ((start, min(start + BLOCK, numel)) for start in range(0, numel, BLOCK))
+
+
 def cosine(v0: Tensor, v1: Tensor, n0: Tensor, n1: Tensor) -> Tensor:
     """sum((v0 / n0) * (v1 / n1)) along the last dim (keepdim), clamped to [-1, 1]; n0, n1: the guarded norms.
 
     Normalised before multiplying, as mergekit does: the same rounding, so the same lerp/slerp branch at
-    exactly (anti)colinear inputs, where the rounding of cos decides it."""
+    exactly (anti)colinear inputs, where the rounding of cos decides it. v1 / n1 is formed by blocks (along
+    dim 0, or the last dim for one row) into the product: the same bits with one temporary, not two."""
     u = v0 / n0
-    return u.mul_(v1 / n1).sum(-1, keepdim=True).clamp_(-1.0, 1.0)
+    dim = 0 if u.dim() > 1 and u.shape[0] > 1 else -1
+    length = u.shape[dim] if u.dim() else 1
+    step = max(1, BLOCK * length // max(u.numel(), 1))
+    for start in range(0, length, step):
+        k = min(step, length - start)
+        n = n1.narrow(dim, start, k) if n1.dim() and n1.shape[dim] > 1 else n1
+        u.narrow(dim, start, k).mul_(v1.narrow(dim, start, k) / n)
+    return u.sum(-1, keepdim=True).clamp_(-1.0, 1.0)
 
 
 def slerp_terms(cos: Tensor, t: float | Tensor, colinear: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,9 +186,13 @@ def multislerp(base, experts, params, ctx):
     norms = [norm(v) for v in vs]
     # M = sum_i (v_i / (n_i + eps)) * w_i with mergekit's roundings (not one fused multiply-add), so that
     # exactly cancelling directions give exactly 0 and take the same branch below
-    direction, term = torch.zeros_like(vs[0]), torch.empty_like(vs[0])
+    direction, term = torch.zeros_like(vs[0]), torch.empty(min(BLOCK, vs[0].numel()), dtype=vs[0].dtype,
+                                                                   device=vs[0].device)
+    flat = direction.view(-1)
     for v, n, w in zip(vs, norms, weights):
-        direction.add_(torch.div(v, n + eps, out=term).mul_(w))
+        v = v.reshape(-1)
+        for start, stop in spans(flat.numel()):  # a block's term at a time: the same bits as a whole one
+            flat[start:stop].add_(torch.div(v[start:stop], n + eps, out=term[:stop - start]).mul_(w))
     direction_norm = norm(direction)
     if direction_norm.item() < eps:
         if len(vs) != 2 and any(n.item() > 0 for n in norms):
@@ -206,27 +231,35 @@ def karcher(base, experts, params, ctx):
     units = [flat[i].div_(norms[i]) for i in valid]
     valid_sum = sum(alphas[i] for i in valid)
     coeffs = [alphas[i] / valid_sum for i in valid]
+    # mean and tangent are whole; every other temporary is one block of ``step`` at a time (elementwise,
+    # so the same bits as whole-tensor temporaries, with mergekit's order of operations)
     mean = torch.zeros_like(units[0])
+    step = torch.empty(min(BLOCK, mean.numel()), dtype=mean.dtype, device=mean.device)
     for c, u in zip(coeffs, units):
-        mean += c * u
+        for start, stop in spans(mean.numel()):
+            mean[start:stop].add_(torch.mul(u[start:stop], c, out=step[:stop - start]))
     mean_norm = norm(mean)
     mean = units[0].clone() if mean_norm.item() < tol else mean.div_(mean_norm)
-    step = torch.empty_like(mean)
+    tangent = torch.empty_like(mean)
     for _ in range(params["max_iter"]):
-        tangent = torch.zeros_like(mean)
+        tangent.zero_()
         for c, u in zip(coeffs, units):
             dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            # c (a / sin a) (u - cos a m): the log map of u at m, with mergekit's order of operations
-            torch.mul(dot, mean, out=step)
-            torch.sub(u, step, out=step)
-            tangent += step.mul_(c * (theta / torch.sin(theta)))
+            # c (a / sin a) (u - cos a m): the log map of u at m
+            factor = c * (theta / torch.sin(theta))
+            for start, stop in spans(mean.numel()):
+                part = step[:stop - start]
+                torch.mul(dot, mean[start:stop], out=part)
+                torch.sub(u[start:stop], part, out=part)
+                tangent[start:stop].add_(part.mul_(factor))
         tangent_norm = norm(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * tangent.div_(tangent_norm)
+        # cos|g| m + sin|g| g / |g|: two products, then their sum, in place
+        mean.mul_(torch.cos(tangent_norm)).add_(tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm)))
         unit_norm = norm(mean)
         if unit_norm.item() > tol:
             mean.div_(unit_norm)
