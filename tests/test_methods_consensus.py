@@ -27,6 +27,7 @@ from mergebench.core.errors import ParameterError
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.plugins.arcee_fusion import importance, outlier_threshold
 from mergebench.core.merge_ops import ordered_sum
+from mergebench.plugins import sce as sce_module
 from mergebench.plugins.ram import OverlapCounts
 
 N_EXPERTS = 3
@@ -255,6 +256,17 @@ def test_sce_by_hand(methods):
     swapped = tau1[[3, 1, 2, 0, 4, 5]]  # the same energy, entry 0 moved by 3 instead of 1
     torch.testing.assert_close(merge(methods, "sce", base, [base + tau1, base + swapped])[0], base[0] + 2.0)
 
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5])
+def test_sce_by_blocks_gives_the_bits_of_one_block(methods, monkeypatch, select_topk):
+    """sce's elementwise work goes by blocks of sce._COLUMNS entries; uneven blocks give one block's bits."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(37, 13, generator=g)
+    experts = [base + torch.randn(37, 13, generator=g) for _ in range(3)]
+    whole = merge(methods, "sce", base, experts, select_topk=select_topk)
+    monkeypatch.setattr(sce_module, "_COLUMNS", 10)
+    assert torch.equal(merge(methods, "sce", base, experts, select_topk=select_topk), whole)
 
 def test_sce_uniform_below_switches_to_equal_coefficients(methods):
     base = torch.zeros(2)

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 from conftest import reference_uniforms16
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergebench.core import in_memory
 from mergebench.core.context import TensorContext
@@ -15,6 +17,7 @@ from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.merge_ops import (
     exact_l1,
     l1_rescale_factor,
+    ordered_dot,
     ordered_sum,
     random_keep_mask,
 )
@@ -166,6 +169,19 @@ def test_ordered_sum_sums_blocks_of_4096_then_the_partial_sums_in_order():
     expected = torch.stack([ordered_sum(x[i]) for i in range(2)])
     assert torch.equal(ordered_sum(x), expected)
     assert torch.equal(expected[1, 2], torch.stack([x[1, 2, i:i + 4096].sum() for i in range(0, x.shape[-1], 4096)]).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(lead=st.sampled_from([(), (1,), (3,), (2, 2)]), n=st.integers(1, 40), block=st.integers(2, 9),
+       chunk=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_ordered_dot_is_ordered_sum_of_the_product_bit_for_bit(lead, n, block, chunk, seed):
+    """Products formed a chunk at a time (whole rows, or whole blocks of one or more rows), the first level of
+    block sums kept: the bits of ordered_sum over the whole product, for any chunk and block sizes."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(*lead, n, generator=g) * 100, torch.randn(*lead, n, generator=g)
+    want = ordered_sum(a * b, block=block)
+    got = ordered_dot(a, b, block=block, chunk=chunk)
+    assert got.shape == want.shape and torch.equal(got, want)
 
 
 # ---- the task-vector family (plugins/task_vectors.py) ----------------------------------------------------------

@@ -189,3 +189,28 @@ def ordered_sum(x: torch.Tensor, block: int = 1 << 12) -> torch.Tensor:
             parts = torch.cat([parts, x[..., full:].sum(-1, keepdim=True)], dim=-1)
         x = parts
     return x.sum(-1)
+
+
+def ordered_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 12, chunk: int = 1 << 20) -> torch.Tensor:
+    """``ordered_sum(a * b)`` bit for bit, without the whole product: products of about ``chunk`` entries
+    (whole rows, or whole blocks of rows), of which only the first level of block sums is kept."""
+    if a.numel() <= chunk:
+        return ordered_sum(a * b, block=block)
+    n = a.shape[-1]
+    a2, b2 = a.reshape(-1, n), b.reshape(-1, n)
+    rows, step = a2.shape[0], max(1, chunk // n)
+    if n <= block:  # each row is summed whole: a chunk of rows at a time
+        sums = [torch.mul(a2[r:r + step], b2[r:r + step]).sum(-1) for r in range(0, rows, step)]
+        return torch.cat(sums).reshape(a.shape[:-1])
+    width = max(block, chunk // block * block)  # columns per product: whole blocks, cut where ordered_sum cuts
+    firsts = []
+    for r in range(0, rows, step):
+        parts = []
+        for c in range(0, n, width):
+            product = torch.mul(a2[r:r + step, c:c + width], b2[r:r + step, c:c + width])
+            full = product.shape[1] - product.shape[1] % block
+            parts.append(product[:, :full].reshape(product.shape[0], -1, block).sum(-1))
+            if full < product.shape[1]:  # the rows' tails (only in their last columns)
+                parts.append(product[:, full:].sum(-1, keepdim=True))
+        firsts.append(torch.cat(parts, dim=1))
+    return ordered_sum(torch.cat(firsts), block=block).reshape(a.shape[:-1])

@@ -20,8 +20,9 @@ Conventions, and where others differ:
   the paper's formula diverges there.
 - No expert weights: the paper and mergekit average the experts equally (mergekit ignores a ``weight``), so
   unequal weights are refused rather than silently dropped.
-- Dot products over more than 4096 entries are summed in fixed blocks (:func:`ordered_sum`), so the merge does
-  not depend on torch's thread count; mergekit's single ``sum`` does, and the two agree to float32 rounding.
+- Dot products over more than 4096 entries are summed in fixed blocks (``merge_ops.ordered_dot``, which forms the
+  products a chunk at a time), so the merge does not depend on torch's thread count; mergekit's single ``sum``
+  does, and the two agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import ordered_sum
+from mergebench.core.merge_ops import ordered_dot
 from mergebench.plugins.checks import unweighted_check
 from mergebench.core.registry import MergeMethod, Param
 
@@ -51,13 +52,11 @@ def model_stock(base, experts, params, ctx):
     offsets = [w.sub_(w0) for w in ws]
     norms = [torch.norm(o, dim=-1) for o in offsets]
     floor = max(params["norm_floor"], torch.finfo(torch.float32).tiny)  # 0/0 (a zero task vector) gives cos 0
-    product = torch.empty_like(offsets[0])
     cosines = []
     for a in range(n):
         for b in range(a + 1, n):
-            dot = ordered_sum(torch.mul(offsets[a], offsets[b], out=product))
+            dot = ordered_dot(offsets[a], offsets[b])
             cosines.append((dot / (norms[a] * norms[b]).clamp(min=floor)).clamp(-1, 1))
-    del product
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < SINGULAR

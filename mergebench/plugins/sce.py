@@ -27,7 +27,7 @@ Conventions, and where others differ:
 - The denominator is floored at 1e-6 (mergekit): it only matters where the agreeing experts carry less than
   1e-6 of the total coefficient, and shrinks those entries toward the base.
 - No expert weights: eta_t replaces them (mergekit ignores ``weight``), so unequal weights are refused.
-- mean(tau_t^2) is summed in fixed blocks (thread-count independent, see ``model_stock.ordered_sum``); it agrees
+- mean(tau_t^2) is summed in fixed blocks (thread-count independent, ``merge_ops.ordered_dot``); it agrees
   with mergekit's ``mean`` to float32 rounding.
 - mergekit's ``int8_mask`` only changes the dtype of its masks, not the numbers; it is not a parameter here.
 """
@@ -39,12 +39,12 @@ import torch
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import magnitude_mask, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.core.merge_ops import ordered_sum
+from mergebench.core.merge_ops import ordered_dot
 from mergebench.plugins.checks import unweighted_check
 
 MERGEKIT_UNIFORM_BELOW = 1e-6
 DENOMINATOR_FLOOR = 1e-6
-_COLUMNS = 1 << 18  # entries per block when computing the variance across experts
+_COLUMNS = 1 << 18  # entries per block of the elementwise work (the variance across experts, the erase)
 
 
 def variance_across(taus: list[torch.Tensor]) -> torch.Tensor:
@@ -76,7 +76,7 @@ def select_(taus: list[torch.Tensor], select_topk: float) -> None:
 
 def coefficients(taus: list[torch.Tensor], uniform_below: float) -> torch.Tensor:
     """eta_t = mean(tau_t^2) / sum_s mean(tau_s^2); 1/N each when the sum is 0 or below ``uniform_below``."""
-    energy = torch.stack([ordered_sum(tau.square().reshape(-1)) / tau.numel() for tau in taus])
+    energy = torch.stack([ordered_dot(tau.reshape(-1), tau.reshape(-1)) / tau.numel() for tau in taus])
     total = float(energy.sum())
     if total == 0 or abs(total) < uniform_below:
         return torch.full_like(energy, 1.0 / len(taus))
@@ -88,17 +88,22 @@ def sce(base, experts, params, ctx):
     taus = task_vectors_(base, experts)
     select_(taus, params["select_topk"])
     eta = coefficients(taus, params["uniform_below"]).tolist()
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total.add_(tau)
-    positive = total >= 0  # the elected sign: +1 where the unweighted sum is >= 0
-    numerator, denominator = total.zero_(), torch.zeros_like(total)
-    for tau, w in zip(taus, eta):
-        agree = torch.where(positive, tau > 0, tau < 0)
-        erased = agree.to(tau.dtype).mul_(w)  # eta_t where the expert agrees, else 0
-        numerator.add_(tau.mul_(erased))
-        denominator.add_(erased)
-    return base.add_(numerator.div_(denominator.clamp_(min=DENOMINATOR_FLOOR)))
+    # elementwise from here: a block of _COLUMNS entries at a time, so no whole temporary beside the inputs
+    out, flat = base.view(-1), [tau.reshape(-1) for tau in taus]
+    for start in range(0, out.numel(), _COLUMNS):
+        block = [f[start:start + _COLUMNS] for f in flat]
+        total = block[0].clone()
+        for tau in block[1:]:
+            total.add_(tau)
+        positive = total >= 0  # the elected sign: +1 where the unweighted sum is >= 0
+        numerator, denominator = total.zero_(), torch.zeros_like(total)
+        for tau, w in zip(block, eta):
+            agree = torch.where(positive, tau > 0, tau < 0)
+            erased = agree.to(tau.dtype).mul_(w)  # eta_t where the expert agrees, else 0
+            numerator.add_(tau.mul_(erased))
+            denominator.add_(erased)
+        out[start:start + _COLUMNS].add_(numerator.div_(denominator.clamp_(min=DENOMINATOR_FLOOR)))
+    return base
 
 
 @hookimpl
