@@ -253,6 +253,20 @@ def test_a_larger_merge_is_the_float64_reference_to_float32_rounding(spm, name, 
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(160, 40), (40, 160)])
+def test_tall_matrices_read_by_blocks_of_rows_are_the_float64_reference(spm, name, shape, monkeypatch):
+    """A tall task vector (or Iso's sum) is read in float64 by blocks of ROWS rows, never whole: with blocks of
+    7 rows (uneven) the merge is still the float64 reference's to 1e-6 of its size, and the scratch inputs
+    taken as the output do not feed rows already written back into the product."""
+    monkeypatch.setattr(subspace, "ROWS", 7)
+    g = torch.Generator().manual_seed(41)
+    base = torch.zeros(shape)
+    experts = [0.1 * torch.randn(shape, generator=g) for _ in range(4)]
+    want = reference(name, base, experts)
+    got = call(method(spm, name), base, experts)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape", [(12, 9), (9, 12)])
 def test_experts_that_change_a_few_rows_match_the_reference(spm, name, shape):
     """Task vectors of exactly rank <= 2 (e.g. embedding rows of new tokens): their Gram matrices' zero
@@ -399,9 +413,12 @@ def svd_input(seed, shape, rank):
     return (torch.randn(shape, generator=g) if rank is None else low_rank(g, shape, rank)).double()
 
 
+# ROWS = 7: tall matrices are read by blocks of 7 rows (their Gram matrices and products summed over blocks)
+@pytest.mark.parametrize("rows", [subspace.ROWS, 7])
 @pytest.mark.parametrize("left", [None, True, False])
 @pytest.mark.parametrize("shape,rank", SVD_CASES)
-def test_gram_svd_gives_lapacks_singular_values_and_triplets(shape, rank, left):
+def test_gram_svd_gives_lapacks_singular_values_and_triplets(shape, rank, left, rows, monkeypatch):
+    monkeypatch.setattr(subspace, "ROWS", rows)
     x = svd_input(30, shape, rank)
     svd = subspace.GramSVD(x, left=left)
     u, s, vt = (torch.from_numpy(a) for a in np.linalg.svd(x.numpy(), full_matrices=False))
@@ -418,8 +435,10 @@ def test_gram_svd_gives_lapacks_singular_values_and_triplets(shape, rank, left):
                                    rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("rows", [subspace.ROWS, 7])
 @pytest.mark.parametrize("shape,rank", SVD_CASES)
-def test_polar_factor_is_lapacks(shape, rank):
+def test_polar_factor_is_lapacks(shape, rank, rows, monkeypatch):
+    monkeypatch.setattr(subspace, "ROWS", rows)
     x = svd_input(31, shape, rank)
     a, b = subspace.polar(x)
     torch.testing.assert_close(a @ b, torch.from_numpy(ref_polar(x.numpy())), rtol=0, atol=1e-10)
@@ -428,9 +447,11 @@ def test_polar_factor_is_lapacks(shape, rank):
     torch.testing.assert_close(a @ b, torch.from_numpy(ref_polar(x.numpy()) @ rhs.numpy()), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", [subspace.ROWS, 7])
 @pytest.mark.parametrize("rank", [None, 3])
-def test_projected_svd_is_the_svd_of_the_projection(rank):
+def test_projected_svd_is_the_svd_of_the_projection(rank, rows, monkeypatch):
     """(I - Q Q^T) x from x^T x - (Q^T x)^T (Q^T x), against LAPACK on the projection formed explicitly."""
+    monkeypatch.setattr(subspace, "ROWS", rows)
     x = svd_input(33, (40, 12), rank)
     q = torch.linalg.qr(svd_input(34, (40, 9), None))[0]
     projected = x - q @ (q.T @ x)

@@ -87,10 +87,12 @@ thread counts: the streaming engine's workers run one thread each and in-memory 
 sweep's chosen point and ``mergebench merge`` of it could differ in the last bits on large matrices. On a GPU the
 tensors stay there (no host copies; only scalars such as ranks are read back).
 
-Memory, per matrix of m x n (r = min(m, n)), beyond the N + 1 float32 inputs: a float64 copy of the matrix being
-decomposed (a task vector, or Iso's sum of them), its r x r Gram matrix and eigenvectors, the kept triplets in
-float64 (TSV-M: N k (m + n) <= r (m + n); Iso-CTS: r (m + n), and U_c^T tau_t, k_c x n, where rows > cols); the
-delta is written over a scratch input 4096 rows at a time, without an m x n float64 copy.
+Memory, per matrix of m x n (r = min(m, n)), beyond the N + 1 float32 inputs: a tall matrix (m > n: embeddings,
+output heads, up projections) is read in float64 a block of ``ROWS`` rows at a time (a task vector, or Iso's sum of
+them formed block by block), never copied whole; a wide one is held in float64 once. Then its r x r Gram matrix
+and eigenvectors, and the kept left singular vectors, written straight into one m x (kept) float64 matrix (TSV-M:
+N k <= r columns; Iso-CTS: at most r; no concatenated copy), and U_c^T tau_t (k_c x n) where rows > cols; the delta
+is written over a scratch input ``ROWS`` rows at a time, without an m x n float64 copy.
 
 Speed: no SVD; the work is r x r eigendecompositions (float64 ``eigh``) and float64 products about the size of
 the tensor (a Gram matrix, lower triangle only: about m r^2). Iso-C takes one eigendecomposition per matrix,
@@ -147,15 +149,47 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor 
 
 
 GRAM_BLOCK = 96  # columns per block of gram()
+ROWS = 4096  # rows per block of a tall matrix's float64 work: a float64 copy of one block, never of the tensor
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
+class Summed:
+    """sum_t parts_t of float32 matrices in float64, accumulated in order, formed a block of rows at a time."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts, self.shape, self.device = parts, tuple(parts[0].shape), parts[0].device
+
+    def rows(self, i: int, j: int) -> torch.Tensor:
+        out = self.parts[0][i:j].double()
+        for part in self.parts[1:]:
+            out.add_(part[i:j])
+        return out
+
+
+Matrix = torch.Tensor | Summed  # a tensor of any float dtype, or a sum, read in float64 by blocks of rows
+
+
+def _rows(x: Matrix, i: int, j: int) -> torch.Tensor:
+    """Rows i:j of x in float64 (a view when x is a float64 tensor)."""
+    return x.rows(i, j) if isinstance(x, Summed) else x[i:j].to(torch.float64)
+
+
+def gram(x: Matrix) -> torch.Tensor:
     """The lower triangle of x^T x (all that ``torch.linalg.eigh`` reads; the upper one is zero), one block of
-    columns at a time: about half the multiplications of x^T x."""
+    columns at a time (about half the multiplications of x^T x), summed over blocks of ROWS rows."""
     n = x.shape[1]
-    out = x.new_zeros(n, n)
-    for j in range(0, n, GRAM_BLOCK):
-        out[j:, j:j + GRAM_BLOCK] = x[:, j:].T @ x[:, j:j + GRAM_BLOCK]
+    out = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], ROWS):
+        b = _rows(x, i, i + ROWS)
+        for j in range(0, n, GRAM_BLOCK):
+            out[j:, j:j + GRAM_BLOCK] += b[:, j:].T @ b[:, j:j + GRAM_BLOCK]
+    return out
+
+
+def _times(x: Matrix, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w in float64, a block of ROWS rows of x at a time, into ``out`` when given."""
+    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float64, device=w.device) if out is None else out
+    for i in range(0, x.shape[0], ROWS):
+        out[i:i + ROWS] = _rows(x, i, i + ROWS) @ w
     return out
 
 
@@ -165,10 +199,11 @@ class GramSVD:
     min(rows, cols) singular values, descending; the singular vectors of the other side are computed only for the
     triplets asked for, as x v_i / s_i (or x^T u_i / s_i), which callers keep to s_i above the numerical rank."""
 
-    def __init__(self, x: torch.Tensor, left: bool | None = None):
-        self.x = x
+    def __init__(self, x: Matrix, left: bool | None = None):
         self.left = x.shape[0] < x.shape[1] if left is None else left
-        self._eigh(gram(x.T if self.left else x))
+        # x x^T needs whole rows of x^T: a wide matrix is held in float64; a tall one is read by blocks of rows
+        self.x = _rows(x, 0, x.shape[0]) if self.left else x
+        self._eigh(gram(self.x.T if self.left else x))
 
     def _eigh(self, gram: torch.Tensor) -> None:
         values, vectors = torch.linalg.eigh(gram)
@@ -176,13 +211,14 @@ class GramSVD:
         self.s = values.flip(0)[:r].clamp_min(0).sqrt()
         self.w = vectors.flip(1)  # U (left) or V: eigh's ascending order, reversed
 
-    def _times(self, w: torch.Tensor) -> torch.Tensor:
-        return self.x.T @ w if self.left else self.x @ w
+    def _times(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.matmul(self.x.T, w, out=out) if self.left else _times(self.x, w, out)
 
-    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U_k, V_k): the singular vectors of the k largest singular values, as columns."""
+    def top(self, k: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k, V_k): the singular vectors of the k largest singular values, as columns; the side computed
+        from x (V_k where ``left``, else U_k) is written into ``out`` when given."""
         w = self.w[:, :k]
-        other = self._times(w) / self.s[:k]
+        other = self._times(w, out).div_(self.s[:k])
         return (w, other) if self.left else (other, w)
 
     def isometry(self, k: int, rhs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,14 +235,20 @@ class ProjectedSVD(GramSVD):
     """GramSVD of (I - Q Q^T) x for Q with orthonormal columns, without forming it: its Gram matrix is
     x^T x - z^T z with z = Q^T x, and its left singular vectors (x v_i - Q z v_i) / s_i."""
 
-    def __init__(self, x: torch.Tensor, q: torch.Tensor):
+    def __init__(self, x: Matrix, q: torch.Tensor):
         self.x, self.q, self.left = x, q, False
-        self.z = q.T @ x
+        self.z = torch.zeros(q.shape[1], x.shape[1], dtype=torch.float64, device=q.device)
+        for i in range(0, x.shape[0], ROWS):
+            self.z += q[i:i + ROWS].T @ _rows(x, i, i + ROWS)
         g = gram(x)
         self._eigh(g.sub_(gram(self.z)))
 
-    def _times(self, w: torch.Tensor) -> torch.Tensor:
-        return self.x @ w - self.q @ (self.z @ w)
+    def _times(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        zw = self.z @ w
+        out = torch.empty(self.x.shape[0], w.shape[1], dtype=torch.float64, device=w.device) if out is None else out
+        for i in range(0, self.x.shape[0], ROWS):
+            out[i:i + ROWS] = _rows(self.x, i, i + ROWS) @ w - self.q[i:i + ROWS] @ zw
+        return out
 
 
 def polar(a: torch.Tensor, rhs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +259,12 @@ def polar(a: torch.Tensor, rhs: torch.Tensor | None = None) -> tuple[torch.Tenso
     return svd.isometry(numerical_rank(svd.s, tuple(a.shape)), rhs)
 
 
-def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """out = a @ b for float64 factors and a float32 out, a block of rows at a time (no float64 m x n copy)."""
+def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """out = a @ b for a float32 out, a block of rows at a time (no float64 m x n copy). Each block reads a's
+    rows before writing out's, so out may be one of the tensors ``a`` sums."""
+    rows = rows or ROWS
     for i in range(0, a.shape[0], rows):
-        out[i:i + rows] = a[i:i + rows] @ b
+        out[i:i + rows] = _rows(a, i, i + rows) @ b
     return out
 
 
@@ -272,14 +316,6 @@ def tsv_k(rank: int, n: int, fraction: float) -> int:
     return rank // n if fraction <= 0 else int(fraction * rank)
 
 
-def _sum64(taus: list[torch.Tensor]) -> torch.Tensor:
-    """sum_t tau_t in float64, accumulated in order."""
-    total = taus[0].double()
-    for tau in taus[1:]:
-        total.add_(tau)
-    return total
-
-
 def tsv_m_delta(base, experts, params, ctx):
     """TSV-M: the top-k singular triplets of every task vector, U and V decorrelated by their polar factors."""
     taus = _weighted_task_vectors_(base, experts, ctx.weights)
@@ -288,12 +324,16 @@ def tsv_m_delta(base, experts, params, ctx):
         return _mean_(taus)
     shape = tuple(base.shape)
     with _one_thread(base.device):
-        us, ss, vs = [], [], []
+        # U's columns go straight into one m x Nk float64 matrix (a tall task vector is read by row blocks)
+        u = torch.empty(shape[0], len(taus) * k, dtype=torch.float64, device=base.device)
+        used, ss, vs = 0, [], []
         for tau in taus:
-            svd = GramSVD(tau.double())
+            svd = GramSVD(tau)
             kept = min(k, numerical_rank(svd.s, shape))
-            u, v = svd.top(kept)
-            us.append(u)
+            left, v = svd.top(kept, out=None if svd.left else u[:, used:used + kept])
+            if svd.left:
+                u[:, used:used + kept] = left
+            used += kept
             ss.append(svd.s[:kept])
             vs.append(v)
             del svd
@@ -301,10 +341,9 @@ def tsv_m_delta(base, experts, params, ctx):
         if s.numel() == 0:  # every task vector is zero
             return taus[0].zero_()
         v = torch.matmul(*polar(torch.cat(vs, dim=1)))
-        u = torch.cat(us, dim=1)
-        del us, vs
+        del vs
         # polar(U) diag(S) polar(V)^T
-        return _product_into(taus[0], *polar(u, v.T.mul_(s[:, None])))
+        return _product_into(taus[0], *polar(u[:, :used], v.T.mul_(s[:, None])))
 
 
 def iso_c_delta(base, experts, params, ctx):
@@ -314,7 +353,7 @@ def iso_c_delta(base, experts, params, ctx):
         return _mean_(taus)
     with _one_thread(base.device):
         norm = float(_largest_norm(taus))
-        svd = GramSVD(_sum64(taus))
+        svd = GramSVD(Summed(taus))
         kept = numerical_rank(svd.s, tuple(base.shape), max(float(svd.s[0]), norm))
         a, b = svd.isometry(kept)
         return _product_into(taus[0], a, b.mul_(svd.s.mean()))
@@ -342,37 +381,42 @@ def iso_cts_delta(base, experts, params, ctx):
         norm = float(_largest_norm(taus))
         # rows <= cols: M M^T's eigenvectors are all of U, so the complement of U_c is U's other columns
         left = shape[0] <= shape[1]
-        svd = GramSVD(_sum64(taus), left=left)
+        svd = GramSVD(Summed(taus), left=left)
         common = min(k_c, numerical_rank(svd.s, shape, max(float(svd.s[0]), norm)))
-        u_c, v_c = svd.top(common)
+        # U's columns go straight into one m x (k_c + N s) float64 matrix: U_c first, then each task's
+        u = torch.empty(shape[0], common + n * share, dtype=torch.float64, device=base.device)
+        u_c, v_c = svd.top(common, out=None if left else u[:, :common])
+        if left:
+            u[:, :common] = u_c
+        u_c = u[:, :common]
         mass = svd.s[:k_c].sum()  # the authors' mean runs over all r slots, dropped triplets included
         rest = svd.w[:, common:] if left else None  # I - U_c U_c^T = rest rest^T
         del svd
-        us, vs = [], []
+        used, vs = common, [v_c]
         for tau in taus:
             if share == 0:
                 break
             norm = float(torch.linalg.vector_norm(tau))
-            x = tau.double()
             if left:  # tau_t - U_c U_c^T tau_t = rest (rest^T tau_t): decompose the small rest^T tau_t
-                part = GramSVD(rest.T @ x)
+                part = GramSVD(rest.T @ tau.double())
             else:  # its Gram matrix: tau_t^T tau_t - (U_c^T tau_t)^T (U_c^T tau_t)
-                part = ProjectedSVD(x, u_c)
+                part = ProjectedSVD(tau, u_c)
             # the projection's rounding is relative to tau_t, not to what is left of it
             kept = min(share, numerical_rank(part.s, shape, norm))
-            u, v = part.top(kept)
-            us.append(rest @ u if left else u)
+            if left:
+                small, v = part.top(kept)
+                torch.matmul(rest, small, out=u[:, used:used + kept])
+            else:
+                _, v = part.top(kept, out=u[:, used:used + kept])
+            used += kept
             vs.append(v)
             mass = mass + part.s[:share].sum()
-            del part, x
-        us.append(u_c)
-        vs.append(v_c)
-        if sum(u.shape[1] for u in us) == 0:
+            del part
+        if used == 0:
             return taus[0].zero_()
         v = torch.matmul(*polar(torch.cat(vs, dim=1)))
-        u = torch.cat(us, dim=1)
-        del us, vs
-        return _product_into(taus[0], *polar(u, v.T.mul_(mass / rank)))
+        del vs
+        return _product_into(taus[0], *polar(u[:, :used], v.T.mul_(mass / rank)))
 
 
 RANK_FRACTION = Param("rank_fraction", float, 0.0,
