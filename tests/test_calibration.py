@@ -19,6 +19,7 @@ from mergebench.core.calibration import CalibrationData, CalibrationRequest, Gra
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import InputError, ParameterError
 from mergebench.core.tensor_io import open_local
+from mergebench.plugins import regmean as regmean_module
 
 TOKENS = ["[UNK]"] + [f"w{i}" for i in range(63)]  # one per row of the tiny Llamas' 64-row embedding
 LINEAR = "model.layers.1.mlp.down_proj.weight"
@@ -73,9 +74,12 @@ def linear_experts(seed=0, n_in=6, n_out=4, tokens=(20, 30)):
     return [e.weight.detach() for e in experts], xs
 
 
+# BLOCK = 13: the solve goes by blocks of two output columns (13 // 6 inputs), each written over expert 0's
+@pytest.mark.parametrize("block", [regmean_module.BLOCK, 13])
 @pytest.mark.parametrize("alpha", [1.0, 0.9, 0.3, 0.0])
-def test_regmean_is_the_closed_form_with_off_diagonal_scaling(pm, alpha):
-    weights, xs = linear_experts()
+def test_regmean_is_the_closed_form_with_off_diagonal_scaling(pm, alpha, block, monkeypatch):
+    monkeypatch.setattr(regmean_module, "BLOCK", block)
+    weights, xs = linear_experts(n_out=5)
     grams = [(x.T @ x).numpy() for x in xs]
     ws = [W.double().numpy() for W in weights]
     expected = closed_form(ws, grams, alpha)
@@ -93,7 +97,9 @@ def test_regmean_is_the_closed_form_with_off_diagonal_scaling(pm, alpha):
         assert not np.allclose(got.numpy(), (ws[0] + ws[1]) / 2, atol=1e-3)  # and not the plain average
 
 
-def test_regmean_equal_experts_transposed_layout_singular_inputs_and_other_tensors(pm):
+@pytest.mark.parametrize("block", [regmean_module.BLOCK, 13])
+def test_regmean_equal_experts_transposed_layout_singular_inputs_and_other_tensors(pm, block, monkeypatch):
+    monkeypatch.setattr(regmean_module, "BLOCK", block)
     regmean = method(pm, "regmean").merge
     weights, xs = linear_experts(seed=1)
     grams = [Gram((x.T @ x).float(), len(x)) for x in xs]

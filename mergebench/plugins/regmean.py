@@ -33,8 +33,10 @@ scales (LLM activations have a few huge ones) are judged alike.
   directions the data constrains get the regression solution, the rest keep the mean.
 - With alpha < 1 the scaled A has eigenvalues of at least 1 - alpha, so (for 1 - alpha above the
   tolerance) the Cholesky path is taken.
-Memory per linear tensor: a few in x in float64 matrices beyond the engine's (N + 2) copies of the weight
-and the N Grams.
+Memory per linear tensor: beyond the engine's (N + 2) copies of the weight and the N Grams, a few in x in
+float64 matrices (N of them, the w_i G~_i, where the output columns take more than one block), and B, the mean
+and the solve's temporaries for one block of about 2^20 float64 entries: the solve goes by blocks of output
+columns (independent given one factorisation of A) and writes each over expert 0's scratch copy.
 """
 
 from __future__ import annotations
@@ -62,30 +64,47 @@ def reduce_non_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return gram
 
 
-def solve_psd(a: torch.Tensor, b: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """X with A X = B for symmetric positive semi-definite A; where A is (nearly) singular, ``fallback`` plus
-    the minimum-norm correction (module docstring). Solved for Y = D^1/2 X with the unit-diagonal
-    D^-1/2 A D^-1/2 (D = diag(A)), so the tolerance is relative per input feature, whatever their scales."""
-    d = a.diagonal()
-    live = d > 0
-    if not bool(live.all()):  # an input never active: its row and column of A are 0, its row of X is free
-        out = fallback.clone()
-        if bool(live.any()):
-            out[live] = solve_psd(a[live][:, live], b[live], fallback[live])
-        return out
-    scale = d.rsqrt()
-    a_hat = a * scale[:, None] * scale[None, :]
-    b_hat = b * scale[:, None]
-    tol = _RTOL_PER_INPUT * a.shape[0]  # A^ has unit diagonal
-    factor, info = torch.linalg.cholesky_ex(a_hat)
-    if int(info) == 0 and float(factor.diagonal().square().min()) > tol:
-        return torch.cholesky_solve(b_hat, factor) * scale[:, None]
-    values, vectors = torch.linalg.eigh(a_hat)
-    keep = values > tol
-    inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
-    start = fallback / scale[:, None]
-    y = start + vectors @ (inverse[:, None] * (vectors.T @ (b_hat - a_hat @ start)))
-    return y * scale[:, None]
+class PSDSolver:
+    """Solves A X = B for a symmetric positive semi-definite A, a block of B's columns at a time (the columns
+    are independent: one factorisation serves them all); where A is (nearly) singular, ``fallback`` plus the
+    minimum-norm correction (module docstring). Solved for Y = D^1/2 X with the unit-diagonal D^-1/2 A D^-1/2
+    (D = diag(A)), so the tolerance is relative per input feature, whatever their scales."""
+
+    def __init__(self, a: torch.Tensor):
+        d = a.diagonal()
+        self.live = d > 0
+        self.whole = bool(self.live.all())
+        if not self.whole:  # an input never active: its row and column of A are 0, its row of X is free
+            self.inner = PSDSolver(a[self.live][:, self.live]) if bool(self.live.any()) else None
+            return
+        self.scale = d.rsqrt()
+        self.a_hat = a * self.scale[:, None] * self.scale[None, :]
+        tol = _RTOL_PER_INPUT * a.shape[0]  # A^ has unit diagonal
+        factor, info = torch.linalg.cholesky_ex(self.a_hat)
+        self.factor = factor if int(info) == 0 and float(factor.diagonal().square().min()) > tol else None
+        if self.factor is None:
+            values, self.vectors = torch.linalg.eigh(self.a_hat)
+            keep = values > tol
+            self.inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)),
+                                       torch.zeros_like(values))
+
+    def solve(self, b: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        if not self.whole:
+            out = fallback.clone()
+            if self.inner is not None:
+                out[self.live] = self.inner.solve(b[self.live], fallback[self.live])
+            return out
+        b_hat = b * self.scale[:, None]
+        if self.factor is not None:
+            return torch.cholesky_solve(b_hat, self.factor) * self.scale[:, None]
+        start = fallback / self.scale[:, None]
+        y = start + self.vectors @ (self.inverse[:, None] * (self.vectors.T @ (b_hat - self.a_hat @ start)))
+        return y * self.scale[:, None]
+
+
+# float64 entries of B per block of output columns: the solve's temporaries are a few blocks of 8 MiB, not
+# several float64 copies of the weight (an output head of 32000 x 768 is 197 MB in float64)
+BLOCK = 1 << 20
 
 
 def regmean(base, experts, params, ctx):
@@ -96,28 +115,40 @@ def regmean(base, experts, params, ctx):
     if not all(isinstance(g, Gram) for g in grams):
         raise InputError(f"regmean: the statistics for tensor '{ctx.name}' are not Gram matrices")
     transposed = grams[0].transposed
-    weights_t = [e if transposed else e.T for e in experts]  # each W_i^T: in x out
-    n_in = weights_t[0].shape[0]
+    weights_t = [e if transposed else e.T for e in experts]  # each W_i^T: in x out (a view)
+    n_in, n_out = weights_t[0].shape
     for g in grams:
         if tuple(g.matrix.shape) != (n_in, n_in):
             raise InputError(f"regmean: the Gram matrix for tensor '{ctx.name}' is {list(g.matrix.shape)}, but the "
                              f"weight has {n_in} inputs; the calibration statistics belong to another model")
     device = experts[0].device
+
+    def reduced(g: Gram, weight: float) -> torch.Tensor:  # w_i G~_i in float64
+        return reduce_non_diagonal(g.matrix.to(device, torch.float64, copy=True), params["alpha"]).mul_(weight)
+
+    step = max(1, BLOCK // n_in)
+    # several blocks: each needs every w_i G~_i, so they are kept (N in x in float64); one block: formed twice
+    kept = [] if step < n_out else None
     a = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
-    b = torch.zeros(weights_t[0].shape, dtype=torch.float64, device=device)
-    fallback = torch.zeros_like(b)  # the weighted mean, in float64
-    for w_t, g, weight in zip(weights_t, grams, ctx.weights):
-        gram = reduce_non_diagonal(g.matrix.to(device, torch.float64, copy=True), params["alpha"]).mul_(weight)
+    for g, weight in zip(grams, ctx.weights):
+        gram = reduced(g, weight)
         a += gram
-        # one float64 copy of one expert's weight at a time (an output head of N experts in float64 at once
-        # would be 2N float32 copies of the largest tensor)
-        w64 = w_t.to(torch.float64)
-        b.addmm_(gram, w64)
-        fallback.add_(w64, alpha=weight)
-        del w64
-    fallback.div_(sum(ctx.weights))
-    merged_t = solve_psd(a, b, fallback).to(torch.float32)  # W*^T: in x out
-    return merged_t if transposed else merged_t.T.contiguous()
+        if kept is not None:
+            kept.append(gram)
+    solver = PSDSolver(a)
+    # W*^T's columns c:c+k need only the experts' columns c:c+k: each block is written over expert 0's (its
+    # scratch copy, already read for that block), so the output takes no memory of its own
+    out_t = weights_t[0]
+    for c in range(0, n_out, step):
+        b = torch.zeros(n_in, min(step, n_out - c), dtype=torch.float64, device=device)
+        fallback = torch.zeros_like(b)  # the weighted mean, in float64
+        for i, (w_t, weight) in enumerate(zip(weights_t, ctx.weights)):
+            w64 = w_t[:, c:c + step].to(torch.float64)
+            b.addmm_(kept[i] if kept is not None else reduced(grams[i], weight), w64)
+            fallback.add_(w64, alpha=weight)
+        fallback.div_(sum(ctx.weights))
+        out_t[:, c:c + step] = solver.solve(b, fallback)
+    return experts[0]
 
 
 def check_weights(method: str):
