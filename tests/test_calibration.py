@@ -19,6 +19,7 @@ from mergebench.core.calibration import CalibrationData, CalibrationRequest, Gra
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import InputError, ParameterError
 from mergebench.core.tensor_io import open_local
+from mergebench.plugins import fisher as fisher_module
 from mergebench.plugins import regmean as regmean_module
 
 TOKENS = ["[UNK]"] + [f"w{i}" for i in range(63)]  # one per row of the tiny Llamas' 64-row embedding
@@ -318,6 +319,25 @@ def test_fisher_statistics_and_merge(family, pm):
     weights = stats[0].get("model.embed_tokens.weight").values  # rows of tokens the data never uses: no information
     assert (weights.sum(1) == 0).any() and (weights.sum(1) > floor).any()
 
+
+
+@pytest.mark.parametrize("floor", [0.0, 1e-3])
+def test_fisher_by_blocks_is_the_per_entry_formula(pm, monkeypatch, floor):
+    """The per-entry sums go by blocks of fisher.BLOCK entries (7 here: uneven) written over expert 0's scratch
+    copy: the formula per entry, and where no expert has information (floor 0, every F_i = 0) the weighted mean."""
+    monkeypatch.setattr(fisher_module, "BLOCK", 7)
+    g = torch.Generator().manual_seed(5)
+    experts = [torch.randn(9, 5, generator=g) for _ in range(3)]
+    fishers = [torch.rand(9, 5, generator=g) * (torch.rand(9, 5, generator=g) > 0.4) for _ in range(3)]
+    fishers[0][2:4] = fishers[1][2:4] = fishers[2][2:4] = 0.0  # two rows no expert's data reaches
+    weights = (1.0, 2.0, 0.5)
+    got = method(pm, "fisher").merge(None, [e.clone() for e in experts], {"fisher_floor": floor, "normalize": False},
+                                     TensorContext("w", weights, statistics=tuple(fishers)))
+    f = [fi.double().clamp_min(floor) * w for fi, w in zip(fishers, weights)]
+    want = sum(fi * e.double() for fi, e in zip(f, experts)) / sum(f)
+    mean = sum(w * e.double() for w, e in zip(weights, experts)) / sum(weights)
+    want = torch.where(sum(f) == 0, mean, want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 def test_tied_embeddings_get_no_gram_and_one_fisher_under_both_names(family, tmp_path):
     """A tied output head is the embedding: RegMean averages it (its Gram would describe only one of its two

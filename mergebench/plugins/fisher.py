@@ -24,7 +24,8 @@ gradient of each example's log-likelihood, :mod:`mergebench.core.calibration`), 
 - Tensors without a Fisher (none was collected for that name) are the weighted mean. The base, when
   given, takes no part.
 
-Computed in float32 on the merge's device, per whole tensor (the statistics come one tensor at a time).
+Computed in float32 on the merge's device, per whole tensor (the statistics come one tensor at a time), the sums
+a block of 2^20 entries at a time, each written over expert 0's scratch copy.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.regmean import check_weights, weighted_mean
 
+BLOCK = 1 << 20  # entries per block of the per-entry sums
+
 
 def fisher(base, experts, params, ctx):
     """sum_i c_i max(F_i, floor) theta_i / sum_i c_i max(F_i, floor), per entry; c_i = w_i, or w_i / ||F_i||
@@ -44,8 +47,7 @@ def fisher(base, experts, params, ctx):
     fishers = ctx.statistics
     if fishers is None or any(f is None for f in fishers):
         return weighted_mean(experts, ctx.weights)
-    numerator = torch.zeros_like(experts[0])
-    denominator = torch.zeros_like(experts[0])
+    values, coefficients = [], []
     for theta, f, weight in zip(experts, fishers, ctx.weights):
         if params.get("normalize"):
             norm = getattr(f, "model_norm", float("nan"))
@@ -59,13 +61,26 @@ def fisher(base, experts, params, ctx):
             got = list(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise InputError(f"fisher: the Fisher for tensor '{ctx.name}' is {got}, not shaped as the tensor "
                              f"{list(theta.shape)}; the calibration statistics belong to another model")
-        # a copy: the statistics may be the caller's (an in-memory sweep reuses them for every point)
-        f = f.to(theta.device, torch.float32, copy=True).clamp_min_(params["fisher_floor"]).mul_(weight)
-        denominator += f
-        numerator.addcmul_(f, theta)
-    unreached = denominator == 0  # only with floor 0: no expert has information there
-    out = numerator.div_(torch.where(unreached, torch.ones_like(denominator), denominator))
-    return torch.where(unreached, weighted_mean(experts, ctx.weights), out) if unreached.any() else out
+        values.append(f.reshape(-1))
+        coefficients.append(weight)
+    # elementwise: a block of entries at a time, written over expert 0's scratch copy once that block is read,
+    # so the sums take no whole tensors of their own
+    flat = [theta.view(-1) for theta in experts]
+    for start in range(0, flat[0].numel(), BLOCK):
+        stop = min(start + BLOCK, flat[0].numel())
+        numerator = torch.zeros(stop - start, dtype=flat[0].dtype, device=flat[0].device)
+        denominator = torch.zeros_like(numerator)
+        for theta, f, weight in zip(flat, values, coefficients):
+            # a copy: the statistics may be the caller's (an in-memory sweep reuses them for every point)
+            f = f[start:stop].to(theta.device, torch.float32, copy=True).clamp_min_(params["fisher_floor"]).mul_(weight)
+            denominator += f
+            numerator.addcmul_(f, theta[start:stop])
+        unreached = denominator == 0  # only with floor 0: no expert has information there
+        out = numerator.div_(torch.where(unreached, torch.ones_like(denominator), denominator))
+        if unreached.any():
+            out = torch.where(unreached, weighted_mean([theta[start:stop] for theta in flat], ctx.weights), out)
+        flat[0][start:stop] = out
+    return experts[0]
 
 
 @hookimpl
