@@ -45,6 +45,29 @@ def test_magnitude_mask_keeps_top_k_and_breaks_ties_by_index():
     assert magnitude_mask(x, 0).sum() == 0 and magnitude_mask(x, 6).all()
 
 
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.integers(-4, 4), min_size=1, max_size=60), k=st.integers(0, 60), chunk=st.integers(1, 9),
+       shape2d=st.booleans())
+def test_magnitude_mask_by_chunks_is_the_top_k_with_ties_by_index(values, k, chunk, shape2d):
+    """Chunked passes (magnitude_mask streams as the engine does): the k largest |x|, ties by flat index, which
+    a stable sort by descending |x| gives directly."""
+    import mergebench.core.merge_ops as merge_ops
+
+    x = torch.tensor(values, dtype=torch.float32) / 2
+    if shape2d and len(values) % 2 == 0:
+        x = x.view(2, -1)
+    order = sorted(range(x.numel()), key=lambda i: -abs(float(x.reshape(-1)[i])))  # stable: ties by index
+    want = torch.zeros(x.numel(), dtype=torch.bool)
+    want[order[:k]] = True
+    old = merge_ops.MASK_CHUNK
+    merge_ops.MASK_CHUNK = chunk
+    try:
+        got = magnitude_mask(x, k)
+    finally:
+        merge_ops.MASK_CHUNK = old
+    assert got.shape == x.shape and torch.equal(got.reshape(-1), want)
+
 def test_threshold_mask_keeps_above_and_first_ties():
     x = T([[2.0, 1.0], [-1.0, 0.5]])
     mask, used = threshold_mask(x, 1.0, 1)

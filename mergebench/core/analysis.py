@@ -229,9 +229,17 @@ class L1RescalePass:
         return self.result
 
 
-def run_analysis(analysis: TensorAnalysis, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> Any:
-    """Run every pass of ``analysis`` over one whole tensor (one chunk) and return its result."""
+def run_analysis(analysis: TensorAnalysis, name: str, base: Tensor | None, experts: Sequence[Tensor],
+                 chunk: int | None = None) -> Any:
+    """Run every pass of ``analysis`` over one whole tensor (one chunk, or chunks of ``chunk`` entries, whose
+    temporaries are then a chunk's) and return its result."""
+    flat_base = None if base is None else base.reshape(-1)
+    flat = [e.reshape(-1) for e in experts]
+    n = flat[0].numel()
+    step = chunk or max(n, 1)
     for p in range(analysis.passes):
-        analysis.observe(p, name, None if base is None else base.reshape(-1), [e.reshape(-1) for e in experts])
+        for start in range(0, max(n, 1), step):
+            analysis.observe(p, name, None if flat_base is None else flat_base[start:start + step],
+                             [e[start:start + step] for e in flat])
         analysis.end_pass(p)
     return analysis.result_for(name)

@@ -38,6 +38,9 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return out
 
 
+MASK_CHUNK = 1 << 20  # entries per chunk of magnitude_mask's passes
+
+
 def magnitude_mask(x: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest |x|; ties at the threshold are broken by flat index (first wins).
 
@@ -50,8 +53,13 @@ def magnitude_mask(x: Tensor, k: int) -> Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x])
-    return threshold_mask(x, threshold, ties)[0]
+    # by chunks, as the engine streams a tensor: |x| and its bits are a chunk's temporaries, not the tensor's
+    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x], chunk=MASK_CHUNK)
+    flat, mask = x.reshape(-1), torch.empty(n, dtype=torch.bool, device=x.device)
+    for start in range(0, n, MASK_CHUNK):
+        mask[start:start + MASK_CHUNK], used = threshold_mask(flat[start:start + MASK_CHUNK], threshold, ties)
+        ties -= used
+    return mask.view(x.shape)
 
 
 def threshold_mask(x: Tensor, threshold: float, ties: int) -> tuple[Tensor, int]:
