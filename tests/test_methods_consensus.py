@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mergekit_ref import llama_family, llama_tensors, needs_mergekit, read_model, run_mergekit_many, venv, write_llama
 from safetensors.torch import save_file
 
@@ -25,6 +27,7 @@ from mergebench.core.api import merge as engine_merge
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import ParameterError
 from mergebench.core.plugin_manager import make_plugin_manager
+from mergebench.plugins import arcee_fusion as arcee_module
 from mergebench.plugins.arcee_fusion import importance, outlier_threshold
 from mergebench.core.merge_ops import ordered_sum
 from mergebench.plugins import sce as sce_module
@@ -341,6 +344,36 @@ def test_arcee_fusion_threshold_uses_lower_nearest_rank_quartiles():
     # (interpolated quartiles would give 3.75, 12.5, 26.25 and a threshold of 46.25)
     assert float(outlier_threshold(scores, 0, None)) == 10.0 + 1.5 * (21.0 - 3.0)
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(-1, 6), min_size=1, max_size=50), block=st.integers(1, 9))
+def test_arcee_fusion_quartiles_by_chunked_selection_are_kthvalues(values, block):
+    """kth_smallest: the exact radix select over chunks for non-negative scores (ties included), kthvalue where
+    a score is negative: always kthvalue's value, so the threshold is the sorted scores' lower nearest ranks."""
+    old = arcee_module.BLOCK
+    arcee_module.BLOCK = block
+    try:
+        flat = torch.tensor(values, dtype=torch.float32) / 4
+        for k in range(1, flat.numel() + 1):
+            assert torch.equal(arcee_module.kth_smallest(flat, k), torch.kthvalue(flat, k).values), k
+        s = sorted(float(v) for v in flat)
+        last = len(s) - 1
+        want = s[last // 2] + 1.5 * (s[3 * last // 4] - s[last // 4])
+        assert float(outlier_threshold(flat, 0, None)) == pytest.approx(want, abs=1e-6)
+    finally:
+        arcee_module.BLOCK = old
+
+
+def test_arcee_fusion_importance_by_blocks_of_rows_gives_the_whole_tensors_bits(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    for shape in [(37, 13), (300,), (2, 3, 4)]:
+        base = torch.randn(shape, generator=g)
+        expert = base + 0.3 * torch.randn(shape, generator=g)
+        whole = importance(expert.clone(), base.clone())
+        monkeypatch.setattr(arcee_module, "BLOCK", 20)  # one row a block (13 entries), or 20 entries of one row
+        assert torch.equal(importance(expert.clone(), base.clone()), whole)
+        monkeypatch.undo()
 
 def test_arcee_fusion_matches_an_independent_reference(methods):
     g = torch.Generator().manual_seed(11)

@@ -7,7 +7,9 @@
     Q1, M, Q3 = s_(floor(q (n - 1))) for q = 1/4, 1/2, 3/4: entries of that rank in the sorted s (n = numel)
     theta = theta_0 + tau * [s >= M + 1.5 (Q3 - Q1)]
 
-Not elementwise: the softmaxes are per row and the threshold comes from quantiles of the whole tensor.
+Not elementwise: the softmaxes are per row and the threshold comes from quantiles of the whole tensor. The
+softmaxes go by blocks of rows and the quantiles by an exact radix select over chunks (kthvalue's values), so
+the merge holds the scores beside its inputs and no other whole temporary.
 
 Conventions (there is no paper: mergekit's implementation, by Arcee, is the original):
 - Quantiles are the lower nearest rank floor(q (n - 1)) of the sorted scores, not interpolated (numpy's or
@@ -34,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.core.merge_ops import ordered_sum
@@ -43,12 +46,35 @@ SOFTMAX_EPS = 1e-8
 MERGEKIT_QUANTILE_SAMPLE = 1_000_000
 
 
+BLOCK = 1 << 20  # entries (whole rows) per block of the softmaxes; the quantiles' selection chunk
+
+
 def importance(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|theta_1 - theta_0| * KL(softmax(theta_1) || softmax(theta_0)) per row, with the 1e-8 offsets of mergekit."""
-    p = F.softmax(expert, dim=-1).add_(SOFTMAX_EPS)
-    q = F.softmax(base, dim=-1).add_(SOFTMAX_EPS)
-    kl = ordered_sum(torch.div(p, q, out=q).log_().mul_(p)).unsqueeze(-1)
-    return torch.sub(expert, base, out=p).abs_().mul_(kl)
+    """|theta_1 - theta_0| * KL(softmax(theta_1) || softmax(theta_0)) per row, with the 1e-8 offsets of mergekit;
+    by blocks of whole rows (each row's maths is its own), so p and q are a block's temporaries."""
+    lined = expert.reshape(1, -1) if expert.dim() < 2 else expert
+    rows = lined.reshape(-1, lined.shape[-1])
+    bases = base.reshape(rows.shape)
+    scores = torch.empty_like(rows)
+    step = max(1, BLOCK // max(rows.shape[1], 1))
+    for r in range(0, rows.shape[0], step):
+        e, b = rows[r:r + step], bases[r:r + step]
+        p = F.softmax(e, dim=-1).add_(SOFTMAX_EPS)
+        q = F.softmax(b, dim=-1).add_(SOFTMAX_EPS)
+        kl = ordered_sum(torch.div(p, q, out=q).log_().mul_(p)).unsqueeze(-1)
+        scores[r:r + step] = torch.sub(e, b, out=p).abs_().mul_(kl)
+    return scores.view(expert.shape)
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of a flat float32 tensor: ``torch.kthvalue``'s value. For non-negative
+    entries by the exact radix select of TIES' trimming, over chunks (kthvalue copies the tensor and an int64
+    index of it); kthvalue itself where an entry is negative or NaN (a rounding below 0 of a KL near 0)."""
+    if flat.numel() and bool((flat >= 0).all()):
+        analysis = MagnitudeThreshold(0.0, 1, k=flat.numel() - k + 1)  # the (n - k + 1)-th largest
+        ((threshold, _),) = run_analysis(analysis, "scores", None, [flat], chunk=BLOCK)
+        return torch.tensor(threshold, dtype=flat.dtype, device=flat.device)
+    return torch.kthvalue(flat, k).values
 
 
 def outlier_threshold(scores: torch.Tensor, sample: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -58,7 +84,7 @@ def outlier_threshold(scores: torch.Tensor, sample: int, generator: torch.Genera
     if 0 < sample < flat.numel():
         flat = flat[torch.randint(flat.numel(), (sample,), generator=generator).to(flat.device)]
     last = flat.numel() - 1
-    q1, median, q3 = (torch.kthvalue(flat, rank + 1).values for rank in (last // 4, last // 2, 3 * last // 4))
+    q1, median, q3 = (kth_smallest(flat, rank + 1) for rank in (last // 4, last // 2, 3 * last // 4))
     return median + 1.5 * (q3 - q1)
 
 
