@@ -60,12 +60,12 @@ def test_magnitude_mask_by_chunks_is_the_top_k_with_ties_by_index(values, k, chu
     order = sorted(range(x.numel()), key=lambda i: -abs(float(x.reshape(-1)[i])))  # stable: ties by index
     want = torch.zeros(x.numel(), dtype=torch.bool)
     want[order[:k]] = True
-    old = merge_ops.MASK_CHUNK
-    merge_ops.MASK_CHUNK = chunk
+    old = merge_ops.BLOCK
+    merge_ops.BLOCK = chunk
     try:
         got = magnitude_mask(x, k)
     finally:
-        merge_ops.MASK_CHUNK = old
+        merge_ops.BLOCK = old
     assert got.shape == x.shape and torch.equal(got.reshape(-1), want)
 
 def test_threshold_mask_keeps_above_and_first_ties():

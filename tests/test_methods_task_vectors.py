@@ -318,7 +318,7 @@ def test_della_by_blocks_of_rows_equals_the_whole_tensor_reference(pm, monkeypat
     params = {"seed": 9, "weights": [1.0, 2.0],
               "expert_params": [{"density": 0.5, "epsilon": 0.2}, {"density": 0.4, "epsilon": 0.3}]}
     whole = run(pm, "della_linear", base, xs, **params)
-    monkeypatch.setattr(task_vectors, "MAGPRUNE_BLOCK", 8)
+    monkeypatch.setattr(task_vectors, "BLOCK", 8)
     blocked = run(pm, "della_linear", base, xs, **params)
     assert torch.equal(blocked, whole)
     assert torch.allclose(blocked, want[0] + 2 * want[1], rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ so that memory stays at one tensor per input; helpers that say so work in place.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -38,7 +38,15 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return out
 
 
-MASK_CHUNK = 1 << 20  # entries per chunk of magnitude_mask's passes
+# Entries per block of a whole-tensor method's elementwise temporaries (4 MiB in float32): maths that needs
+# whole tensors forms its temporaries a block at a time, so a merge stays near the engine's (N + 2) copies of
+# the largest tensor instead of adding copies of it. Each module reads its own name (tests shrink it there).
+BLOCK = 1 << 20
+
+
+def spans(numel: int, block: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive flat blocks of at most ``block`` entries."""
+    return ((start, min(start + block, numel)) for start in range(0, numel, block))
 
 
 def magnitude_mask(x: Tensor, k: int) -> Tensor:
@@ -54,10 +62,10 @@ def magnitude_mask(x: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     # by chunks, as the engine streams a tensor: |x| and its bits are a chunk's temporaries, not the tensor's
-    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x], chunk=MASK_CHUNK)
+    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x], chunk=BLOCK)
     flat, mask = x.reshape(-1), torch.empty(n, dtype=torch.bool, device=x.device)
-    for start in range(0, n, MASK_CHUNK):
-        mask[start:start + MASK_CHUNK], used = threshold_mask(flat[start:start + MASK_CHUNK], threshold, ties)
+    for start, stop in spans(n, BLOCK):
+        mask[start:stop], used = threshold_mask(flat[start:stop], threshold, ties)
         ties -= used
     return mask.view(x.shape)
 

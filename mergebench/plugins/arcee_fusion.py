@@ -39,14 +39,11 @@ import torch.nn.functional as F
 from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.core.merge_ops import ordered_sum
+from mergebench.core.merge_ops import BLOCK, ordered_sum
 from mergebench.plugins.checks import unweighted_check
 
 SOFTMAX_EPS = 1e-8
 MERGEKIT_QUANTILE_SAMPLE = 1_000_000
-
-
-BLOCK = 1 << 20  # entries (whole rows) per block of the softmaxes; the quantiles' selection chunk
 
 
 def importance(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

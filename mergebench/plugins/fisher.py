@@ -35,10 +35,9 @@ import torch
 from mergebench.core.calibration import CalibrationRequest, Fisher
 from mergebench.core.errors import InputError
 from mergebench.core.hookspecs import hookimpl
+from mergebench.core.merge_ops import BLOCK, spans
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.regmean import check_weights, weighted_mean
-
-BLOCK = 1 << 20  # entries per block of the per-entry sums
 
 
 def fisher(base, experts, params, ctx):
@@ -66,8 +65,7 @@ def fisher(base, experts, params, ctx):
     # elementwise: a block of entries at a time, written over expert 0's scratch copy once that block is read,
     # so the sums take no whole tensors of their own
     flat = [theta.view(-1) for theta in experts]
-    for start in range(0, flat[0].numel(), BLOCK):
-        stop = min(start + BLOCK, flat[0].numel())
+    for start, stop in spans(flat[0].numel(), BLOCK):
         numerator = torch.zeros(stop - start, dtype=flat[0].dtype, device=flat[0].device)
         denominator = torch.zeros_like(numerator)
         for theta, f, weight in zip(flat, values, coefficients):

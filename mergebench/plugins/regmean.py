@@ -46,7 +46,7 @@ import torch
 from mergebench.core.calibration import CalibrationRequest, Gram
 from mergebench.core.errors import InputError, ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import weighted_sum
+from mergebench.core.merge_ops import BLOCK, weighted_sum
 from mergebench.core.registry import MergeMethod, Param
 
 _RTOL_PER_INPUT = 1.2e-7  # float32 machine epsilon: the Grams are accumulated in float32
@@ -102,11 +102,6 @@ class PSDSolver:
         return y * self.scale[:, None]
 
 
-# float64 entries of B per block of output columns: the solve's temporaries are a few blocks of 8 MiB, not
-# several float64 copies of the weight (an output head of 32000 x 768 is 197 MB in float64)
-BLOCK = 1 << 20
-
-
 def regmean(base, experts, params, ctx):
     """(sum_i w_i W_i G~_i)(sum_i w_i G~_i)^-1 for linear weights; the weighted mean elsewhere"""
     grams = ctx.statistics
@@ -126,7 +121,7 @@ def regmean(base, experts, params, ctx):
     def reduced(g: Gram, weight: float) -> torch.Tensor:  # w_i G~_i in float64
         return reduce_non_diagonal(g.matrix.to(device, torch.float64, copy=True), params["alpha"]).mul_(weight)
 
-    step = max(1, BLOCK // n_in)
+    step = max(1, BLOCK // n_in)  # output columns per block: B's block is about BLOCK float64 entries
     # several blocks: each needs every w_i G~_i, so they are kept (N in x in float64); one block: formed twice
     kept = [] if step < n_out else None
     a = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)

@@ -1,7 +1,7 @@
 """Spherical merges: slerp, nuslerp, multislerp and karcher, as mergekit 0.1.5 computes them.
 
 None is elementwise: each needs norms or dot products over a whole tensor (or over its rows). Their
-elementwise temporaries go by blocks of ``BLOCK`` entries (the same bits as whole ones), so a merge holds
+elementwise temporaries go by blocks of ``merge_ops.BLOCK`` entries (the same bits as whole ones), so a merge holds
 its inputs and at most two whole working tensors (karcher's mean and tangent; the product inside cos for
 slerp and nuslerp; multislerp's sum).
 
@@ -69,7 +69,7 @@ import torch
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import task_vectors_
+from mergebench.core.merge_ops import BLOCK, spans, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import ONE_EXPERT_HINT, expert_count
 
@@ -79,16 +79,6 @@ T_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 .. 0.9
 
 
 # ---- shared spherical maths ---------------------------------------------------------------------
-
-# entries per block of the elementwise temporaries below: a few MiB, where a whole-tensor temporary would
-# be one more copy of the tensor beyond the engine's (N + 2) x largest tensor
-BLOCK = 1 << 20
-
-
-def spans(numel: int):
-    """(start, stop) of consecutive flat blocks of at most BLOCK entries."""
-    return ((start, min(start + BLOCK, numel)) for start in range(0, numel, BLOCK))
-
 
 def cosine(v0: Tensor, v1: Tensor, n0: Tensor, n1: Tensor) -> Tensor:
     """sum((v0 / n0) * (v1 / n1)) along the last dim (keepdim), clamped to [-1, 1]; n0, n1: the guarded norms.
@@ -191,7 +181,7 @@ def multislerp(base, experts, params, ctx):
     flat = direction.view(-1)
     for v, n, w in zip(vs, norms, weights):
         v = v.reshape(-1)
-        for start, stop in spans(flat.numel()):  # a block's term at a time: the same bits as a whole one
+        for start, stop in spans(flat.numel(), BLOCK):  # a block's term at a time: the same bits as a whole one
             flat[start:stop].add_(torch.div(v[start:stop], n + eps, out=term[:stop - start]).mul_(w))
     direction_norm = norm(direction)
     if direction_norm.item() < eps:
@@ -236,7 +226,7 @@ def karcher(base, experts, params, ctx):
     mean = torch.zeros_like(units[0])
     step = torch.empty(min(BLOCK, mean.numel()), dtype=mean.dtype, device=mean.device)
     for c, u in zip(coeffs, units):
-        for start, stop in spans(mean.numel()):
+        for start, stop in spans(mean.numel(), BLOCK):
             mean[start:stop].add_(torch.mul(u[start:stop], c, out=step[:stop - start]))
     mean_norm = norm(mean)
     mean = units[0].clone() if mean_norm.item() < tol else mean.div_(mean_norm)
@@ -250,7 +240,7 @@ def karcher(base, experts, params, ctx):
                 continue
             # c (a / sin a) (u - cos a m): the log map of u at m
             factor = c * (theta / torch.sin(theta))
-            for start, stop in spans(mean.numel()):
+            for start, stop in spans(mean.numel(), BLOCK):
                 part = step[:stop - start]
                 torch.mul(dot, mean[start:stop], out=part)
                 torch.sub(u[start:stop], part, out=part)

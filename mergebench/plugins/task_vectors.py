@@ -80,8 +80,8 @@ from mergebench.core.analysis import (RECORD_MASKS, Combined, L1Rescale, L1Resca
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import MergebenchError, ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import (agreeing_sums, disjoint_mean, elect_sign, exact_l1, floor_count, keep_count,
-                                       l1_rescale_factor, random_drop_, random_keep_mask, task_vectors_,
+from mergebench.core.merge_ops import (BLOCK, agreeing_sums, disjoint_mean, elect_sign, exact_l1, floor_count,
+                                       keep_count, l1_rescale_factor, random_drop_, random_keep_mask, task_vectors_,
                                        threshold_mask, weighted_sum)
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.core.tensor_params import is_varying
@@ -144,11 +144,6 @@ def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) ->
     return probabilities.movedim(-1, 1).contiguous() if tau.dim() > 2 else probabilities.reshape(tau.shape)
 
 
-# entries per block of rows in :func:`magprune_`: the sort's temporaries (int64 order and ranks, float32
-# probabilities, about 7x the block in float32 terms) stay a few MiB, not several copies of the tensor
-MAGPRUNE_BLOCK = 1 << 20
-
-
 def magprune_(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
               divide: bool) -> torch.Tensor:
     """DELLA's drop, in place: keep each entry with its :func:`magprune_probabilities` p (Bernoulli, from
@@ -158,11 +153,11 @@ def magprune_(tau: torch.Tensor, density: float, epsilon: float, generator: torc
     whole rows of an even number of entries (the draws then equal one draw for the whole tensor): the same
     bits as the whole tensor at once, with temporaries of one block. Other shapes (a 1-D tensor is one row;
     3-D ones rank along dim 1, across flat order) go whole."""
-    if tau.dim() != 2 or tau.numel() <= MAGPRUNE_BLOCK:
+    if tau.dim() != 2 or tau.numel() <= BLOCK:
         blocks = [tau]
     else:
         rows, length = tau.shape
-        step = max(1, MAGPRUNE_BLOCK // length)
+        step = max(1, BLOCK // length)  # the sort's int64 temporaries are a few blocks' worth
         step += (step * length) % 2  # an odd number of entries would split a 32-bit draw between two blocks
         blocks = [tau[start:start + step] for start in range(0, rows, step)]
     for block in blocks:
