@@ -170,6 +170,37 @@ def test_non_finite_output_is_refused_with_the_float16_hint_only_for_float16(toy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_a_finite_result_that_overflows_bfloat16_is_refused(toy_models, tmp_path, pm, elementwise):
+    """3.4e38 is finite in float32 but beyond bfloat16's largest value (3.3895e38, rounding to Inf above
+    3.3961e38): the written tensor is checked, not the float32 result."""
+    pm.register(method_plugin(MergeMethod(name="edge", description="", needs_base=False, elementwise=elementwise,
+                                    merge=lambda base, experts, params, ctx: torch.full_like(experts[0], 3.4e38))))
+    assert torch.isfinite(torch.tensor(3.4e38)) and torch.isinf(torch.tensor(3.4e38).to(torch.bfloat16))
+    out = tmp_path / "out"
+    with pytest.raises(MergebenchError) as err:
+        mergebench.merge("edge", experts=[toy_models["e0"], toy_models["e1"]], output=out, plugin_manager=pm,
+                         threads=1, dtype="bfloat16")
+    assert str(err.value) == ("merge method 'edge' produced NaN or Inf in tensor 'layer.0.bias' "
+                              "(too large for bfloat16? try --dtype float32)")
+    assert not out.exists()
+
+
+def test_a_copied_tensor_that_overflows_the_output_dtype_is_refused(tmp_path, pm):
+    """Identical inputs are copied, not merged; the copy is cast to the output dtype and checked like a merge."""
+    shared = torch.tensor([1e5, 2.0])  # finite in float32, beyond float16's 65504
+    models = [write_model(tmp_path / f"e{i}", {**toy_tensors(i), "scale": shared}) for i in range(2)]
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as err:
+        mergebench.merge("average", experts=models, output=out, plugin_manager=pm, threads=1, dtype="float16")
+    assert str(err.value).startswith("tensor 'scale' (copied from the expert 1")
+    assert str(err.value).endswith("overflows to Inf in float16 (too large for float16? try --dtype bfloat16)")
+    assert not out.exists()
+    mergebench.merge("average", experts=models, output=out, plugin_manager=pm, threads=1, dtype="bfloat16")
+    from safetensors.torch import load_file
+    assert load_file(out / "model.safetensors")["scale"].tolist() == [99840.0, 2.0]  # bfloat16's nearest
+
+
 # --- merges without a base ------------------------------------------------------------------------
 
 
@@ -714,3 +745,252 @@ def test_workers_share_one_budget_for_whole_tensors(tmp_path, pm, inputs, scenar
         return
     assert peaks["bytes"] <= sizes[-1] + sizes[-2]  # the largest and the next size, never two of the largest
     assert peaks["jobs"] >= 2 and peaks["beside_largest"]  # but a layer beside the embedding or the head
+
+
+# --- refusals before any tensor is merged: threads, free space, a whole-model pre-pass over slices ----------------
+
+
+def test_fewer_than_one_thread_is_refused_by_name(toy_models, tmp_path, pm):
+    with pytest.raises(ParameterError) as err:
+        mergebench.merge("average", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
+                         plugin_manager=pm, threads=0)
+    assert str(err.value) == "--threads must be at least 1, got 0"
+
+
+def _disk_with_free(monkeypatch, free):
+    """shutil.disk_usage reporting ``free`` bytes; returns the list of the paths it was asked about."""
+    import shutil
+    from collections import namedtuple
+
+    usage, asked = namedtuple("usage", "total used free"), []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: asked.append(path) or usage(free + (1 << 30), 1 << 30, free))
+    return asked
+
+
+def test_a_merge_fits_in_exactly_its_output_size_plus_16_mib(toy_models, tmp_path, pm, monkeypatch):
+    """The output's tensors take 896 bytes (224 float32 values and 8 int64 position ids); the merge needs those plus
+    16 MiB for the config, tokenizer and card files, on the filesystem of the output's nearest existing directory."""
+    needed = (16 * 8 + 16 + 4 * 16) * 4 + 8 * 8 + (16 << 20)
+    experts, out = [toy_models["e0"], toy_models["e1"]], tmp_path / "new" / "out"
+    _disk_with_free(monkeypatch, needed - 1)
+    with pytest.raises(InputError, match="free some space"):
+        mergebench.merge("average", experts=experts, output=out, plugin_manager=pm)
+    asked = _disk_with_free(monkeypatch, needed)
+    mergebench.merge("average", experts=experts, output=out, plugin_manager=pm)
+    assert (out / "model.safetensors").is_file() and asked == [tmp_path.resolve()]
+
+
+def test_the_free_space_refusal_gives_both_sizes_in_gib_and_the_directory_checked(tmp_path, monkeypatch):
+    _disk_with_free(monkeypatch, 5 << 29)  # 2.5 GiB free
+    out = tmp_path / "new" / "out"
+    with pytest.raises(InputError) as err:
+        engine.check_free_space(out, 5 << 30)  # 5 GiB of tensors, plus the 16 MiB margin
+    assert str(err.value) == (f"{out}: the merge needs 5.02 GiB but {tmp_path.resolve()} has 2.50 GiB free; free some "
+                              "space or choose another output")
+
+
+def test_a_whole_model_pre_pass_over_slices_of_different_experts_is_refused(toy_models, tmp_path, pm):
+    """Global TIES trims every tensor against one threshold per expert, computed over the whole model: output layer 0
+    merged from expert 1 and layer 1 from expert 2 have no common experts to compute it for."""
+    from mergebench.core.recipe import ModelInput, OutputSlice, Recipe, SliceSource
+
+    base, e0, e1 = (str(toy_models[k]) for k in ("base", "e0", "e1"))
+    recipe = Recipe("ties", [ModelInput(e0), ModelInput(e1)], base=ModelInput(base),
+                    parameters={"density": 0.5, "trim_scope": "global"},
+                    slices=[OutputSlice([SliceSource(base, (0, 1)), SliceSource(e0, (0, 1))]),
+                            OutputSlice([SliceSource(base, (1, 2)), SliceSource(e1, (1, 2))])])
+    with pytest.raises(ParameterError) as err:
+        engine.run(recipe, tmp_path / "out", pm=pm)
+    assert str(err.value) == ("merge method 'ties' with these parameters needs one pre-pass over the whole model, so "
+                              "every tensor must be merged from the same inputs (no slices)")
+
+
+# --- what the merge reports and records -------------------------------------------------------------------------
+
+
+def test_every_shard_header_names_mergebench_and_the_method(toy_models, tmp_path, pm):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    mergebench.merge("ties", base=toy_models["base"], experts=[toy_models["e0"], toy_models["e1"]], output=out,
+                     max_shard_size=600, plugin_manager=pm)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1  # every shard carries the header, not only the first
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert f.metadata() == {"format": "pt", "merged_with": "mergebench", "method": "ties"}, shard.name
+
+
+def test_the_result_and_the_record_give_the_method_seed_and_wall_time(toy_models, tmp_path, pm):
+    import json
+    import time
+
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    result = mergebench.merge("dare_ties", base=toy_models["base"], experts=[toy_models["e0"], toy_models["e1"]],
+                              output=out, seed=4, density=0.4, plugin_manager=pm)
+    elapsed = time.perf_counter() - started
+    assert (result.method, result.seed) == ("dare_ties", 4) and 0 < result.seconds <= elapsed
+    assert json.loads((out / "mergebench.json").read_text())["seed"] == 4
+    assert "- Seed: 4 (the method is stochastic" in (out / "README.md").read_text()
+
+
+def test_a_callers_float64_default_dtype_changes_nothing(toy_models, tmp_path, pm):
+    """The engine's chunk buffers are float32 whatever torch's default dtype a Python caller has set."""
+    inputs = {"base": toy_models["base"], "experts": [toy_models["e0"], toy_models["e1"]], "plugin_manager": pm}
+    mergebench.merge("task_arithmetic", output=tmp_path / "f32", **inputs)
+    torch.set_default_dtype(torch.float64)
+    try:
+        mergebench.merge("task_arithmetic", output=tmp_path / "f64", **inputs)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert (tmp_path / "f64" / "model.safetensors").read_bytes() == (tmp_path / "f32" / "model.safetensors").read_bytes()
+
+
+# --- per-tensor settings: every tensor's values are checked; a one-layer model ------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_expert_weight_is_refused_with_the_weights(toy_models, tmp_path, pm, bad):
+    with pytest.raises(ParameterError) as err:
+        mergebench.merge("average", experts=[toy_models["e0"], toy_models["e1"]], weights=[1.0, bad],
+                         output=tmp_path / "out", plugin_manager=pm)
+    assert str(err.value) == f"expert weights must be finite numbers, got [1.0, {bad}] for tensor 'position_ids'"
+
+
+def test_the_methods_check_runs_on_every_tensors_values_not_only_the_first(toy_models, tmp_path, pm):
+    """Expert 2's weight runs from 1 at layer 0 to -1 at layer 1: TIES' sign election refuses layer 1's weights."""
+    from mergebench.core.recipe import ModelInput, Recipe
+
+    recipe = Recipe("ties", [ModelInput(str(toy_models["e0"])), ModelInput(str(toy_models["e1"]), [1.0, -1.0])],
+                    base=ModelInput(str(toy_models["base"])), parameters={"density": 0.5})
+    with pytest.raises(ParameterError) as err:
+        engine.run(recipe, tmp_path / "out", pm=pm)
+    assert str(err.value) == "sign election needs positive expert weights, got [1.0, -1.0]"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_a_single_numbered_layer_merges(tmp_path, pm):
+    from conftest import load_dir
+
+    one = {"model.layers.0.mlp.weight": torch.arange(16.0).reshape(4, 4), "model.norm.weight": torch.ones(4)}
+    a = write_model(tmp_path / "a", one)
+    b = write_model(tmp_path / "b", {n: t + 2 for n, t in one.items()})
+    mergebench.merge("average", experts=[a, b], output=tmp_path / "out", plugin_manager=pm)
+    out = load_dir(tmp_path / "out")
+    assert torch.equal(out["model.layers.0.mlp.weight"], one["model.layers.0.mlp.weight"] + 1)
+
+
+def test_a_whole_model_pre_pass_refuses_parameters_that_vary_by_tensor(toy_models, tmp_path, pm):
+    from mergebench.core.recipe import ModelInput, Recipe
+
+    recipe = Recipe("ties", [ModelInput(str(toy_models["e0"])), ModelInput(str(toy_models["e1"]))],
+                    base=ModelInput(str(toy_models["base"])), parameters={"density": [0.2, 0.6], "trim_scope": "global"})
+    with pytest.raises(ParameterError) as err:
+        engine.run(recipe, tmp_path / "out", pm=pm)
+    assert str(err.value) == ("merge method 'ties' with these parameters needs one pre-pass over the whole model, so "
+                              "its parameters cannot vary by tensor (no gradients or filters)")
+    assert not (tmp_path / "out").exists()
+
+
+# --- devices --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_file_is_opened(toy_models, tmp_path, pm):
+    with pytest.raises(ParameterError) as err:
+        mergebench.merge("average", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
+                         device="cuda:0", plugin_manager=pm)
+    assert str(err.value) == "device 'cuda:0' requested, but no CUDA GPU is available; use --device cpu"
+
+
+def test_a_torch_device_other_than_cpu_or_cuda_is_refused(toy_models, tmp_path, pm):
+    with pytest.raises(ParameterError) as err:
+        mergebench.merge("average", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
+                         device="meta", plugin_manager=pm)
+    assert str(err.value) == "device 'meta' is not supported (use cpu or cuda)"
+
+
+# --- inputs: roles without a base, a pickled base, the output beside the base, the default row of a token -------
+
+
+def test_without_a_base_shape_mismatches_name_expert_1_as_the_reference(toy_models, tmp_path, pm):
+    wide = write_model(tmp_path / "wide", {**toy_tensors(0), "layer.0.bias": torch.zeros(17)})
+    with pytest.raises(InputError) as err:
+        mergebench.merge("average", experts=[toy_models["e0"], wide], output=tmp_path / "out", plugin_manager=pm)
+    assert str(err.value) == f"tensor 'layer.0.bias' has shape [17] in expert 2 ({wide}) but [16] in expert 1"
+
+
+def test_a_pickled_base_is_read_when_pickles_are_allowed(toy_models, tmp_path, pm):
+    from conftest import load_dir
+
+    (tmp_path / "pickled").mkdir()
+    torch.save(load_dir(toy_models["base"]), tmp_path / "pickled" / "pytorch_model.bin")
+    mergebench.merge("task_arithmetic", base=tmp_path / "pickled", experts=[toy_models["e0"]], output=tmp_path / "out",
+                     allow_pickle=True, plugin_manager=pm)
+    assert torch.equal(load_dir(tmp_path / "out")["layer.0.weight"], load_dir(toy_models["e0"])["layer.0.weight"])
+
+
+def test_an_output_inside_the_base_directory_is_refused(toy_models, tmp_path, pm):
+    from mergebench.core.errors import OutputError
+
+    out = toy_models["base"] / "merged"
+    with pytest.raises(OutputError) as err:
+        mergebench.merge("task_arithmetic", base=toy_models["base"], experts=[toy_models["e0"]], output=out,
+                         plugin_manager=pm)
+    assert str(err.value) == f"{out}: the output would be inside the input model directory {toy_models['base']}"
+    assert not out.exists()
+
+
+def test_a_token_one_expert_lacks_gets_the_bases_row_where_the_base_has_it(tmp_path, pm):
+    """mergekit's default row: token c is in the base and expert 1 but not expert 2, so expert 2's row for c is the
+    base's (its task vector there is zero), not the mean of the two that have it."""
+    from conftest import load_dir
+    from mergekit_ref import write_tokenizer
+
+    from mergebench.core.recipe import ModelInput, Recipe
+
+    config = {"model_type": "toy", "architectures": ["ToyModel"]}
+    rows = torch.arange(8, dtype=torch.float32).reshape(4, 2)  # tokens [UNK], a, b, c
+    paths = {}
+    for name, tokens, embed in (("base", ["[UNK]", "a", "b", "c"], rows), ("e0", ["[UNK]", "a", "b", "c"], rows + 10),
+                                ("e1", ["[UNK]", "a", "b"], rows[:3] + 20)):
+        paths[name] = write_model(tmp_path / name, {"model.embed_tokens.weight": embed, "w": torch.ones(2)},
+                                  {**config, "vocab_size": len(tokens)})
+        write_tokenizer(paths[name], tokens)
+    recipe = Recipe("task_arithmetic", [ModelInput(str(paths["e0"])), ModelInput(str(paths["e1"]))],
+                    base=ModelInput(str(paths["base"])), tokenizer_source="union")
+    engine.run(recipe, tmp_path / "out", pm=pm)
+    want = torch.cat([rows[:3] + 30, rows[3:] + 10])  # base + 10 + 20; for c: base + 10 + 0
+    assert torch.equal(load_dir(tmp_path / "out")["model.embed_tokens.weight"], want)
+
+
+def test_a_merge_without_experts_is_refused_naming_the_option(tmp_path, pm):
+    with pytest.raises(ParameterError) as err:
+        mergebench.merge("average", experts=[], output=tmp_path / "out", plugin_manager=pm)
+    assert str(err.value) == "no experts given: a merge needs at least one expert (--expert PATH)"
+
+
+def test_a_frankenmerge_across_vocabularies_aligns_each_edge_tensor_by_token(tmp_path, pm):
+    """Slices of one model each (no second input per tensor): the embedding comes from the first slice's model (expert
+    1, without token c: zeros there, as no input of it has c), the head from the last slice's (expert 2)."""
+    from conftest import load_dir
+    from mergekit_ref import write_tokenizer
+
+    from mergebench.core.recipe import ModelInput, OutputSlice, Recipe, SliceSource
+
+    config = {"model_type": "toy", "architectures": ["ToyModel"]}
+    paths, rows = {}, {}
+    for name, tokens, k in (("e0", ["[UNK]", "a", "b"], 0.0), ("e1", ["[UNK]", "a", "b", "c"], 100.0)):
+        rows[name] = torch.arange(len(tokens) * 2, dtype=torch.float32).reshape(-1, 2) + k
+        tensors = {"model.embed_tokens.weight": rows[name], "model.layers.0.w": torch.full((2,), k + 1),
+                   "model.layers.1.w": torch.full((2,), k + 2), "lm_head.weight": rows[name] + 50}
+        paths[name] = str(write_model(tmp_path / name, tensors, {**config, "vocab_size": len(tokens)}))
+        write_tokenizer(tmp_path / name, tokens)
+    recipe = Recipe("passthrough", [ModelInput(paths["e0"]), ModelInput(paths["e1"])], tokenizer_source="union",
+                    slices=[OutputSlice([SliceSource(paths["e0"], (0, 1))]),
+                            OutputSlice([SliceSource(paths["e1"], (1, 2))])])
+    engine.run(recipe, tmp_path / "out", pm=pm)
+    out = load_dir(tmp_path / "out")
+    assert torch.equal(out["model.embed_tokens.weight"], torch.cat([rows["e0"], torch.zeros(1, 2)]))
+    assert torch.equal(out["lm_head.weight"], rows["e1"] + 50)

@@ -479,9 +479,14 @@ def _check_output(plan: _Plan, merged: Any, name: str, shape: tuple[int, ...]) -
         raise MergebenchError(f"merge method '{plan.method.name}' returned {got} for tensor '{name}', expected {shape}")
 
 
+_OVERFLOW_HINTS = {torch.float16: " (too large for float16? try --dtype bfloat16)",
+                   torch.bfloat16: " (too large for bfloat16? try --dtype float32)"}
+
+
 def _check_finite_output(plan: _Plan, out: torch.Tensor, name: str) -> None:
+    """``out`` in the output dtype: a finite float32 result may still overflow when cast to a narrower one."""
     if not _finite(out):
-        hint = " (too large for float16? try --dtype bfloat16)" if out.dtype == torch.float16 else ""
+        hint = _OVERFLOW_HINTS.get(out.dtype, "")
         raise MergebenchError(f"merge method '{plan.method.name}' produced NaN or Inf in tensor '{name}'{hint}")
 
 
@@ -541,7 +546,7 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
         _check_output(plan, merged, job.name, (n,))
         piece = out[offset:offset + n]
         piece.copy_(merged)
-        _check_finite_output(plan, piece if out_dtype == torch.float16 else merged, job.name)
+        _check_finite_output(plan, piece, job.name)
     return out.view(info.shape)
 
 
@@ -550,8 +555,12 @@ def _merge_one(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list[t
     merged = merge_tensor(plan, job, analysis, seed, buffers)
     if merged is not None:
         return merged, True
-    raw = _inputs(plan, job)[0][0]  # the base, or expert 1 when there is none (aligned if by token)
-    return raw.to(_out_dtype(plan, plan.info(job)), copy=True), False
+    raws, roles = _inputs(plan, job)  # the first: the base, or expert 1 when there is none (aligned if by token)
+    out = raws[0].to(_out_dtype(plan, plan.info(job)), copy=True)
+    if out.dtype != raws[0].dtype and not _finite(out):  # the input was checked: the cast overflowed
+        raise InputError(f"tensor '{job.name}' (copied from the {roles[0]}) overflows to Inf in "
+                         f"{str(out.dtype).removeprefix('torch.')}{_OVERFLOW_HINTS.get(out.dtype, '')}")
+    return out, False
 
 
 def _copy_config_files(plan: _Plan, directory: Path) -> None:
