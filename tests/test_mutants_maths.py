@@ -11,24 +11,27 @@ from conftest import reference_uniforms16
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergebench.core import in_memory
+from mergebench.core import in_memory, merge_ops
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.merge_ops import (
     exact_l1,
     l1_rescale_factor,
+    magnitude_mask,
     ordered_dot,
     ordered_sum,
     random_keep_mask,
 )
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.plugins import LAMBDA_GRID
+from mergebench.plugins import task_vectors
 from mergebench.plugins.task_vectors import (
     BREADCRUMBS_LINEAR,
     DARE_TIES,
     DELLA_TIES,
     TASK_ARITHMETIC,
     TIES,
+    magprune_,
     magprune_probabilities,
     mergekit_magnitude_count,
 )
@@ -184,6 +187,32 @@ def test_ordered_dot_is_ordered_sum_of_the_product_bit_for_bit(lead, n, block, c
     assert got.shape == want.shape and torch.equal(got, want)
 
 
+def test_magnitude_mask_carries_the_tie_allowance_across_chunks(monkeypatch):
+    """Chunks of 2 entries: the entries tied at the threshold are kept by flat index until the allowance left by
+    the earlier chunks is spent, whether a chunk uses all of it, part of it or none."""
+    monkeypatch.setattr(merge_ops, "BLOCK", 2)
+    # all six tied, k = 3: the first chunk keeps 2 (1 left), the second 1 (0 left), the third none
+    assert magnitude_mask(torch.ones(6), 3).tolist() == [True, True, True, False, False, False]
+    # threshold 1 with one tie allowed: the first chunk has no tie, the second keeps its first entry only
+    x = torch.tensor([4.0, -3.0, 1.0, -1.0, 1.0, 1.0])
+    assert magnitude_mask(x, 3).tolist() == [True, True, True, False, False, False]
+    # the allowance spent inside the first chunk: no later tie is kept; a 2-D tensor in flat order
+    x = torch.tensor([[2.0, 0.5], [0.5, 0.5], [0.5, 3.0]])
+    assert magnitude_mask(x, 3).tolist() == [[True, True], [False, False], [False, True]]
+    # two ties allowed over three chunks: one from the first chunk, one from the third (the second has none)
+    x = torch.tensor([0.5, 5.0, 4.0, 3.0, -0.5, 0.5, 0.5])
+    assert magnitude_mask(x, 5).tolist() == [True, True, True, True, True, False, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_magnitude_mask_of_a_gpu_tensor_is_a_gpu_mask(monkeypatch):
+    monkeypatch.setattr(merge_ops, "BLOCK", 3)  # by chunks, the tie allowance carried across them
+    x = torch.tensor([[0.5, 5.0, 4.0], [3.0, -0.5, 0.5], [0.5, 1.0, -2.0]])
+    got = magnitude_mask(x.cuda(), 6)
+    assert got.is_cuda and got.tolist() == magnitude_mask(x, 6).tolist() == [[True, True, True], [True, False, False],
+                                                                            [False, True, True]]
+
+
 # ---- the task-vector family (plugins/task_vectors.py) ----------------------------------------------------------
 
 def test_mergekit_magnitude_count_by_hand():
@@ -255,6 +284,24 @@ def test_magprune_ranks_every_fibre_along_dim_1_of_a_4d_tensor():
                 assert torch.allclose(got[i, :, j, k], expected, rtol=0, atol=1e-6), (i, j, k)
     # an empty tensor has no ranks to take
     assert magprune_probabilities(torch.zeros(0), 0.5, 0.1).shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (3, 9), (2, 3, 4), (9,)])
+def test_magprune_by_blocks_of_rows_draws_as_one_whole_draw(monkeypatch, shape):
+    """BLOCK = 8: rows of 5 go two a block (10 entries: an odd block would split a 32-bit draw), rows of 9 two
+    a block; a 3-D or 1-D tensor of more than BLOCK entries goes whole. Every entry's uniform is the one a single
+    draw for the whole tensor gives it, compared with its keep probability from ranks along dim 1."""
+    monkeypatch.setattr(task_vectors, "BLOCK", 8)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    density, epsilon = 0.5, 0.3
+    lined = x.reshape(1, -1) if x.dim() == 1 else x
+    ranks = lined.abs().argsort(dim=1, stable=True).argsort(dim=1).double()  # ranks along dim 1, ties by index
+    p = ((density - epsilon) + 2 * epsilon * ranks / (lined.shape[1] - 1)).reshape(shape)
+    keep = (reference_uniforms16(x.numel(), 7) < torch.round(p.reshape(-1) * 65536)).view(shape)
+    got = magprune_(x.clone(), density, epsilon, torch.Generator().manual_seed(7), divide=True)
+    assert torch.equal(got != 0, keep)
+    assert torch.allclose(got, x * keep / p.float(), rtol=1e-6, atol=0)
+    assert 0 < int(keep.sum()) < x.numel()
 
 
 # ---- keep masks, exact L1 norms and mergekit's rescale (core/merge_ops.py) -------------------------------------
