@@ -26,6 +26,7 @@ from mergebench.core import engine
 from mergebench.core.analysis import run_analysis
 from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import ParameterError
+from mergebench.core import merge_ops
 from mergebench.core.merge_ops import exact_l1
 from mergebench.core.plugin_manager import make_plugin_manager
 from mergebench.plugins import task_vectors
@@ -318,9 +319,14 @@ def test_della_by_blocks_of_rows_equals_the_whole_tensor_reference(pm, monkeypat
     params = {"seed": 9, "weights": [1.0, 2.0],
               "expert_params": [{"density": 0.5, "epsilon": 0.2}, {"density": 0.4, "epsilon": 0.3}]}
     whole = run(pm, "della_linear", base, xs, **params)
+    whole_ties = run(pm, "della", base, xs, rescale="l1", **params)
     monkeypatch.setattr(task_vectors, "BLOCK", 8)
     blocked = run(pm, "della_linear", base, xs, **params)
     assert torch.equal(blocked, whole)
+    # the sign election and disjoint mean go by blocks too (written over the first task vector), and the
+    # L1 norms by chunks: the same bits
+    monkeypatch.setattr(merge_ops, "BLOCK", 8)
+    assert torch.equal(run(pm, "della", base, xs, rescale="l1", **params), whole_ties)
     assert torch.allclose(blocked, want[0] + 2 * want[1], rtol=1e-6, atol=1e-7)
     assert 0 < int((blocked != 0).sum()) < blocked.numel()  # the masks are not trivial on these streams
 

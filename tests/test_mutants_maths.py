@@ -174,6 +174,21 @@ def test_ordered_sum_sums_blocks_of_4096_then_the_partial_sums_in_order():
     assert torch.equal(expected[1, 2], torch.stack([x[1, 2, i:i + 4096].sum() for i in range(0, x.shape[-1], 4096)]).sum())
 
 
+
+def test_exact_l1_by_chunks_is_the_same_integer(monkeypatch):
+    """exact_l1 sums mantissas per exponent in integers a chunk of merge_ops.BLOCK entries at a time: any
+    chunking gives the same integer, which is sum |x| in units of 2**-149 (checked against Python's fractions)."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(37, generator=g) * 1e3, torch.tensor([1e-45, -2e-38, 0.0, 3.4e38])])
+    want = sum(Fraction(abs(float(v))) for v in x) * 2**149
+    assert want.denominator == 1
+    assert exact_l1(x) == want.numerator
+    for block in (1, 2, 7):
+        monkeypatch.setattr(merge_ops, "BLOCK", block)
+        assert exact_l1(x) == want.numerator, block
+
 @settings(max_examples=60, deadline=None)
 @given(lead=st.sampled_from([(), (1,), (3,), (2, 2)]), n=st.integers(1, 40), block=st.integers(2, 9),
        chunk=st.integers(1, 200), seed=st.integers(0, 2**16))

@@ -170,11 +170,13 @@ def exact_l1(x: Tensor) -> int:
     on the order of the entries nor on how a tensor is split into chunks: an L1 norm accumulated over a
     streamed tensor equals the whole tensor's bit for bit.
     """
-    bits = x.detach().reshape(-1).abs().view(torch.int32)
-    exponent = bits >> 23
-    mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)  # implicit leading 1 of normal floats
-    per_exponent = torch.zeros(256, dtype=torch.int64, device=x.device).scatter_add_(0, exponent.long(),
-                                                                                      mantissa.long())
+    flat = x.detach().reshape(-1)
+    per_exponent = torch.zeros(256, dtype=torch.int64, device=x.device)
+    for start, stop in spans(flat.numel(), BLOCK):  # integer sums: chunks change nothing, and bound the temporaries
+        bits = flat[start:stop].abs().view(torch.int32)
+        exponent = bits >> 23
+        mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)  # implicit leading 1 of normal floats
+        per_exponent.scatter_add_(0, exponent.long(), mantissa.long())
     # exponent field e > 0: value = mantissa * 2**(e - 150) = mantissa * 2**(e - 1) steps; e = 0 (subnormal): 1 step
     return sum(int(m) << (max(e, 1) - 1) for e, m in enumerate(per_exponent.tolist()) if m)
 

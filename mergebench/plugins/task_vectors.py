@@ -45,7 +45,8 @@ Sparsifiers (per expert and per tensor; n = the tensor's number of entries):
   p = density), then Bernoulli(p) from the expert's stream in flat order. Needs density - epsilon > 0
   and density + epsilon < 1; density >= 1 drops nothing and density <= 0 drops all, as in mergekit.
   Ranks need whole rows, so della and della_linear see whole tensors (not elementwise); a 2-D tensor's
-  ranks, draws and keep_prob division then go by blocks of rows (:func:`magprune_`), the same bits.
+  ranks, draws and keep_prob division then go by blocks of rows (:func:`magprune_`), and the mix by blocks of
+  entries: the same bits, without whole temporaries beside the inputs.
 
 ``rescale``, per expert and tensor, after sparsifying (mergekit's ``rescale: true | false`` is ``l1 | none``):
 - keep_prob: divide each kept entry by its keep probability: 1/density (DARE paper, peft), 1/p_i (DELLA
@@ -81,8 +82,8 @@ from mergebench.core.context import TensorContext
 from mergebench.core.errors import MergebenchError, ParameterError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import (BLOCK, agreeing_sums, disjoint_mean, elect_sign, exact_l1, floor_count,
-                                       keep_count, l1_rescale_factor, random_drop_, random_keep_mask, task_vectors_,
-                                       threshold_mask, weighted_sum)
+                                       keep_count, l1_rescale_factor, random_drop_, random_keep_mask, spans,
+                                       task_vectors_, threshold_mask, weighted_sum)
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.core.tensor_params import is_varying
 from mergebench.plugins import LAMBDA_GRID
@@ -248,7 +249,13 @@ class TaskVectorMethod:
                 for tau, d in zip(taus, densities):
                     if d < 1.0:
                         tau.div_(d)
-        out = self._mix(taus, params, ctx.weights)
+        if self.elementwise or not all(tau.is_contiguous() for tau in taus):
+            out = self._mix(taus, params, ctx.weights)  # a chunk (the engine's), or a direct call's odd layout
+        else:  # a whole tensor (della): the mix is elementwise, so by blocks, each written over the first
+            flat = [tau.view(-1) for tau in taus]  # task vector once read (the same bits as one whole mix)
+            for start, stop in spans(flat[0].numel(), BLOCK):
+                flat[0][start:stop] = self._mix([f[start:stop] for f in flat], params, ctx.weights)
+            out = taus[0]
         return out if common is None else out.div_(common)
 
     def _mix(self, taus, params, weights):
