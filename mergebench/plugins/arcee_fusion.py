@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.registry import MergeMethod, Param
 from mergebench.core.merge_ops import BLOCK, ordered_sum
+from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import unweighted_check
 
 SOFTMAX_EPS = 1e-8

@@ -31,8 +31,8 @@ import torch
 
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import ordered_dot
-from mergebench.plugins.checks import unweighted_check
 from mergebench.core.registry import MergeMethod, Param
+from mergebench.plugins.checks import unweighted_check
 
 MERGEKIT_NORM_FLOOR = 1e-6
 SINGULAR = 1e-6  # |1 + (N - 1) cos| below this keeps the base, as mergekit

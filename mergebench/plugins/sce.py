@@ -37,9 +37,8 @@ from __future__ import annotations
 import torch
 
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import magnitude_mask, task_vectors_
+from mergebench.core.merge_ops import magnitude_mask, ordered_dot, spans, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
-from mergebench.core.merge_ops import ordered_dot
 from mergebench.plugins.checks import unweighted_check
 
 MERGEKIT_UNIFORM_BELOW = 1e-6
@@ -90,8 +89,8 @@ def sce(base, experts, params, ctx):
     eta = coefficients(taus, params["uniform_below"]).tolist()
     # elementwise from here: a block of _COLUMNS entries at a time, so no whole temporary beside the inputs
     out, flat = base.view(-1), [tau.reshape(-1) for tau in taus]
-    for start in range(0, out.numel(), _COLUMNS):
-        block = [f[start:start + _COLUMNS] for f in flat]
+    for start, stop in spans(out.numel(), _COLUMNS):
+        block = [f[start:stop] for f in flat]
         total = block[0].clone()
         for tau in block[1:]:
             total.add_(tau)
@@ -102,7 +101,7 @@ def sce(base, experts, params, ctx):
             erased = agree.to(tau.dtype).mul_(w)  # eta_t where the expert agrees, else 0
             numerator.add_(tau.mul_(erased))
             denominator.add_(erased)
-        out[start:start + _COLUMNS].add_(numerator.div_(denominator.clamp_(min=DENOMINATOR_FLOOR)))
+        out[start:stop].add_(numerator.div_(denominator.clamp_(min=DENOMINATOR_FLOOR)))
     return base
 
 
