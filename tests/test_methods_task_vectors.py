@@ -327,6 +327,12 @@ def test_della_by_blocks_of_rows_equals_the_whole_tensor_reference(pm, monkeypat
     # L1 norms by chunks: the same bits
     monkeypatch.setattr(merge_ops, "BLOCK", 8)
     assert torch.equal(run(pm, "della", base, xs, rescale="l1", **params), whole_ties)
+    if len(shape) == 2:  # a direct call's non-contiguous tensors (a transposed view) mix whole: the same bits
+        t_base, t_xs = base.T, [x.T for x in xs]
+        assert not t_xs[0].is_contiguous()
+        assert torch.equal(run(pm, "della", t_base, t_xs, rescale="l1", **params),
+                           run(pm, "della", t_base.contiguous(), [x.contiguous() for x in t_xs], rescale="l1",
+                               **params))
     assert torch.allclose(blocked, want[0] + 2 * want[1], rtol=1e-6, atol=1e-7)
     assert 0 < int((blocked != 0).sum()) < blocked.numel()  # the masks are not trivial on these streams
 
