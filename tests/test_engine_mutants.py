@@ -201,6 +201,16 @@ def test_a_copied_tensor_that_overflows_the_output_dtype_is_refused(tmp_path, pm
     assert load_file(out / "model.safetensors")["scale"].tolist() == [99840.0, 2.0]  # bfloat16's nearest
 
 
+def test_a_copied_float64_tensor_beyond_float32_is_refused_without_a_dtype_hint(tmp_path, pm):
+    """float64 to float32: no narrower-dtype hint to give (only float16 and bfloat16 have one)."""
+    shared = torch.tensor([1e39, 2.0], dtype=torch.float64)
+    models = [write_model(tmp_path / f"e{i}", {**toy_tensors(i), "scale": shared}) for i in range(2)]
+    with pytest.raises(InputError) as err:
+        mergebench.merge("average", experts=models, output=tmp_path / "out", plugin_manager=pm, threads=1,
+                         dtype="float32")
+    assert str(err.value).endswith("overflows to Inf in float32")
+
+
 # --- merges without a base ------------------------------------------------------------------------
 
 
