@@ -188,9 +188,7 @@ def gram(x: Matrix) -> torch.Tensor:
 def _times(x: Matrix, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w in float64, a block of ROWS rows of x at a time, into ``out`` when given."""
     out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float64, device=w.device) if out is None else out
-    for i in range(0, x.shape[0], ROWS):
-        out[i:i + ROWS] = _rows(x, i, i + ROWS) @ w
-    return out
+    return _product_into(out, x, w)
 
 
 class GramSVD:
@@ -260,7 +258,7 @@ def polar(a: torch.Tensor, rhs: torch.Tensor | None = None) -> tuple[torch.Tenso
 
 
 def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """out = a @ b for a float32 out, a block of rows at a time (no float64 m x n copy). Each block reads a's
+    """out = a @ b into ``out``, a block of rows of a at a time (no float64 m x n copy). Each block reads a's
     rows before writing out's, so out may be one of the tensors ``a`` sums."""
     rows = rows or ROWS
     for i in range(0, a.shape[0], rows):
