@@ -477,3 +477,11 @@ def test_normalize_without_election_refuses_only_weights_summing_to_about_0():
 def test_random_keep_mask_at_density_1_is_boolean_and_keeps_all():
     keep = random_keep_mask(11, 1.0, torch.Generator().manual_seed(0))
     assert keep.dtype == torch.bool and keep.all() and keep.shape == (11,)
+
+
+def test_exact_l1_counts_an_overflowed_task_vector_by_its_bits():
+    # Inf (exponent field 255, mantissa 0) counts as 2^23 << 254 steps, as the integer mantissa sum always did;
+    # its float64 sum is no integer, so that exponent is summed from the bits, and finite entries stay exact
+    inf = 2**23 << 254
+    assert exact_l1(torch.tensor([float("inf"), 1.0, -float("inf")])) == 2 * inf + 2**149
+    assert exact_l1(torch.tensor([3e38, -3e38]).mul(2.0)) == 2 * inf

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from mergebench.core.merge_ops import exact_l1, keep_count, l1_rescale_factor
+from mergebench.core.merge_ops import ExactL1, keep_count, l1_rescale_factor
 
 Tensor = torch.Tensor
 
@@ -182,7 +182,7 @@ class L1RescalePass:
     Runs ``inner``'s passes (e.g. the magnitude thresholds the sparsifier needs), then one more pass that
     sparsifies every chunk with ``sparsify_(taus, ctx)`` on a copy of the tensor's context ``ctx`` (its
     ``analysis`` set to ``inner``'s result, fresh ``state`` and fresh random streams) and sums |tau| before
-    and after with :func:`~mergebench.core.merge_ops.exact_l1`: the factors are independent of the chunking.
+    and after with :class:`~mergebench.core.merge_ops.ExactL1`: the factors are independent of the chunking.
     A sparsifier that draws random masks appends each chunk's to ``ctx.state[RECORD_MASKS][expert]``; they
     are kept (one byte per entry and expert, less than the (N + 2) float32 copies the engine's bound allows)
     and handed to the merge, since drawing them is most of a random sparsifier's time.
@@ -194,8 +194,8 @@ class L1RescalePass:
         self.sparsify_ = sparsify_
         self.ctx = ctx
         self.passes = (inner.passes if inner is not None else 0) + 1
-        self.before = [0] * n_experts
-        self.after = [0] * n_experts
+        self.before = [ExactL1() for _ in range(n_experts)]
+        self.after = [ExactL1() for _ in range(n_experts)]
         self.shadow = None
         self.result: L1Rescale | None = None
 
@@ -209,10 +209,10 @@ class L1RescalePass:
                                   _generators={})
         taus = [e - base for e in experts]
         for t, tau in enumerate(taus):
-            self.before[t] += exact_l1(tau)
+            self.before[t].add(tau)
         self.sparsify_(taus, self.shadow)
         for t, tau in enumerate(taus):
-            self.after[t] += exact_l1(tau)
+            self.after[t].add(tau)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.passes - 1:
@@ -220,7 +220,7 @@ class L1RescalePass:
 
     def result_for(self, name: str) -> L1Rescale:
         if self.result is None:
-            factors = tuple(l1_rescale_factor(b, a) for b, a in zip(self.before, self.after))
+            factors = tuple(l1_rescale_factor(b.steps(), a.steps()) for b, a in zip(self.before, self.after))
             if self.shadow is None:
                 return L1Rescale(None, factors)
             drawn = self.shadow.state.pop(RECORD_MASKS)  # the chunks' masks, joined once (and then freed)

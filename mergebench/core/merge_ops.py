@@ -163,22 +163,49 @@ def ties_merge_(trimmed: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return disjoint_mean(trimmed, weights, elect_sign(trimmed, weights))
 
 
-def exact_l1(x: Tensor) -> int:
-    """sum |x| of a float32 tensor, exactly, as an integer number of 2**-149 (float32's smallest step).
+# 2**(150 - max(e, 1)): turns the sum of |x| over entries of exponent field e into mantissa units of 2**(e - 150)
+_UNITS = [2.0 ** (150 - max(e, 1)) for e in range(256)]
 
-    Mantissas are summed per exponent in int64 (exact up to 2**39 entries), so the total does not depend
-    on the order of the entries nor on how a tensor is split into chunks: an L1 norm accumulated over a
-    streamed tensor equals the whole tensor's bit for bit.
+
+class ExactL1:
+    """A running sum |x| over float32 tensors (a streamed tensor's chunks), kept exactly per exponent.
+
+    The total does not depend on the order of the entries nor on how a tensor is split into chunks: an L1
+    norm accumulated over a streamed tensor equals the whole tensor's bit for bit. Within one exponent every
+    |x| is a multiple of the same power of two and a block's sum stays below 2**53 of them, so each block's
+    per-exponent float64 sum is exact (in any order); the blocks' sums are added as int64 mantissa counts
+    (exact up to 2**39 entries), turned into one Python integer only when :meth:`steps` is asked for.
     """
-    flat = x.detach().reshape(-1)
-    per_exponent = torch.zeros(256, dtype=torch.int64, device=x.device)
-    for start, stop in spans(flat.numel(), BLOCK):  # integer sums: chunks change nothing, and bound the temporaries
-        bits = flat[start:stop].abs().view(torch.int32)
-        exponent = bits >> 23
-        mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)  # implicit leading 1 of normal floats
-        per_exponent.scatter_add_(0, exponent.long(), mantissa.long())
-    # exponent field e > 0: value = mantissa * 2**(e - 150) = mantissa * 2**(e - 1) steps; e = 0 (subnormal): 1 step
-    return sum(int(m) << (max(e, 1) - 1) for e, m in enumerate(per_exponent.tolist()) if m)
+
+    def __init__(self):
+        self.per_exponent: Tensor | None = None  # on the device of the first tensor added
+
+    def add(self, x: Tensor) -> ExactL1:
+        flat = x.detach().reshape(-1)
+        if self.per_exponent is None:
+            self.per_exponent = torch.zeros(256, dtype=torch.int64, device=x.device)
+            self.units = torch.tensor(_UNITS, dtype=torch.float64, device=x.device)
+        for start, stop in spans(flat.numel(), BLOCK):  # blocks of at most 2**29 entries keep the float64 sums exact
+            a = flat[start:stop].abs()
+            exponent = a.view(torch.int32) >> 23
+            sums = torch.zeros(256, dtype=torch.float64, device=a.device).index_add_(0, exponent, a.double())
+            if sums[255] != 0:  # Inf or NaN (a task vector that overflowed): count their mantissa bits instead
+                bits = a.view(torch.int32)[exponent == 255]
+                self.per_exponent[255] += ((bits & 0x7FFFFF) | (1 << 23)).long().sum()
+                sums[255] = 0
+            self.per_exponent += (sums * self.units).long()
+        return self
+
+    def steps(self) -> int:
+        """The sum as an integer number of 2**-149 (float32's smallest step)."""
+        # exponent field e > 0: mantissa * 2**(e - 150) = mantissa * 2**(e - 1) steps; e = 0 (subnormal): 1 step
+        counts = [] if self.per_exponent is None else self.per_exponent.tolist()
+        return sum(int(m) << (max(e, 1) - 1) for e, m in enumerate(counts) if m)
+
+
+def exact_l1(x: Tensor) -> int:
+    """sum |x| of a float32 tensor, exactly, as an integer number of 2**-149 (see :class:`ExactL1`)."""
+    return ExactL1().add(x).steps()
 
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either norm is below this
