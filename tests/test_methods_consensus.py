@@ -271,6 +271,21 @@ def test_sce_by_blocks_gives_the_bits_of_one_block(methods, monkeypatch, select_
     monkeypatch.setattr(sce_module, "_COLUMNS", 10)
     assert torch.equal(merge(methods, "sce", base, experts, select_topk=select_topk), whole)
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), exponent=st.integers(-40, 30), seed=st.integers(0, 2**16), block=st.integers(1, 64))
+def test_sce_variance_is_torch_var_bit_for_bit(n, exponent, seed, block):
+    """variance_across replays torch.var's float64 Welford steps as tensor ops: the same bits (mergekit's
+    torch.var), by blocks of any size, at any scale, with repeated and zero entries."""
+    g = torch.Generator().manual_seed(seed)
+    taus = [torch.randn(97, generator=g).mul_(2.0**exponent) for _ in range(n)]
+    taus[0][:9] = 0.0
+    taus[-1][5:20] = taus[0][5:20]
+    want = torch.var(torch.stack(taus), dim=0, unbiased=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sce_module, "_COLUMNS", block)
+        assert torch.equal(sce_module.variance_across([t.clone() for t in taus]), want)
+
+
 def test_sce_uniform_below_switches_to_equal_coefficients(methods):
     base = torch.zeros(2)
     experts = [torch.tensor([1e-4, 1e-4]), torch.tensor([3e-4, 3e-4])]  # mean squares 1e-8 and 9e-8
