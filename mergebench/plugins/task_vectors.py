@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from mergebench.core.analysis import (RECORD_MASKS, Combined, L1Rescale, L1RescalePass, MagnitudeThreshold,
@@ -127,6 +128,22 @@ def _values(name: str, params: Mapping[str, Any], experts) -> tuple:
     return tuple(own.get(name, params[name]) for own in experts)
 
 
+def _row_ranks(keys: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank within its row of non-negative int32 ``keys``, ties by index: the inverse of a
+    stable argsort along dim 1."""
+    length = keys.shape[1]
+    if keys.device.type == "cpu":
+        # numpy's SIMD sort of unique int64 keys (the value, then the column) gives the stable order ~3x
+        # faster than torch's stable argsort on the CPU
+        unique = (keys.to(torch.int64) << 32) | torch.arange(length, dtype=torch.int64)
+        order = torch.from_numpy(np.sort(unique.numpy(), axis=1)).bitwise_and_(0xFFFFFFFF)
+    else:
+        order = torch.argsort(keys, dim=1, stable=True)
+    # each entry's rank is the inverse permutation of the sort: a scatter, not a second sort
+    positions = torch.arange(length, device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
 def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each entry: density - epsilon + 2 epsilon * rank / (row length - 1), ranking
     |tau| ascending along dim 1 (a 0-D or 1-D tensor is one row; ties by index); a one-entry row gets density."""
@@ -134,12 +151,8 @@ def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) ->
     lined = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1)
     rows = lined.flatten(0, -2)  # (0,) -> (1, 0) too
     length = rows.shape[1]
-    # |x| as float32 bits sorts like |x| (non-negative floats order as their integer patterns), and an int32
-    # sort is ~30% faster than a float one here
-    order = torch.argsort(rows.abs().to(torch.float32).view(torch.int32), dim=1, stable=True)
-    # each entry's rank is the inverse permutation of the sort: a scatter, not a second sort
-    positions = torch.arange(length, device=order.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32)
+    # |x| as float32 bits sorts like |x| (non-negative floats order as their integer patterns)
+    ranks = _row_ranks(rows.abs().to(torch.float32).view(torch.int32)).to(torch.float32)
     r = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     probabilities = ((density - epsilon) + r * (2 * epsilon)).reshape(lined.shape)
     return probabilities.movedim(-1, 1).contiguous() if tau.dim() > 2 else probabilities.reshape(tau.shape)
