@@ -528,6 +528,7 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
             f32.append(x)
         base, experts = _split(plan, f32)
         merged = fn(base, experts, params, ctx)
+        del f32, base, experts, x  # the inputs go before the output-dtype copy is made beside the result
         _check_output(plan, merged, job.name, info.shape)
         out = merged.to("cpu", out_dtype)
         _check_finite_output(plan, out, job.name)
