@@ -15,6 +15,7 @@ from mergebench.core import in_memory, merge_ops
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.merge_ops import (
+    ExactL1,
     exact_l1,
     l1_rescale_factor,
     magnitude_mask,
@@ -485,3 +486,7 @@ def test_exact_l1_counts_an_overflowed_task_vector_by_its_bits():
     inf = 2**23 << 254
     assert exact_l1(torch.tensor([float("inf"), 1.0, -float("inf")])) == 2 * inf + 2**149
     assert exact_l1(torch.tensor([3e38, -3e38]).mul(2.0)) == 2 * inf
+    # a running sum adds the overflowed entries of every chunk, and nothing added sums to 0
+    chunk = torch.tensor([float("inf"), 0.5])
+    assert ExactL1().add(chunk).add(chunk).add(torch.ones(3)).steps() == 2 * (inf + 2**148) + 3 * 2**149
+    assert ExactL1().steps() == 0
