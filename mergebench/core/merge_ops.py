@@ -178,7 +178,8 @@ class ExactL1:
     """
 
     def __init__(self):
-        self.per_exponent: Tensor | None = None  # on the device of the first tensor added
+        self.per_exponent: Tensor | None = None  # both on the device of the first tensor added
+        self.units: Tensor | None = None
 
     def add(self, x: Tensor) -> ExactL1:
         flat = x.detach().reshape(-1)
