@@ -107,6 +107,8 @@ CPU relative to float32 maths. On the CPU, TSV-M's and Iso-CTS's per-task decomp
 eigenpairs (scipy's dsyevr: 38 ms instead of 72 ms for 768 x 768 at k = 96) and Gram matrices come from BLAS's
 dsyrk (1.4x the blocked products): TSV-M on the 0.1B benchmark at N = 8 went from 53.0 s to 48.7 s. scipy's
 OpenBLAS is set to one thread for the process the first time (its rounding, like MKL's, may depend on it).
+scipy's wrappers hold the GIL, so two engine workers' dsyevr and dsyrk calls do not overlap (eight dsyevr calls:
+0.43 s on one thread and on two; torch's eigh, which releases it: 0.92 s and 0.42 s).
 """
 
 from __future__ import annotations
