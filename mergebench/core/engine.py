@@ -359,6 +359,9 @@ class _Writer:
 
 # Chunk lengths must be even (random_keep_mask draws two entries per 32-bit word).
 CHUNK = 1 << 18  # elements per chunk on the CPU: a few chunks of every input fit in the L2 cache
+# A chunked reader lets go of its inputs' mapped pages every this many bytes of each input, not every chunk: each
+# release splits the kernel's mapping of a large folio (up to 2 MiB) and a later pass refaults what it dropped.
+RELEASE_BYTES = 1 << 20
 CUDA_CHUNK = 1 << 24  # on a GPU, large chunks amortise the host-to-device copies and kernel launches
 
 
@@ -402,25 +405,35 @@ def _split(plan: _Plan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | Non
 
 
 class _Chunks:
-    """Reads one tensor of every input as float32 chunks into reused buffers, checking each for NaN/Inf."""
+    """Reads one tensor of every input as float32 chunks into reused buffers, checking each for NaN/Inf.
+
+    The inputs' mapped pages leave the process as they are read (a pass that reads them again faults them back
+    in from the page cache): one tensor's inputs are never resident whole, whatever its size."""
 
     def __init__(self, plan: _Plan, buffers: list[torch.Tensor], job: TensorJob, check: bool = True):
         raws, self.roles = _inputs(plan, job)
         self.check = check
         self.flat = [r.reshape(-1) for r in raws]
-        self.buffers, self.name, self.plan = buffers, job.name, plan
+        self.buffers, self.job, self.plan = buffers, job, plan
         self.numel = self.flat[0].numel()
 
     def __iter__(self):
         step = _chunk_size(self.plan.device)
+        released = [0] * len(self.flat)  # bytes of each input whose pages this reader has let go of
         for offset in range(0, self.numel, step):
             n = min(step, self.numel - offset)
             chunk = []
-            for raw, buf, role in zip(self.flat, self.buffers, self.roles):
+            for i, (raw, buf, role) in enumerate(zip(self.flat, self.buffers, self.roles)):
                 x = buf[:n]
                 x.copy_(raw[offset:offset + n])
+                read = (offset + n) * raw.element_size()
+                if read - released[i] >= RELEASE_BYTES or offset + n == self.numel:
+                    # the pages read so far leave this process's RSS, so a tensor's inputs are never resident whole
+                    source, name = self.job.inputs[i]
+                    self.plan.sources[source].release(name, released[i], read)
+                    released[i] = read
                 if self.check:
-                    _finite_or_fail(x, role, self.name)
+                    _finite_or_fail(x, role, self.job.name)
                 chunk.append(x)
             yield offset, n, _split(self.plan, chunk)
 
@@ -522,8 +535,9 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
     params = dict(tp.params)
     if not method.elementwise:
         f32 = []
-        for raw, role in zip(raws, roles):
+        for raw, role, (source, name) in zip(raws, roles, job.inputs):
             x = raw.to(plan.device, torch.float32, copy=True)
+            plan.sources[source].release(name)  # the float32 copy is what the method reads from here on
             _finite_or_fail(x, role, job.name)
             f32.append(x)
         base, experts = _split(plan, f32)

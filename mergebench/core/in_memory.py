@@ -46,7 +46,7 @@ class StateDictSource:
     def prefetch(self, name: str) -> None:
         pass
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         pass
 
     def close(self) -> None:

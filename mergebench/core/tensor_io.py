@@ -176,21 +176,28 @@ class ModelSource:
             except OSError:
                 pass
 
-    def release(self, name: str) -> None:
-        """Drop a finished tensor's pages from this process's memory map (they stay in the page cache).
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop a tensor's pages from this process's memory map (they stay in the page cache): all of them, or
+        those wholly inside bytes [start, stop) of the tensor, so a chunked reader can let go of what it has read.
 
         Keeps resident memory flat while streaming through models larger than RAM. Safe because
-        mapped pages are only ever read: a later access simply faults them in again.
+        mapped pages are only ever read: a later access simply faults them in again (a page shared with a
+        neighbouring tensor included).
         """
         info = self.tensors[name]
         m = self._maps.get(info.file)
         if m is None or not info.nbytes or not hasattr(m, "madvise"):
             return
         page = mmap.PAGESIZE
-        start = info.offset // page * page
-        end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
+        begin = (info.offset + start) // page * page
+        if stop is None or stop >= info.nbytes:  # the whole tail, its last partial page included
+            end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
+        else:  # a partial page at the end is still being read
+            end = (info.offset + stop) // page * page
+        if end <= begin:
+            return
         try:
-            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+            m.madvise(mmap.MADV_DONTNEED, begin, end - begin)
         except (OSError, ValueError):
             pass
 
@@ -238,7 +245,7 @@ class PickleSource(ModelSource):
     def prefetch(self, name: str) -> None:
         pass
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         pass
 
 
