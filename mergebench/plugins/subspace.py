@@ -28,7 +28,7 @@ Conventions that change numbers (the authors' code unless said):
   sum_t tau_t / N, scaled by alpha like the rest (the authors' fallback, in all three).
 - SVD: exact (no randomised or truncated solver), in float64 on the tensors' device, from the eigendecomposition
   of a Gram matrix (``GramSVD``): for A of m x n with m >= n, A^T A = V diag(s^2) V^T (``torch.linalg.eigh``;
-  on the CPU, where only the top k triplets are kept, LAPACK's dsyevr through scipy, which computes only those)
+  on the CPU, where only the top k triplets are kept, LAPACK's dsyevr of scipy's OpenBLAS, which computes only those)
   gives all r singular values s and the right vectors, and the left ones are formed only for the triplets kept,
   u_i = A v_i / s_i (m < n: A A^T, and v_i = A^T u_i / s_i). polar(A) over A's numerical rank k is
   A Q_k diag(1/s_k) Q_k^T with A^T A = Q diag(s^2) Q^T (A (A^T A)^(-1/2) on A's range; Q_k diag(1/s_k) Q_k^T A
@@ -107,18 +107,21 @@ CPU relative to float32 maths. On the CPU, TSV-M's and Iso-CTS's per-task decomp
 eigenpairs (scipy's dsyevr: 38 ms instead of 72 ms for 768 x 768 at k = 96) and Gram matrices come from BLAS's
 dsyrk (1.4x the blocked products): TSV-M on the 0.1B benchmark at N = 8 went from 53.0 s to 48.7 s. scipy's
 OpenBLAS is set to one thread for the process the first time (its rounding, like MKL's, may depend on it).
-scipy's wrappers hold the GIL, so two engine workers' dsyevr and dsyrk calls do not overlap (eight dsyevr calls:
-0.43 s on one thread and on two; torch's eigh, which releases it: 0.92 s and 0.42 s).
+scipy's wrappers hold the GIL, so two engine workers' dsyevr and dsyrk calls did not overlap (eight dsyevr calls:
+0.43 s on one thread and on two; torch's eigh, which releases it: 0.92 s and 0.42 s); the same routines of the
+same library called through ctypes (``mergebench.core.lapack``), which lets go of the GIL, give the same bits and
+took TSV-M on that benchmark from 49.0 s to 36.6 s.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import cache, cmp_to_key
+from functools import cmp_to_key
 
 import numpy as np
 import torch
 
+from mergebench.core import lapack
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import task_vectors_
 from mergebench.core.registry import MergeMethod, Param
@@ -186,9 +189,13 @@ def gram(x: Matrix) -> torch.Tensor:
     elsewhere one block of columns at a time (about half the multiplications of x^T x)."""
     n = x.shape[1]
     if x.device.type == "cpu":
-        syrk, c = _scipy_linalg().blas.dsyrk, np.zeros((n, n), order="F")
+        c, openblas = np.zeros((n, n), order="F"), lapack.blas()
         for i in range(0, x.shape[0], ROWS):  # b^T b = A A^T for A = b^T, which is b's memory read column-major
-            c = syrk(1.0, _rows(x, i, i + ROWS).numpy().T, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+            b = _rows(x, i, i + ROWS).contiguous().numpy()
+            if openblas is not None:
+                openblas.dsyrk_lower(b, c)
+            else:
+                c = lapack.single_threaded_scipy().blas.dsyrk(1.0, b.T, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
         return torch.from_numpy(c)
     out = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for i in range(0, x.shape[0], ROWS):
@@ -247,24 +254,16 @@ class GramSVD:
         return self.x, (c if rhs is None else c @ rhs)
 
 
-@cache
-def _scipy_linalg():
-    """scipy.linalg, with OpenBLAS (scipy's and numpy's) set to one thread for the rest of the process: BLAS and
-    LAPACK rounding may depend on the thread count, and the engine already runs one worker per core."""
-    import scipy.linalg
-    import scipy.linalg.blas
-    from threadpoolctl import ThreadpoolController
-
-    ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-    return scipy.linalg
-
-
 def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest eigenvalues (ascending) and their eigenvectors of a symmetric float64 CPU matrix, from its
     lower triangle: LAPACK's dsyevr computes only those (torch's eigh computes all, twice the time at k = n / 8)."""
     n = gram.shape[0]
-    values, vectors = _scipy_linalg().eigh(gram.numpy(), lower=True, subset_by_index=[n - k, n - 1], driver="evr",
-                                            check_finite=False)
+    openblas = lapack.blas()
+    if openblas is not None:
+        values, vectors = openblas.dsyevr_top(np.array(gram.numpy(), order="F"), k)
+    else:
+        values, vectors = lapack.single_threaded_scipy().eigh(gram.numpy(), lower=True, subset_by_index=[n - k, n - 1],
+                                                              driver="evr", check_finite=False)
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
