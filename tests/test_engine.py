@@ -228,3 +228,25 @@ def test_force_replaces_an_existing_output_only_on_success(toy_models, tmp_path,
     mergebench.merge("average", experts=[toy_models["e0"]], output=out, force=True, plugin_manager=pm)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_finite_check_finds_every_nan_and_inf_and_passes_sums_that_overflow(dtype):
+    """engine._finite against torch.isfinite(x).all(), the entry-by-entry definition: one NaN or Inf anywhere
+    fails it (+Inf and -Inf together included), and finite entries whose sum overflows pass."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mergebench.core.engine import _finite
+
+    big = torch.finfo(dtype).max
+    values = st.sampled_from([0.0, 1.0, -2.5, big, -big, big / 2, float("nan"), float("inf"), float("-inf")])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(values, min_size=1, max_size=40))
+    def check(entries):
+        x = torch.tensor(entries, dtype=torch.float64).to(dtype)
+        assert _finite(x) == bool(torch.isfinite(x).all())
+
+    check()
+    assert _finite(torch.full((1000,), big, dtype=dtype))  # the sum overflows; every entry is finite

@@ -370,8 +370,11 @@ def _chunk_size(device: torch.device) -> int:
 
 
 def _finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in ``x``; one reduction pass without temporaries (NaN propagates through aminmax)."""
+    """No NaN or Inf in ``x``. A finite sum has neither (NaN and Inf propagate through it), and a sum is half the
+    time of aminmax; a sum that overflowed from finite entries is settled by aminmax (NaN propagates through it)."""
     if x.numel() == 0 or not x.is_floating_point():
+        return True
+    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         return True
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
