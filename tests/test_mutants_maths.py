@@ -490,3 +490,18 @@ def test_exact_l1_counts_an_overflowed_task_vector_by_its_bits():
     chunk = torch.tensor([float("inf"), 0.5])
     assert ExactL1().add(chunk).add(chunk).add(torch.ones(3)).steps() == 2 * (inf + 2**148) + 3 * 2**149
     assert ExactL1().steps() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, -0.5, 3.0e38, -2.0**-149, 2.0**-126, 1.5e-7, float("inf")]),
+                min_size=1, max_size=64), st.integers(0, 2**32 - 1))
+def test_exact_l1_of_the_kept_entries_from_one_scatter(values, seed):
+    """ExactL1.add(x, kept, subset): self gets sum |x| and subset sum |x| over the kept entries, the integers
+    exact_l1 gives for x and for x with the dropped entries zeroed (infinite entries included), in any chunking."""
+    x = torch.tensor(values, dtype=torch.float32)
+    kept = torch.rand(x.numel(), generator=torch.Generator().manual_seed(seed)) < 0.5
+    whole, subset = ExactL1(), ExactL1()
+    cut = x.numel() // 3
+    whole.add(x[:cut], kept=kept[:cut], subset=subset).add(x[cut:], kept=kept[cut:], subset=subset)
+    assert whole.steps() == exact_l1(x)
+    assert subset.steps() == exact_l1(torch.where(kept, x, torch.zeros_like(x)))

@@ -183,6 +183,9 @@ class L1RescalePass:
     sparsifies every chunk with ``sparsify_(taus, ctx)`` on a copy of the tensor's context ``ctx`` (its
     ``analysis`` set to ``inner``'s result, fresh ``state`` and fresh random streams) and sums |tau| before
     and after with :class:`~mergebench.core.merge_ops.ExactL1`: the factors are independent of the chunking.
+    ``sparsify_`` must keep each entry as it is or zero it (the random and magnitude sparsifiers do; MagPrune's
+    division does not, and della takes no L1 pre-pass), so "after" is "before" over the entries still non-zero,
+    and both come from one scatter per expert.
     A sparsifier that draws random masks appends each chunk's to ``ctx.state[RECORD_MASKS][expert]``; they
     are kept (one byte per entry and expert, less than the (N + 2) float32 copies the engine's bound allows)
     and handed to the merge, since drawing them is most of a random sparsifier's time.
@@ -208,11 +211,11 @@ class L1RescalePass:
             self.shadow = replace(self.ctx, analysis=analysis, offset=0, state={RECORD_MASKS: [[] for _ in experts]},
                                   _generators={})
         taus = [e - base for e in experts]
-        for t, tau in enumerate(taus):
-            self.before[t].add(tau)
+        magnitudes = [tau.abs() for tau in taus]
         self.sparsify_(taus, self.shadow)
-        for t, tau in enumerate(taus):
-            self.after[t].add(tau)
+        for t, (magnitude, tau) in enumerate(zip(magnitudes, taus)):
+            # a sparsifier keeps an entry as it is or zeroes it, so "after" sums the kept entries of "before"
+            self.before[t].add(magnitude, kept=tau != 0, subset=self.after[t])
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.passes - 1:

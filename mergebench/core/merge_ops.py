@@ -181,21 +181,45 @@ class ExactL1:
         self.per_exponent: Tensor | None = None  # both on the device of the first tensor added
         self.units: Tensor | None = None
 
-    def add(self, x: Tensor) -> ExactL1:
-        flat = x.detach().reshape(-1)
+    def _start(self, device: torch.device) -> None:
         if self.per_exponent is None:
-            self.per_exponent = torch.zeros(256, dtype=torch.int64, device=x.device)
-            self.units = torch.tensor(_UNITS, dtype=torch.float64, device=x.device)
+            self.per_exponent = torch.zeros(256, dtype=torch.int64, device=device)
+            self.units = torch.tensor(_UNITS, dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor, kept: Tensor | None = None, subset: ExactL1 | None = None) -> ExactL1:
+        """self += sum |x|; with ``kept`` (booleans of x's shape) also ``subset`` += sum |x| over the kept entries,
+        both from one scatter into 512 bins (the dropped entries' exponents, then the kept ones')."""
+        flat = x.detach().reshape(-1)
+        keep = None if kept is None else kept.reshape(-1)
+        self._start(x.device)
+        if subset is not None:
+            subset._start(x.device)
+        bins = 256 if keep is None else 512
+        units = self.units if keep is None else self.units.repeat(2)
         for start, stop in spans(flat.numel(), BLOCK):  # blocks of at most 2**29 entries keep the float64 sums exact
             a = flat[start:stop].abs()
-            exponent = a.view(torch.int32) >> 23
-            sums = torch.zeros(256, dtype=torch.float64, device=a.device).index_add_(0, exponent, a.double())
-            if sums[255] != 0:  # Inf or NaN (a task vector that overflowed): count their mantissa bits instead
-                bits = a.view(torch.int32)[exponent == 255]
-                self.per_exponent[255] += ((bits & 0x7FFFFF) | (1 << 23)).long().sum()
-                sums[255] = 0
-            self.per_exponent += (sums * self.units).long()
+            bits = a.view(torch.int32)
+            index = bits >> 23
+            if keep is not None:
+                index = index | (keep[start:stop].to(torch.int32) << 8)
+            sums = torch.zeros(bins, dtype=torch.float64, device=a.device).index_add_(0, index, a.double())
+            overflowed = sums[255::256] != 0  # Inf or NaN (a task vector that overflowed): count their mantissa bits
+            counts = (sums * units).long() if not bool(overflowed.any()) else self._overflowed(sums, units, bits, index)
+            if keep is None:
+                self.per_exponent += counts
+            else:
+                self.per_exponent += counts[:256] + counts[256:]
+                subset.per_exponent += counts[256:]
         return self
+
+    @staticmethod
+    def _overflowed(sums: Tensor, units: Tensor, bits: Tensor, index: Tensor) -> Tensor:
+        """Mantissa counts per bin where the bins of exponent field 255 hold the entries' mantissa bits summed."""
+        extra = torch.zeros_like(sums, dtype=torch.int64)
+        for b in range(255, sums.numel(), 256):
+            extra[b] = ((bits[index == b] & 0x7FFFFF) | (1 << 23)).long().sum()
+        sums[255::256] = 0
+        return (sums * units).long() + extra
 
     def steps(self) -> int:
         """The sum as an integer number of 2**-149 (float32's smallest step)."""
