@@ -5,7 +5,7 @@ runs, so two engine workers' calls run one after the other (measured: eight dsye
 and 0.43 s over two). ctypes lets go of the GIL for the call; the library, routine and arguments are the ones
 scipy's wrappers use (dsyrk on a column-major A = b^T, dsyevr with range "I", abstol 0 and the optimal workspace),
 so the results are the same bits (tests/test_lapack.py). Where that library cannot be found (scipy built against
-another BLAS), :func:`blas` is None and callers use scipy's wrappers.
+another BLAS), :func:`blas` is None and :func:`syrk_lower_` and :func:`top_eigh` call scipy's wrappers.
 
 OpenBLAS runs on one thread here (``single_threaded_scipy``): the engine already runs one worker per core, and
 BLAS rounding may depend on the thread count.
@@ -84,3 +84,23 @@ def blas() -> _OpenBLAS | None:
             if hasattr(lib, f"{prefix}cblas_dsyrk") and hasattr(lib, f"{prefix}LAPACKE_dsyevr"):
                 return _OpenBLAS(lib, prefix)
     return None
+
+
+def syrk_lower_(b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """c += b^T b in c's lower triangle (b C-contiguous rows x n, c Fortran-ordered n x n, both float64); returns c."""
+    openblas = blas()
+    if openblas is None:
+        return single_threaded_scipy().blas.dsyrk(1.0, b.T, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+    openblas.dsyrk_lower(b, c)
+    return c
+
+
+def top_eigh(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenvalues (ascending) and their eigenvectors of the symmetric float64 matrix whose lower
+    triangle ``a`` holds (``a`` is not changed)."""
+    openblas = blas()
+    if openblas is None:
+        n = a.shape[0]
+        return single_threaded_scipy().eigh(a, lower=True, subset_by_index=[n - k, n - 1], driver="evr",
+                                            check_finite=False)
+    return openblas.dsyevr_top(np.array(a, order="F"), k)

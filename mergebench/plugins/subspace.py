@@ -189,13 +189,9 @@ def gram(x: Matrix) -> torch.Tensor:
     elsewhere one block of columns at a time (about half the multiplications of x^T x)."""
     n = x.shape[1]
     if x.device.type == "cpu":
-        c, openblas = np.zeros((n, n), order="F"), lapack.blas()
+        c = np.zeros((n, n), order="F")
         for i in range(0, x.shape[0], ROWS):  # b^T b = A A^T for A = b^T, which is b's memory read column-major
-            b = _rows(x, i, i + ROWS).contiguous().numpy()
-            if openblas is not None:
-                openblas.dsyrk_lower(b, c)
-            else:
-                c = lapack.single_threaded_scipy().blas.dsyrk(1.0, b.T, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+            c = lapack.syrk_lower_(_rows(x, i, i + ROWS).contiguous().numpy(), c)
         return torch.from_numpy(c)
     out = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for i in range(0, x.shape[0], ROWS):
@@ -257,13 +253,7 @@ class GramSVD:
 def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest eigenvalues (ascending) and their eigenvectors of a symmetric float64 CPU matrix, from its
     lower triangle: LAPACK's dsyevr computes only those (torch's eigh computes all, twice the time at k = n / 8)."""
-    n = gram.shape[0]
-    openblas = lapack.blas()
-    if openblas is not None:
-        values, vectors = openblas.dsyevr_top(np.array(gram.numpy(), order="F"), k)
-    else:
-        values, vectors = lapack.single_threaded_scipy().eigh(gram.numpy(), lower=True, subset_by_index=[n - k, n - 1],
-                                                              driver="evr", check_finite=False)
+    values, vectors = lapack.top_eigh(gram.numpy(), k)
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
