@@ -490,6 +490,10 @@ def test_exact_l1_counts_an_overflowed_task_vector_by_its_bits():
     chunk = torch.tensor([float("inf"), 0.5])
     assert ExactL1().add(chunk).add(chunk).add(torch.ones(3)).steps() == 2 * (inf + 2**148) + 3 * 2**149
     assert ExactL1().steps() == 0
+    # NaN (exponent field 255, mantissa bits 0x400000 in torch's quiet NaN) counts its mantissa bits too
+    nan = torch.tensor([float("nan")])
+    assert nan.view(torch.int32).item() & 0x7FFFFF == 0x400000
+    assert exact_l1(nan) == (0x400000 | 2**23) << 254
 
 
 @settings(max_examples=60, deadline=None)
