@@ -43,10 +43,9 @@ def test_dsyevr_gives_scipys_top_eigenpairs_bit_for_bit(n, k):
     assert np.allclose(full @ vectors, vectors * values, atol=1e-8 * max(1.0, abs(values).max()))
 
 
-
 def test_the_subspace_maths_is_the_same_through_scipys_wrappers(monkeypatch):
-    """Where scipy's OpenBLAS is not found (``blas()`` is None), gram() and _top_eigh() use scipy's wrappers:
-    the same bits on the same library."""
+    """Where scipy's OpenBLAS is not found (``blas()`` is None), lapack's syrk_lower_ and top_eigh (under
+    subspace's gram and _top_eigh) call scipy's wrappers: the same bits on the same library."""
     import torch
 
     from mergebench.plugins import subspace
