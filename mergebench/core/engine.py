@@ -371,10 +371,12 @@ def _chunk_size(device: torch.device) -> int:
 
 def _finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in ``x``. A finite sum has neither (NaN and Inf propagate through it), and a sum is half the
-    time of aminmax; a sum that overflowed from finite entries is settled by aminmax (NaN propagates through it)."""
+    time of aminmax on a chunk; a sum that overflowed from finite entries is settled by aminmax (NaN propagates
+    through it). The sum stays in x's dtype: ``sum(dtype=float32)`` of a bfloat16 tensor casts it first, 20x
+    slower on a whole tensor (a float16 sum overflows sooner, and then costs the aminmax too)."""
     if x.numel() == 0 or not x.is_floating_point():
         return True
-    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+    if bool(torch.isfinite(x.sum())):
         return True
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
