@@ -163,7 +163,8 @@ def test_a_merge_lets_go_of_the_input_pages_it_has_read(tmp_path, pm, elementwis
     pmd = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
     folio = int(pmd.read_text()) if pmd.is_file() else 2 * MiB
     allowed = len(inputs) * (engine.CHUNK * 2 + 2 * folio)
-    assert allowed <= whole / 2
+    if allowed > whole / 2:  # huge pages of 512 MiB (arm64 with 64 KiB pages): a tensor this size cannot tell
+        pytest.skip(f"huge pages of {folio / MiB:.0f} MiB")
     assert max(resident) <= allowed, (
         f"{max(resident) / MiB:.1f} MiB of the inputs resident at once, above {allowed / MiB:.1f} MiB "
         f"(the whole tensor's inputs: {whole / MiB:.0f} MiB)")
