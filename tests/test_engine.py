@@ -250,3 +250,22 @@ def test_the_finite_check_finds_every_nan_and_inf_and_passes_sums_that_overflow(
 
     check()
     assert _finite(torch.full((1000,), big, dtype=dtype))  # the sum overflows; every entry is finite
+
+
+def test_every_shard_is_on_disk_before_the_output_is_renamed_into_place(tiny_llamas, tmp_path, pm, monkeypatch):
+    """The output directory appears only after each weight shard was fsynced, not only the last one."""
+    import mergebench.core.writer as writer
+
+    synced = []
+    real_fsync = writer.os.fsync
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", fsync)
+    out = tmp_path / "merged"
+    mergebench.merge("average", experts=[tiny_llamas["e0"], tiny_llamas["e1"]], output=out, max_shard_size="6KB",
+                     plugin_manager=pm)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(n for n in synced if n.endswith(".safetensors")) == shards

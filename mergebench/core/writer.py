@@ -93,9 +93,17 @@ class ShardWriter:
         self._file = None
         self._shard_index = -1
 
-    def _open_shard(self, index: int) -> None:
+    def _close_shard(self) -> None:
+        """Flush the open shard to disk before it is closed: the output directory is renamed into place only after
+        every shard is durable, not only the last."""
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+            self._file = None
+
+    def _open_shard(self, index: int) -> None:
+        self._close_shard()
         shard = self.shards[index]
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
@@ -125,11 +133,7 @@ class ShardWriter:
     def finish(self) -> None:
         if self._next != len(self._order):
             raise RuntimeError(f"writer finished after {self._next} of {len(self._order)} tensors")
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        self._close_shard()
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
