@@ -158,11 +158,12 @@ def test_a_merge_lets_go_of_the_input_pages_it_has_read(tmp_path, pm, elementwis
                      threads=1)
     assert len(resident) == (64 if elementwise else 1)
     whole = len(inputs) * numel * 2
-    # The kernel maps a file's page cache a folio at a time (up to a huge page on ext4, kernel 6.x), so a read
-    # may map up to two folios beyond the chunk it asked for, per input.
+    # The reader lets go of whole huge pages every engine.RELEASE_BYTES it has read, and the kernel maps a file's
+    # page cache a folio at a time (up to a huge page on ext4, kernel 6.x), so a read may map up to two folios
+    # beyond the chunk it asked for, per input.
     pmd = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
     folio = int(pmd.read_text()) if pmd.is_file() else 2 * MiB
-    allowed = len(inputs) * (engine.CHUNK * 2 + 2 * folio)
+    allowed = len(inputs) * (engine.CHUNK * 2 + engine.RELEASE_BYTES + 2 * folio)
     if allowed > whole / 2:  # huge pages of 512 MiB (arm64 with 64 KiB pages): a tensor this size cannot tell
         pytest.skip(f"huge pages of {folio / MiB:.0f} MiB")
     assert max(resident) <= allowed, (

@@ -38,7 +38,7 @@ from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
 from mergebench.core.recipe import ModelInput, Recipe
 from mergebench.core.registry import MergeFn, MergeMethod
 from mergebench.core.tensor_params import ParameterPlan, TensorParams, layer_index
-from mergebench.core.tensor_io import ModelSource, TensorInfo, iter_config_files
+from mergebench.core.tensor_io import HUGE_PAGE, ModelSource, TensorInfo, iter_config_files
 from mergebench.core.writer import AtomicDirectory, OutputTensor, ShardWriter, parse_size, plan_shards
 
 # progress(stage, bytes_done, bytes_total, tensor_name)
@@ -359,9 +359,9 @@ class _Writer:
 
 # Chunk lengths must be even (random_keep_mask draws two entries per 32-bit word).
 CHUNK = 1 << 18  # elements per chunk on the CPU: a few chunks of every input fit in the L2 cache
-# A chunked reader lets go of its inputs' mapped pages every this many bytes of each input, not every chunk: each
-# release splits the kernel's mapping of a large folio (up to 2 MiB) and a later pass refaults what it dropped.
-RELEASE_BYTES = 1 << 20
+# A chunked reader lets go of its inputs' mapped pages every huge page (2 MiB) it reads of each input, not every
+# chunk (ModelSource.release drops whole huge pages: partial ones split the kernel's mappings, which costs more).
+RELEASE_BYTES = HUGE_PAGE
 CUDA_CHUNK = 1 << 24  # on a GPU, large chunks amortise the host-to-device copies and kernel launches
 
 

@@ -116,6 +116,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+HUGE_PAGE = 2 << 20  # the largest folio the kernel maps a file's page cache with on x86-64 (a PMD)
+
+
 class ModelSource:
     """One input model: its tensors' metadata, its config, and lazy zero-copy tensor reads."""
 
@@ -177,23 +180,27 @@ class ModelSource:
                 pass
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
-        """Drop a tensor's pages from this process's memory map (they stay in the page cache): all of them, or
-        those wholly inside bytes [start, stop) of the tensor, so a chunked reader can let go of what it has read.
+        """Drop a tensor's pages from this process's memory map (they stay in the page cache): all of them, or,
+        so that a chunked reader can let go of what it has read, those of bytes [start, stop) of the tensor in
+        whole blocks of HUGE_PAGE bytes of the file (a block that ``stop`` cuts stays, and goes with the next
+        call, whose ``start`` is this ``stop``). Dropping part of a huge page that the kernel mapped whole
+        splits its mapping, which measured costlier than the pages themselves.
 
         Keeps resident memory flat while streaming through models larger than RAM. Safe because
-        mapped pages are only ever read: a later access simply faults them in again (a page shared with a
-        neighbouring tensor included).
+        mapped pages are only ever read: a later access simply faults them in again (pages of a neighbouring
+        tensor in the same block included).
         """
         info = self.tensors[name]
         m = self._maps.get(info.file)
         if m is None or not info.nbytes or not hasattr(m, "madvise"):
             return
         page = mmap.PAGESIZE
-        begin = (info.offset + start) // page * page
-        if stop is None or stop >= info.nbytes:  # the whole tail, its last partial page included
+        # from the block a previous partial release stopped at (its cut block included), or the tensor's first page
+        begin = (info.offset + start) // HUGE_PAGE * HUGE_PAGE if start else info.offset // page * page
+        if stop is None or stop >= info.nbytes:  # to the end of the tensor, its last partial page included
             end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
-        else:  # a partial page at the end is still being read
-            end = (info.offset + stop) // page * page
+        else:
+            end = (info.offset + stop) // HUGE_PAGE * HUGE_PAGE
         if end <= begin:
             return
         try:
