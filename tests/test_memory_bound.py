@@ -48,7 +48,8 @@ INPUT_BYTES = (N_EXPERTS + 1) * sum(h * w for h, w in SHAPES.values()) * 2  # bf
 # second tensor in flight (a layer here) must fit in the same allowance. Measured increments on this
 # machine (means of 4-10 runs): average 34, ties 58, dare_ties 44 MiB on one thread and ties 85 MiB on two
 # (70-94: over the bound about one run in seven) while a tensor's mapped inputs stayed resident until it was
-# merged; since the chunked reader lets go of them as it reads: 29, 51, 36 and 74 MiB (69-78).
+# merged; since the chunked reader lets go of them as it reads: 29, 51, 36 and 74 MiB (69-78) releasing every
+# MiB by pages, and ties on two 77 MiB (71-81) releasing whole huge pages every 2 MiB (the engine's choice).
 FIXED_OVERHEAD = 48 * MiB
 BOUND = (N_EXPERTS + 2) * LARGEST_F32 + FIXED_OVERHEAD  # 88 MiB, half of INPUT_BYTES
 
