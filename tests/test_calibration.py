@@ -164,7 +164,10 @@ def reference_inputs(model_dir, texts, max_length, names):
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
-def test_gram_statistics_are_x_transpose_x_of_each_linear_layers_inputs(family):
+# block 5: several blocks of the lower triangle, and a narrower last one, at the tiny model's widths (16 and 32)
+@pytest.mark.parametrize("block", [calibration.GRAM_BLOCK, 5])
+def test_gram_statistics_are_x_transpose_x_of_each_linear_layers_inputs(family, block, monkeypatch):
+    monkeypatch.setattr(calibration, "GRAM_BLOCK", block)
     data = spec(family)
     source = open_local(str(family["e0"]), family["e0"], False)
     stats = calibration.statistics(source, CalibrationRequest("gram"), data)
@@ -181,6 +184,51 @@ def test_gram_statistics_are_x_transpose_x_of_each_linear_layers_inputs(family):
         assert not gram.transposed
         torch.testing.assert_close(gram.matrix.double(), x.T @ x, rtol=1e-4, atol=1e-4 * float((x.T @ x).abs().max()))
     assert stats.get("model.norm.weight") is None
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 600])
+def test_lower_gram_by_blocks_is_x_transpose_x(n):
+    x = torch.randn(40, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    acc = torch.full((n, n), 2.0, dtype=torch.float64)  # sums onto what is there
+    calibration._add_lower_gram_(acc, x)
+    calibration._add_lower_gram_(acc, x[:7])
+    want = x.T @ x + x[:7].T @ x[:7] + 2.0
+    torch.testing.assert_close(calibration._symmetric(acc), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_gram_pass_computes_no_logits_unless_the_forward_reads_them(family, monkeypatch):
+    """The output head's logits are not computed (a third of a small model's pass); a model whose forward reads
+    them gets its first batch run again with the head restored, and the same statistics."""
+    from transformers import LlamaForCausalLM
+
+    calls = []
+    head_forward = torch.nn.Linear.forward
+
+    def counted(self, x):
+        if x.shape[-1] == self.in_features and self.out_features == len(TOKENS):
+            calls.append(x.shape)
+        return head_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    source = open_local(str(family["e0"]), family["e0"], False)
+    plain = calibration.statistics(source, CalibrationRequest("gram"), spec(family))
+    assert calls == []
+    forward = LlamaForCausalLM.forward
+
+    def reads_logits(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits.argmax(-1)  # fails on an empty vocabulary dimension
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", reads_logits)
+    monkeypatch.setenv("MERGEBENCH_HOME", str(family["data"].parent / "home-reads-logits"))
+    again = calibration.statistics(source, CalibrationRequest("gram"), spec(family))
+    assert len(calls) == 3  # the three batches of 11 texts, 4 at a time
+    assert again.names() == plain.names()
+    for name in plain.names():
+        a, b = plain.get(name), again.get(name)
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(a.matrix, b.matrix, rtol=1e-6, atol=1e-6)
 
 
 # ---- (3) end to end: the CLI merge, the cache -------------------------------------------------------------
