@@ -447,6 +447,38 @@ def test_polar_factor_is_lapacks(shape, rank, rows, monkeypatch):
     torch.testing.assert_close(a @ b, torch.from_numpy(ref_polar(x.numpy()) @ rhs.numpy()), rtol=0, atol=1e-9)
 
 
+# (rows, head columns, tail columns, how the tail is made): more tail than head columns and fewer; tails with
+# columns inside the head's span, repeated, zero; no head; no tail; two made to put one singular value on either
+# side of the rank threshold (60 eps32 times the largest singular value)
+@pytest.mark.parametrize("rows,h,t,kind", [(30, 20, 6, "random"), (30, 4, 12, "random"), (30, 12, 9, "in head"),
+                                           (30, 12, 9, "repeated"), (30, 12, 5, "zero"), (30, 0, 9, "random"),
+                                           (30, 12, 0, "random"), (12, 10, 2, "random"), (60, 8, 8, "near head"),
+                                           (60, 0, 4, "short")])
+def test_polar_beside_orthonormal_columns_is_lapacks(rows, h, t, kind):
+    basis = torch.linalg.qr(svd_input(41, (rows, h + t + 1), None))[0]
+    head = basis[:, :h]
+    tail = svd_input(42, (rows, t), None)
+    if kind == "in head":  # 3 columns that are combinations of head's: the rank drops by 3
+        tail[:, :3] = head @ svd_input(43, (h, 3), None)
+    elif kind == "repeated":
+        tail[:, 4:7] = tail[:, :3]
+    elif kind == "zero":
+        tail[:, 1] = 0
+    elif kind == "near head":  # tail_j = head_j + e n_j: singular values sqrt(2) and e / sqrt(2) per pair, one
+        # pair's 6e-6 below the threshold 60 eps32 sqrt(2) = 1.0e-5 (kept under min(shape) = 16: 2.7e-6)
+        tail = head + basis[:, h:h + t] * torch.tensor([1e-2] * (t - 1) + [6e-6 * 2 ** 0.5], dtype=torch.float64)
+    elif kind == "short":  # no head; columns of norm 0.5, two of them 6e-6 (by singular value) from parallel:
+        # above the threshold 60 eps32 times the largest singular value, 0.71 (5.1e-6), below it for a scale of 1
+        tail = 0.5 * basis[:, h:h + t]
+        tail[:, 1] = tail[:, 0] + 6e-6 * 2 ** 0.5 * basis[:, h + t]
+    x = torch.cat([head, tail], dim=1)
+    got = subspace.polar_beside_orthonormal(head, tail)
+    # a kept singular value of 6e-6 carries the Gram route's rounding, eps64 / 6e-6 (module docstring); keeping or
+    # dropping it moves the result by 6e-6 or more
+    tol = 1e-6 if kind in ("near head", "short") else 1e-10
+    torch.testing.assert_close(got, torch.from_numpy(ref_polar(x.numpy())), rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("rows", [subspace.ROWS, 7])
 @pytest.mark.parametrize("rank", [None, 3])
 def test_projected_svd_is_the_svd_of_the_projection(rank, rows, monkeypatch):

@@ -56,7 +56,10 @@ Conventions that change numbers (the authors' code unless said):
   s_i)^2 <= eps64 / (max(rows, cols) eps32)^2 ~ 2e-9 over the kept s_i, and the projected Y is orthogonal to U_c
   to about eps64 / (max(rows, cols) eps32); both below float32 rounding. The numerical rank of Y is counted with
   U's shape and scale (||Y||_2 >= 1 = ||U_c||_2, each task's columns being orthonormal), so it drops what the
-  whole U's would. On the 0.1B benchmark's matrices the result moved by at most 4e-8 of the largest entry.
+  whole U's would. polar(V), V = [V_c | V_s], has no such blocks (V_s is not orthogonal to V_c), but V_c is
+  orthonormal (to the same rounding), so V^T V is the identity plus a matrix of rank <= 2 N s
+  (``polar_beside_orthonormal``): a 2 N s x 2 N s eigendecomposition instead of an r x r one. On the 0.1B
+  benchmark's matrices the two moved the result by at most 6e-8 of the largest entry.
 - Numerical rank: a singular triplet of a decomposed matrix A counts only where sigma > max(rows, cols) *
   eps_float32 * scale. The others have arbitrary singular vectors (any orthonormal completion LAPACK picks),
   and the authors' code keeps them: in a rank-deficient matrix Iso-C gives those arbitrary directions the full
@@ -104,9 +107,9 @@ is written over a scratch input ``ROWS`` rows at a time, without an m x n float6
 
 Speed: no SVD; the work is r x r eigendecompositions (float64 ``eigh``) and float64 products about the size of
 the tensor (a Gram matrix, lower triangle only: about m r^2). Iso-C takes one eigendecomposition per matrix,
-TSV-M N + 2 (each task vector, then the two polar factors) and Iso-CTS 2 of r x r where rows <= cols (its projected
-task vectors' Gram matrices are then (r - k_c) x (r - k_c) where the sum has full rank) and N + 2 otherwise, and
-one of N s x N s for polar(Y). On one CPU thread a float64 ``eigh``
+TSV-M N + 2 (each task vector, then the two polar factors) and Iso-CTS one of r x r (the sum's) where rows <= cols
+(its projected task vectors' Gram matrices are then (r - k_c) x (r - k_c) where the sum has full rank) and N + 1
+otherwise, and two of at most 2 N s for its polar factors (below). On one CPU thread a float64 ``eigh``
 of 768 x 768 costs about what a float32 SVD of a 768 x 768 matrix does (0.15 s), and a tall 32000 x 768 task
 vector takes its Gram matrix (0.7 s) and one such ``eigh`` instead of a 2 s SVD: on the 0.1B benchmark (N = 8)
 TSV-M's CPU time fell from 138 s to 97 s (TIES: 11 s), and Iso-CTS no longer fails (MKL's float32 SVD did not
@@ -293,6 +296,35 @@ def polar(a: torch.Tensor, rhs: torch.Tensor | None = None) -> tuple[torch.Tenso
     return svd.isometry(numerical_rank(svd.s, tuple(a.shape)), rhs)
 
 
+def polar_beside_orthonormal(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """polar([head | tail]) over its numerical rank, as ``polar``, for ``head`` with orthonormal columns, from a
+    2t x 2t eigendecomposition instead of one of (h + t) x (h + t) (t = tail's columns). X = [head | tail] has
+    X^T X = I + E, E = [[0, A], [A^T, B - I]], A = head^T tail, B = tail^T tail; E's range lies in that of
+    Q = diag(Q_A, I) (A = Q_A R_A), so X^T X's eigenvalues there are 1 + those of H = Q^T E Q = [[0, R_A],
+    [R_A^T, B - I]] (eigenvectors Q W) and 1 elsewhere. With sigma = sqrt(1 + lambda): polar(X) = X (I + Q W
+    diag(d) W^T Q^T), d = 1 / sigma - 1 for a kept sigma, -1 (the direction dropped) below the rank threshold."""
+    t = tail.shape[1]
+    if t == 0:
+        return head
+    q_a, r_a = torch.linalg.qr(head.T @ tail)  # reduced: q_a h x min(h, t)
+    a = q_a.shape[1]
+    h = torch.zeros(a + t, a + t, dtype=tail.dtype, device=tail.device)
+    h[:a, a:] = r_a
+    h[a:, :a] = r_a.T
+    h[a:, a:] = tail.T @ tail
+    h[a:, a:].diagonal().sub_(1)
+    lam, w = torch.linalg.eigh(h)
+    sigma = (1 + lam).clamp_min(0).sqrt()
+    x_shape = (head.shape[0], head.shape[1] + t)
+    # numerical_rank's threshold. The largest sigma is X's: with a head, it is >= 1 (the directions outside Q
+    # have sigma 1), as X^T X's largest eigenvalue is >= its diagonal's (1 for head's columns)
+    kept = sigma > max(x_shape) * EPS32 * sigma.max()
+    d = torch.where(kept, 1 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma)) - 1
+    qw = torch.cat([q_a @ w[:a], w[a:]])  # Q W
+    xqw = torch.cat([head @ q_a, tail], dim=1) @ w  # X Q W = [head Q_A | tail] W
+    return torch.cat([head, tail], dim=1).addmm_(xqw * d, qw.T)
+
+
 def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """out = a @ b into ``out``, a block of rows of a at a time (no float64 m x n copy). Each block reads a's
     rows before writing out's, so out may be one of the tensors ``a`` sums."""
@@ -448,7 +480,8 @@ def iso_cts_delta(base, experts, params, ctx):
             del part
         if used == 0:
             return taus[0].zero_()
-        v = torch.matmul(*polar(torch.cat(vs, dim=1)))
+        tail = torch.cat(vs[1:], dim=1) if len(vs) > 1 else vs[0][:, :0]
+        v = polar_beside_orthonormal(vs[0], tail)  # V_c is orthonormal
         del vs
         b = v.T.mul_(mass / rank)
         if used > common:  # polar(U) = [U_c | polar(Y)]: U_c is orthonormal, and Y lies outside its span
