@@ -269,3 +269,88 @@ def test_every_shard_is_on_disk_before_the_output_is_renamed_into_place(tiny_lla
                      plugin_manager=pm)
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 2 and sorted(n for n in synced if n.endswith(".safetensors")) == shards
+
+
+def _two_large_and_many_small(tmp_path):
+    """A base and two experts: an embedding first and a head last in the output's order, both 64 x 8 (the
+    largest), and 16 small layers between them."""
+    g = torch.Generator().manual_seed(5)
+    models = []
+    for name in ("base", "e0", "e1"):
+        tensors = {"a_embed.weight": torch.randn(64, 8, generator=g),
+                   **{f"b_layer.{i:02d}.weight": torch.randn(4, 8, generator=g) for i in range(16)},
+                   "c_head.weight": torch.randn(64, 8, generator=g)}
+        models.append(write_model(tmp_path / name, tensors))
+    return models
+
+
+def _timed_whole_tensor_method(log, fail_on=None):
+    """A whole-tensor mean that takes 0.4 s on a 64 x 8 tensor and 0.05 s on others, logging (name, start, end)."""
+    import threading
+    import time
+
+    from mergebench.core.registry import MergeMethod
+
+    lock = threading.Lock()
+
+    def slow_mean(base, experts, params, ctx):
+        start = time.perf_counter()
+        if ctx.name == fail_on:
+            raise ValueError("deliberate failure")
+        time.sleep(0.4 if base.shape[0] == 64 else 0.05)
+        with lock:
+            log.append((ctx.name, start, time.perf_counter()))
+        return sum(experts) / len(experts)
+
+    return MergeMethod(name="slow_mean", description="a timed whole-tensor mean", merge=slow_mean, elementwise=False)
+
+
+def test_the_last_largest_tensor_starts_when_the_first_is_done_not_alone_at_the_end(tmp_path, pm):
+    """The memory gate merges the two largest tensors one at a time; the second, last in the output's order, is
+    started as soon as the first is done, beside the small ones (in its turn it ran alone at the end, the other
+    worker idle), and written in its turn: the output is the one-worker merge's, bit for bit."""
+    from conftest import method_plugin
+
+    base, *experts = _two_large_and_many_small(tmp_path)
+    log: list[tuple[str, float, float]] = []
+    pm.register(method_plugin(_timed_whole_tensor_method(log)))
+    mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "two", plugin_manager=pm, threads=2)
+    times = {name: (start, end) for name, start, end in log}
+    embed, head = times["a_embed.weight"], times["c_head.weight"]
+    small_starts = [start for name, (start, _) in times.items() if name.startswith("b_layer")]
+    assert head[0] >= embed[1]  # never both at once
+    assert sum(start > head[0] for start in small_starts) >= 4  # started before small layers that precede it
+    log.clear()
+    mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "one", plugin_manager=pm, threads=1)
+    two, one = load_dir(tmp_path / "two"), load_dir(tmp_path / "one")
+    assert list(two) == list(one) and all(torch.equal(two[n], one[n]) for n in one)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "two" / "model.safetensors"), "pt") as f:  # written in the output's order
+        assert list(f.keys()) == sorted(f.keys())
+
+
+@pytest.mark.parametrize("fail_on", ["c_head.weight", "a_embed.weight", "b_layer.03.weight"])
+def test_a_failure_in_a_tensor_merged_out_of_turn_ends_the_merge_without_hanging(tmp_path, pm, fail_on):
+    import threading
+
+    from conftest import method_plugin
+
+    base, *experts = _two_large_and_many_small(tmp_path)
+    pm.register(method_plugin(_timed_whole_tensor_method([], fail_on=fail_on)))
+    raised: list[BaseException] = []
+
+    def run():
+        try:
+            mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "out", plugin_manager=pm,
+                             threads=2)
+        except BaseException as exc:  # noqa: BLE001
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the merge hung after a tensor's merge failed"
+    # the library raises the method's own exception (the CLI reports it as the plugin's)
+    assert len(raised) == 1 and isinstance(raised[0], ValueError) and str(raised[0]) == "deliberate failure"
+    assert not (tmp_path / "out").exists()
