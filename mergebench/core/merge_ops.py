@@ -263,21 +263,30 @@ def ordered_sum(x: torch.Tensor, block: int = 1 << 12) -> torch.Tensor:
 
 def ordered_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 12, chunk: int = 1 << 20) -> torch.Tensor:
     """``ordered_sum(a * b)`` bit for bit, without the whole product: products of about ``chunk`` entries
-    (whole rows, or whole blocks of rows), of which only the first level of block sums is kept."""
+    (whole rows, or whole blocks of rows), of which only the first level of block sums is kept. The products go
+    into one buffer: a fresh one per chunk is a fresh mapping from the allocator, whose page faults cost more than
+    the products (model_stock's 28 dots of 8 task vectors of 24.6M entries: 0.3 s, 1.0-1.2 s when the heap was
+    fragmented)."""
     if a.numel() <= chunk:
         return ordered_sum(a * b, block=block)
     n = a.shape[-1]
     a2, b2 = a.reshape(-1, n), b.reshape(-1, n)
     rows, step = a2.shape[0], max(1, chunk // n)
+    width = n if n <= block else max(block, chunk // block * block)  # whole blocks, cut where ordered_sum cuts
+    buffer = torch.empty(min(step, rows) * min(width, n), dtype=torch.result_type(a, b), device=a.device)
+
+    def multiply(r: int, c: int) -> torch.Tensor:
+        x, y = a2[r:r + step, c:c + width], b2[r:r + step, c:c + width]
+        return torch.mul(x, y, out=buffer[:x.numel()].view(x.shape))
+
     if n <= block:  # each row is summed whole: a chunk of rows at a time
-        sums = [torch.mul(a2[r:r + step], b2[r:r + step]).sum(-1) for r in range(0, rows, step)]
+        sums = [multiply(r, 0).sum(-1) for r in range(0, rows, step)]
         return torch.cat(sums).reshape(a.shape[:-1])
-    width = max(block, chunk // block * block)  # columns per product: whole blocks, cut where ordered_sum cuts
     firsts = []
     for r in range(0, rows, step):
         parts = []
         for c in range(0, n, width):
-            product = torch.mul(a2[r:r + step, c:c + width], b2[r:r + step, c:c + width])
+            product = multiply(r, c)
             full = product.shape[1] - product.shape[1] % block
             parts.append(product[:, :full].reshape(product.shape[0], -1, block).sum(-1))
             if full < product.shape[1]:  # the rows' tails (only in their last columns)
