@@ -284,8 +284,8 @@ def _two_large_and_many_small(tmp_path):
     return models
 
 
-def _timed_whole_tensor_method(log, fail_on=None):
-    """A whole-tensor mean that takes 0.4 s on a 64 x 8 tensor and 0.05 s on others, logging (name, start, end)."""
+def _timed_mean_method(log, fail_on=None, elementwise=False):
+    """A mean that takes 0.4 s on a 64 x 8 tensor (one chunk) and 0.05 s on others, logging (name, start, end)."""
     import threading
     import time
 
@@ -302,24 +302,29 @@ def _timed_whole_tensor_method(log, fail_on=None):
             log.append((ctx.name, start, time.perf_counter()))
         return sum(experts) / len(experts)
 
-    return MergeMethod(name="slow_mean", description="a timed whole-tensor mean", merge=slow_mean, elementwise=False)
+    return MergeMethod(name="slow_mean", description="a timed mean", merge=slow_mean, elementwise=elementwise)
 
 
-def test_the_last_largest_tensor_starts_when_the_first_is_done_not_alone_at_the_end(tmp_path, pm):
-    """The memory gate merges the two largest tensors one at a time; the second, last in the output's order, is
-    started as soon as the first is done, beside the small ones (in its turn it ran alone at the end, the other
-    worker idle), and written in its turn: the output is the one-worker merge's, bit for bit."""
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_the_last_largest_tensor_starts_early_not_alone_at_the_end(tmp_path, pm, elementwise):
+    """The largest tensor that comes last in the output's order is started early (in its turn it ran alone at the
+    end, the other worker idle) and written in its turn: the output is the one-worker merge's, bit for bit. A
+    whole-tensor method's memory gate merges the two largest one at a time, so the head starts as the embedding
+    ends; an elementwise method's start together."""
     from conftest import method_plugin
 
     base, *experts = _two_large_and_many_small(tmp_path)
     log: list[tuple[str, float, float]] = []
-    pm.register(method_plugin(_timed_whole_tensor_method(log)))
+    pm.register(method_plugin(_timed_mean_method(log, elementwise=elementwise)))
     mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "two", plugin_manager=pm, threads=2)
     times = {name: (start, end) for name, start, end in log}
     embed, head = times["a_embed.weight"], times["c_head.weight"]
     small_starts = [start for name, (start, _) in times.items() if name.startswith("b_layer")]
-    assert head[0] >= embed[1]  # never both at once
-    assert sum(start > head[0] for start in small_starts) >= 4  # started before small layers that precede it
+    if elementwise:
+        assert head[0] < embed[1] and all(start >= embed[1] or start >= head[1] for start in small_starts)
+    else:
+        assert head[0] >= embed[1]  # never both at once
+        assert sum(start > head[0] for start in small_starts) >= 4  # started before small layers that precede it
     log.clear()
     mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "one", plugin_manager=pm, threads=1)
     two, one = load_dir(tmp_path / "two"), load_dir(tmp_path / "one")
@@ -337,7 +342,7 @@ def test_a_failure_in_a_tensor_merged_out_of_turn_ends_the_merge_without_hanging
     from conftest import method_plugin
 
     base, *experts = _two_large_and_many_small(tmp_path)
-    pm.register(method_plugin(_timed_whole_tensor_method([], fail_on=fail_on)))
+    pm.register(method_plugin(_timed_mean_method([], fail_on=fail_on)))
     raised: list[BaseException] = []
 
     def run():
