@@ -307,10 +307,10 @@ def _timed_mean_method(log, fail_on=None, elementwise=False):
 
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_the_last_largest_tensor_starts_early_not_alone_at_the_end(tmp_path, pm, elementwise):
-    """The largest tensor that comes last in the output's order is started early (in its turn it ran alone at the
-    end, the other worker idle) and written in its turn: the output is the one-worker merge's, bit for bit. A
-    whole-tensor method's memory gate merges the two largest one at a time, so the head starts as the embedding
-    ends; an elementwise method's start together."""
+    """A whole-tensor method's largest tensor that comes last in the output's order is started as soon as the
+    first is done (the memory gate merges the two one at a time; in its turn it ran alone at the end, the other
+    worker idle) and written in its turn: the output is the one-worker merge's, bit for bit. An elementwise
+    method's is merged in its turn (together, the two would hold both pre-passes' state at once)."""
     from conftest import method_plugin
 
     base, *experts = _two_large_and_many_small(tmp_path)
@@ -321,7 +321,7 @@ def test_the_last_largest_tensor_starts_early_not_alone_at_the_end(tmp_path, pm,
     embed, head = times["a_embed.weight"], times["c_head.weight"]
     small_starts = [start for name, (start, _) in times.items() if name.startswith("b_layer")]
     if elementwise:
-        assert head[0] < embed[1] and all(start >= embed[1] or start >= head[1] for start in small_starts)
+        assert head[0] >= max(small_starts)
     else:
         assert head[0] >= embed[1]  # never both at once
         assert sum(start > head[0] for start in small_starts) >= 4  # started before small layers that precede it

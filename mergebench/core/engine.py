@@ -654,11 +654,10 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     Each worker merges whole tensors with its own chunk buffers and one intra-op thread, so the cores
     are used without synchronising inside small ops; results do not depend on which worker ran them.
 
-    The largest tensors (an embedding and an output head) take longest, and the head comes last in the output's
-    order, so in its turn it would run alone at the end, the other workers idle (Iso-CTS on the 0.1B benchmark:
-    12.8 of 36 s; dare_linear 2.4 of 7.2 s). The later ones are therefore started early, each in the first free
-    worker, and held until their turn to be written: right after the first for elementwise methods, and for
-    whole-tensor ones, which the memory gate merges one at a time at that size, as soon as none is being merged.
+    Whole-tensor methods: the memory gate runs the tensors of the largest size (an embedding and an output head)
+    one at a time, and the head comes last in the output's order, so it would run alone at the end, the other
+    workers idle (Iso-CTS on the 0.1B benchmark: 12.8 of 36 s). The later ones are therefore started as soon as
+    no tensor of that size is being merged, each in the first free worker, and held until their turn to be written.
     """
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
@@ -667,7 +666,10 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     gate = None if plan.method.elementwise else _MemoryGate(_gate_capacity([_working_bytes(plan, j) for j in order]))
     sizes = {j.name: _working_bytes(plan, j) for j in order}
     largest = [j for j in order if sizes[j.name] == max(sizes.values())]
-    if len(largest) > workers:  # many of that size: no one tail to avoid (and the gate merges them one at a time)
+    # Not for elementwise methods: with no gate the two largest would run at once, and a method's per-tensor
+    # pre-pass state (recorded masks, ranks) with them: dare_ties 0.65 -> 1.01 of the engine's memory bound, 0.1B
+    # N = 8. Nor with many of that size: no one tail to avoid, and the gate merges them one at a time.
+    if gate is None or len(largest) > workers:
         largest = []
     largest_names = {j.name for j in largest}
     early = {j.name for j in largest[1:]}  # started out of order: the first comes in its turn
@@ -699,7 +701,7 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     futures: dict[str, Future] = {}
 
     def early_may_start() -> bool:  # the gate would make it wait while another of its size runs
-        return bool(held_back) and state["first_started"] and (gate is None or state["running_largest"] == 0)
+        return bool(held_back) and state["first_started"] and state["running_largest"] == 0
 
     def pick() -> tuple[TensorJob, Future]:
         with cond:
