@@ -231,6 +231,35 @@ def test_the_gram_pass_computes_no_logits_unless_the_forward_reads_them(family, 
         torch.testing.assert_close(a.matrix, b.matrix, rtol=1e-6, atol=1e-6)
 
 
+def test_a_layer_that_stops_sharing_its_input_gets_its_own_gram(family, monkeypatch):
+    """q/k/v read one input tensor in the first batch, so they share one product; where k's input is another
+    tensor in a later batch (here: twice the input in the last batch, the only one of 3 texts), the pass starts
+    again with a product per layer, and k's Gram is its own: sum_b<3 X_b^T X_b + 4 X_3^T X_3."""
+    load = calibration.load_model
+    k_name = "model.layers.0.self_attn.k_proj.weight"
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+
+    def doubled_in_the_last_batch(root, device):
+        model = load(root, device)
+        dict(model.named_modules())[k_name.removesuffix(".weight")].register_forward_pre_hook(
+            lambda module, args: (args[0] * 2,) if args[0].shape[0] == 3 else None)
+        return model
+
+    monkeypatch.setattr(calibration, "load_model", doubled_in_the_last_batch)
+    source = open_local(str(family["e0"]), family["e0"], False)
+    data = spec(family)  # batches of 4 texts
+    stats = calibration.statistics(source, CalibrationRequest("gram"), data)
+    texts = [r.get("text", r.get("prompt", "") + r.get("completion", "")) for r in family["rows"]]
+    x = reference_inputs(family["e0"], texts, 16, [q_name])[q_name]  # one text at a time, in order
+    assert len(texts) == 11
+    first = sum(min(16, len(t.split())) for t in texts[:8])
+    want = x[:first].T @ x[:first] + 4 * (x[first:].T @ x[first:])
+    got = stats.get(k_name).matrix.double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    torch.testing.assert_close(stats.get(q_name).matrix.double(), x.T @ x, rtol=1e-4,
+                               atol=1e-4 * float((x.T @ x).abs().max()))
+
+
 # ---- (3) end to end: the CLI merge, the cache -------------------------------------------------------------
 
 def test_cli_regmean_merge_is_the_closed_form_and_a_second_merge_reads_the_cache(family, tmp_path, monkeypatch):

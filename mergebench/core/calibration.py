@@ -63,6 +63,7 @@ import random
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -393,26 +394,28 @@ def _symmetric(lower: torch.Tensor) -> torch.Tensor:
 class _NoLogits:
     """The output head returns no logits while a Gram pass runs: nothing reads them, and at a 32k vocabulary
     they are a third of a small model's forward pass. Hooks on the head still see its input. A model whose
-    forward needs them fails on the first batch, and the pass runs that batch again with the head restored."""
+    forward needs them fails on the first batch, and the pass starts again with the head as it is."""
 
     def __init__(self, model: torch.nn.Module, kinds: tuple[type, ...]):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head = head if isinstance(head, kinds) else None
-        self.on = False
 
     def __enter__(self) -> Self:
         if self.head is not None:
             self.head.forward = lambda x: x.new_empty((*x.shape[:-1], 0))  # shadows the class's forward
-            self.on = True
         return self
 
-    def off(self) -> None:
-        if self.on:
-            del self.head.forward
-            self.on = False
-
     def __exit__(self, *exc) -> None:
-        self.off()
+        if self.head is not None:
+            del self.head.forward
+
+
+class _SharingChanged(Exception):
+    """A layer that read another's input in the first batch did not in a later one."""
+
+
+class _NeedsLogits(Exception):
+    """The model's forward failed on the first batch without its logits."""
 
 
 def _grams(model, examples, batch_size, pad, device, stage, progress):
@@ -424,38 +427,9 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
     except ImportError:  # pragma: no cover - transformers without GPT-2's Conv1D
         pass
     aliases = _aliases(model)
-    lower: dict[str, torch.Tensor] = {}  # one accumulator per input: the first layer to read it
-    owner: dict[str, str] = {}  # each layer's accumulator, found in the first batch
-    rows: dict[str, int] = {}
+    widths: dict[str, int] = {}  # each layer's input width
     transposed: list[str] = []
-    state: dict = {"last": None, "last_owner": None, "first_batch": True}
-
-    def hook(name: str):
-        def record(module, inputs, output):
-            x = inputs[0]
-            shared = x is state["last"]  # q/k/v (and gate/up) read one input in turn: one product for all
-            mine = state["last_owner"] if shared else name
-            if state["first_batch"]:
-                owner[name] = mine
-            elif owner[name] != mine:
-                raise RuntimeError(f"{name}: its input tensor is shared differently from batch to batch")
-            if not shared:
-                x = x.detach()
-                mask = state["mask"]
-                if x.shape[:-1] == mask.shape:
-                    x = x.reshape(-1, x.shape[-1]) if state["unpadded"] else x[mask]
-                else:
-                    x = x.reshape(-1, x.shape[-1])
-                x = x.to(torch.float32)
-                if x.device == lower[name].device:
-                    _add_lower_gram_(lower[name], x)
-                else:  # the sums stay in host memory, as a large model's do not fit beside it on the device
-                    product = torch.zeros_like(lower[name], device=x.device)
-                    _add_lower_gram_(product, x)
-                    lower[name] += product.cpu()
-                rows[name] += x.shape[0]
-                state["last"], state["last_owner"] = inputs[0], name
-        return record
+    recorders: list = [None]  # the current attempt's record(name, x)
 
     handles = []
     for module_name, module in model.named_modules():
@@ -465,13 +439,48 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
         if len(aliases[id(module.weight)]) > 1:  # tied (e.g. lm_head = embed_tokens): averaged, no Gram
             continue
         is_conv = isinstance(module, conv1d)
-        n_in = module.weight.shape[0] if is_conv else module.weight.shape[1]
-        lower[name], rows[name] = torch.zeros(n_in, n_in), 0
+        widths[name] = module.weight.shape[0] if is_conv else module.weight.shape[1]
         if is_conv:
             transposed.append(name)
-        handles.append(module.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad(), _NoLogits(model, (torch.nn.Linear, *conv1d)) as no_logits:
+        handles.append(module.register_forward_hook(lambda m, inputs, out, name=name: recorders[0](name, inputs[0])))
+
+    def attempt(share: bool, no_logits: bool):
+        """Sums X^T X (lower triangles) over the data: per layer, or, where ``share``, once per input tensor that
+        consecutive layers read in turn (q/k/v, gate/up) as in the first batch; raises _SharingChanged where a
+        later batch breaks that pattern, _NeedsLogits where the first batch fails without logits."""
+        lower = {name: torch.zeros(n, n) for name, n in widths.items()}
+        rows = dict.fromkeys(widths, 0)
+        owner: dict[str, str] = {}  # a layer's accumulator: its own, or (first batch) that of the layer whose input it shares
+        state: dict = {"last": None, "last_owner": None, "batch": 0, "called": set()}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            if name not in owner:
+                shared = share and state["batch"] == 0 and x is state["last"]
+                owner[name] = state["last_owner"] if shared else name
+            state["called"].add(name)
+            if owner[name] != name:
+                if x is not state["last"] or state["last_owner"] != owner[name]:
+                    raise _SharingChanged(name)
+                return
+            if x is not state["last"]:  # (one it did not share in the first batch gets its own product)
+                state["last"], state["last_owner"] = x, name
+            x = x.detach()
+            mask = state["mask"]
+            if x.shape[:-1] == mask.shape:
+                x = x.reshape(-1, x.shape[-1]) if state["unpadded"] else x[mask]
+            else:  # not laid out per token (e.g. a mixture-of-experts expert's rows): every row counts
+                x = x.reshape(-1, x.shape[-1])
+            x = x.to(torch.float32)
+            if x.device == lower[name].device:
+                _add_lower_gram_(lower[name], x)
+            else:  # the sums stay in host memory, as a large model's do not fit beside it on the device
+                product = torch.zeros_like(lower[name], device=x.device)
+                _add_lower_gram_(product, x)
+                lower[name] += product.cpu()
+            rows[name] += x.shape[0]
+
+        recorders[0] = record
+        with torch.no_grad(), _NoLogits(model, (torch.nn.Linear, *conv1d)) if no_logits else nullcontext():
             for first in range(0, len(examples), batch_size):
                 batch = [ids for ids, _ in examples[first:first + batch_size]]
                 width = max(map(len, batch))
@@ -481,32 +490,44 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
                     ids[row, :len(seq)] = torch.tensor(seq)
                     mask[row, :len(seq)] = True
                 state["mask"], state["unpadded"] = mask.to(device), all(len(seq) == width for seq in batch)
-                ids, attention = ids.to(device), mask.to(device, torch.long)
                 try:
-                    model(input_ids=ids, attention_mask=attention, use_cache=False)
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device, torch.long), use_cache=False)
+                except _SharingChanged:
+                    raise
                 except Exception:
-                    if not (state["first_batch"] and no_logits.on):
-                        raise
-                    no_logits.off()  # this model's forward reads its logits: run the batch again with them
-                    for name, acc in lower.items():
-                        acc.zero_()
-                        rows[name] = 0
-                    state["last"] = None
-                    model(input_ids=ids, attention_mask=attention, use_cache=False)
-                if state["first_batch"]:  # a layer that shares another's input needs no sums of its own
+                    if no_logits and state["batch"] == 0:
+                        raise _NeedsLogits from None
+                    raise
+                # a layer sharing its owner's input in a batch where one of them was not called would get
+                # the wrong sums
+                if any((name in state["called"]) != (mine in state["called"]) for name, mine in owner.items()):
+                    raise _SharingChanged("a layer was called without the layer whose input it shares")
+                if state["batch"] == 0:  # a layer that shares another's input needs no sums of its own
                     for name, mine in owner.items():
                         if mine != name:
                             del lower[name]
-                state["last"], state["first_batch"] = None, False
+                state.update(last=None, last_owner=None, called=set(), batch=state["batch"] + 1)
                 if progress:
                     progress(stage, first + len(batch), len(examples), "")
+        return lower, owner, rows
+
+    share, no_logits = True, True
+    try:
+        while True:
+            try:
+                lower, owner, rows = attempt(share, no_logits)
+                break
+            except _NeedsLogits:  # this model's forward reads its logits: again, with them
+                no_logits = False
+            except _SharingChanged:  # every layer its own product
+                share = False
     finally:
         for h in handles:
             h.remove()
     full = {name: _symmetric(acc) for name, acc in lower.items()}
     grams: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
-    for name in rows:  # safetensors stores no shared storage: a copy for each further reader of an input
+    for name in widths:  # safetensors stores no shared storage: a copy for each further reader of an input
         mine = owner.get(name, name)  # a layer the data never reached keeps its zeros
         grams[name] = full[mine] if mine == name else full[mine].clone()
         tokens[name] = rows[mine]
