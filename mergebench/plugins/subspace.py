@@ -316,9 +316,9 @@ def polar_beside_orthonormal(head: torch.Tensor, tail: torch.Tensor) -> torch.Te
     lam, w = torch.linalg.eigh(h)
     sigma = (1 + lam).clamp_min(0).sqrt()
     x_shape = (head.shape[0], head.shape[1] + t)
-    # numerical_rank's threshold. The largest sigma is X's: with a head, it is >= 1 (the directions outside Q
-    # have sigma 1), as X^T X's largest eigenvalue is >= its diagonal's (1 for head's columns)
-    kept = sigma > max(x_shape) * EPS32 * sigma.max()
+    # X's numerical rank among these (ascending) sigmas. The largest is X's: with a head, it is >= 1 (the directions
+    # outside Q have sigma 1), as X^T X's largest eigenvalue is >= its diagonal's (1 for head's columns)
+    kept = torch.arange(len(sigma), device=sigma.device) >= len(sigma) - numerical_rank(sigma.flip(0), x_shape)
     d = torch.where(kept, 1 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma)) - 1
     qw = torch.cat([q_a @ w[:a], w[a:]])  # Q W
     xqw = torch.cat([head @ q_a, tail], dim=1) @ w  # X Q W = [head Q_A | tail] W
