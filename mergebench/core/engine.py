@@ -663,8 +663,8 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     for _ in range(workers):
         free.put(_chunk_buffers(plan))
     # elementwise methods work in their chunk buffers; the others hold whole tensors
-    gate = None if plan.method.elementwise else _MemoryGate(_gate_capacity([_working_bytes(plan, j) for j in order]))
     sizes = {j.name: _working_bytes(plan, j) for j in order}
+    gate = None if plan.method.elementwise else _MemoryGate(_gate_capacity(list(sizes.values())))
     largest = [j for j in order if sizes[j.name] == max(sizes.values())]
     # Not for elementwise methods: with no gate the two largest would run at once, and a method's per-tensor
     # pre-pass state (recorded masks, ranks) with them: dare_ties 0.65 -> 1.01 of the engine's memory bound, 0.1B
@@ -680,8 +680,8 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
         working = 0
         try:
             if gate is not None:
-                gate.acquire(_working_bytes(plan, job))
-                working = _working_bytes(plan, job)
+                gate.acquire(sizes[job.name])
+                working = sizes[job.name]
             return _merge_one(plan, job, analysis, seed, buffers)
         finally:
             if working:
