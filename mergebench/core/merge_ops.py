@@ -184,7 +184,7 @@ class ExactL1:
     def _start(self, device: torch.device) -> None:
         if self.per_exponent is None:
             self.per_exponent = torch.zeros(256, dtype=torch.int64, device=device)
-            self.units = torch.tensor(_UNITS, dtype=torch.float64, device=device)
+            self.units = torch.tensor(_UNITS * 2, dtype=torch.float64, device=device)  # per bin of 256 or 512
 
     def add(self, x: Tensor, kept: Tensor | None = None, subset: ExactL1 | None = None) -> ExactL1:
         """self += sum |x|; with ``kept`` (booleans of x's shape) also ``subset`` += sum |x| over the kept entries,
@@ -195,7 +195,7 @@ class ExactL1:
         if subset is not None:
             subset._start(x.device)
         bins = 256 if keep is None else 512
-        units = self.units if keep is None else self.units.repeat(2)
+        units = self.units[:bins]
         for start, stop in spans(flat.numel(), BLOCK):  # blocks of at most 2**29 entries keep the float64 sums exact
             a = flat[start:stop].abs()
             bits = a.view(torch.int32)
