@@ -285,7 +285,8 @@ def _two_large_and_many_small(tmp_path):
 
 
 def _timed_mean_method(log, fail_on=None, elementwise=False):
-    """A mean that takes 0.4 s on a 64 x 8 tensor (one chunk) and 0.05 s on others, logging (name, start, end)."""
+    """A mean that takes 0.4 s on a 64 x 8 tensor (one chunk) and 0.05 s on others, logging (name, start, end,
+    torch's thread count)."""
     import threading
     import time
 
@@ -299,34 +300,41 @@ def _timed_mean_method(log, fail_on=None, elementwise=False):
             raise ValueError("deliberate failure")
         time.sleep(0.4 if base.shape[0] == 64 else 0.05)
         with lock:
-            log.append((ctx.name, start, time.perf_counter()))
+            log.append((ctx.name, start, time.perf_counter(), torch.get_num_threads()))
         return sum(experts) / len(experts)
 
     return MergeMethod(name="slow_mean", description="a timed mean", merge=slow_mean, elementwise=elementwise)
 
 
 @pytest.mark.parametrize("elementwise", [False, True])
-def test_the_last_largest_tensor_starts_early_not_alone_at_the_end(tmp_path, pm, elementwise):
-    """A whole-tensor method's largest tensor that comes last in the output's order is started as soon as the
-    first is done (the memory gate merges the two one at a time; in its turn it ran alone at the end, the other
-    worker idle) and written in its turn: the output is the one-worker merge's, bit for bit. An elementwise
-    method's is merged in its turn (together, the two would hold both pre-passes' state at once)."""
+def test_a_largest_tensor_is_merged_alone_on_every_workers_cores(tmp_path, pm, elementwise):
+    """A whole-tensor method's tensors of the largest size (an embedding first in the output's order, a head
+    last) are merged with nothing beside them, so the engine holds (N + 2) copies of the largest tensor at most,
+    and on both workers' cores; the small layers between them run two at a time on one core each. Written in
+    order, the output is the one-worker merge's, bit for bit. An elementwise method streams chunks with no gate:
+    the layers run beside the embedding, one core each."""
     from conftest import method_plugin
 
     base, *experts = _two_large_and_many_small(tmp_path)
-    log: list[tuple[str, float, float]] = []
+    log: list[tuple[str, float, float, int]] = []
     pm.register(method_plugin(_timed_mean_method(log, elementwise=elementwise)))
     mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "two", plugin_manager=pm, threads=2)
-    times = {name: (start, end) for name, start, end in log}
+    times = {name: (start, end) for name, start, end, _ in log}
+    threads = {name: count for name, _, _, count in log}
     embed, head = times["a_embed.weight"], times["c_head.weight"]
-    small_starts = [start for name, (start, _) in times.items() if name.startswith("b_layer")]
+    layers = [span for name, span in times.items() if name.startswith("b_layer")]
+    beside = [s for s in layers if s[0] < embed[1] and s[1] > embed[0] or s[0] < head[1] and s[1] > head[0]]
+    together = sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(layers) for b in layers[i + 1:])
+    assert together >= 4  # the small ones share the cores
     if elementwise:
-        assert head[0] >= max(small_starts)
+        assert beside and set(threads.values()) == {1}
     else:
-        assert head[0] >= embed[1]  # never both at once
-        assert sum(start > head[0] for start in small_starts) >= 4  # started before small layers that precede it
+        assert not beside, "a small tensor was merged beside a tensor of the largest size"
+        assert threads["a_embed.weight"] == threads["c_head.weight"] == 2
+        assert {threads[n] for n in times if n.startswith("b_layer")} == {1}
     log.clear()
     mergebench.merge("slow_mean", base=base, experts=experts, output=tmp_path / "one", plugin_manager=pm, threads=1)
+    assert {count for *_, count in log} == {1}
     two, one = load_dir(tmp_path / "two"), load_dir(tmp_path / "one")
     assert list(two) == list(one) and all(torch.equal(two[n], one[n]) for n in one)
     from safetensors import safe_open
@@ -336,7 +344,7 @@ def test_the_last_largest_tensor_starts_early_not_alone_at_the_end(tmp_path, pm,
 
 
 @pytest.mark.parametrize("fail_on", ["c_head.weight", "a_embed.weight", "b_layer.03.weight"])
-def test_a_failure_in_a_tensor_merged_out_of_turn_ends_the_merge_without_hanging(tmp_path, pm, fail_on):
+def test_a_failure_in_one_tensor_ends_a_two_worker_merge_without_hanging(tmp_path, pm, fail_on):
     import threading
 
     from conftest import method_plugin

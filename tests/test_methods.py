@@ -275,3 +275,36 @@ def test_random_keep_mask_keeps_everything_at_density_one_and_nothing_at_zero():
     assert not bool(random_keep_mask(1001, 0.0, g).any())
     kept = random_keep_mask(200_000, 0.25, g).float().mean().item()
     assert abs(kept - 0.25) < 0.005
+
+
+# ---- every whole-tensor method: the thread count does not change the bits -----------------------------------
+
+def _whole_tensor_methods():
+    pm = make_plugin_manager(entry_points=False)
+    return sorted(m.name for m in pm.merge_methods() if not m.elementwise and m.calibration is None)
+
+
+@pytest.mark.parametrize("name", _whole_tensor_methods())
+def test_a_whole_tensor_methods_bits_do_not_depend_on_the_thread_count(pm, name):
+    """The engine merges a tensor of the largest size on every worker's cores (intra-op threads) and the others on
+    one, and sweeps merge in memory on several: the maths must give the same bits on 1 and 2 threads. At 2**20
+    entries torch splits reductions (and BLAS its dot products) across threads; karcher's ``torch.dot`` gave
+    outputs 1e-6 apart here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = pm.merge_methods().get(name)
+    n = 1 if name in ("slerp", "nearswap", "arcee_fusion") else 2 if name == "nuslerp" else 3
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2048, 512, generator=g)
+    experts = [base + 0.01 * torch.randn(base.shape, generator=g) for _ in range(n)]
+    params = m.resolve_params({})
+
+    def merge(threads):
+        torch.get_num_threads()  # as the engine's workers: a fresh thread's first setting needs a query first
+        torch.set_num_threads(threads)
+        ctx = TensorContext("w", (1.0,) * n, seed=0, streams=tuple(range(n)))
+        return m.merge(base.clone() if not m.ignores_base else None, [e.clone() for e in experts], params, ctx)
+
+    with ThreadPoolExecutor(1) as pool:  # the main thread's count stays as it is
+        one, two = pool.submit(merge, 1).result(), pool.submit(merge, 2).result()
+    assert torch.equal(one, two), f"{name}: max |difference| {float((one - two).abs().max()):.3g} between 1 and 2 threads"

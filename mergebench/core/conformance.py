@@ -30,7 +30,9 @@ permutation         equally weighted experts in another order give the same merg
                     in memory, or with the engine for methods that need a whole-model pre-pass)
 chunking            for ``elementwise`` methods, the engine's output does not depend on its chunk size
                     (chunks of 2 and 6 elements vs whole tensors; float32 and bfloat16 models)
-threads             the engine's output does not depend on its thread count (1 vs 2; bfloat16 models)
+threads             the engine's output does not depend on its thread count (1 vs 2; bfloat16 models, and
+                    float32 ones with a tensor large enough for torch to split reductions across threads,
+                    which a whole-tensor method's largest tensor gets)
 in_memory_vs_engine in-memory merging (sweeps; run here on 2 torch threads) equals the engine (one thread
                     per worker) bit for bit on float32 models, one tensor large enough for torch to
                     split reductions across threads
@@ -567,7 +569,10 @@ class _Kit:
         n = max(self.allowed)
         self._compare_runs(self.engine("bf16", n, threads=2), self.engine("bf16", n),
                            f"bf16 models, N={n}, 2 threads vs 1")
-        return f"N={n}, bfloat16 models: same bytes"
+        # the largest tensor of a whole-tensor merge runs on every worker's cores: reductions split across threads
+        self._compare_runs(self.engine("big", n, threads=2), self.engine("big", n),
+                           f"float32 models, N={n}, 2 threads vs 1")
+        return f"N={n}, bfloat16 models and float32 ones incl. a {list(BIG_SHAPE)} tensor: same bytes"
 
     def in_memory_vs_engine(self) -> str:
         n = max(self.allowed)

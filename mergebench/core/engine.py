@@ -9,12 +9,14 @@ Order of work, so that errors come before cost:
 Peak memory for an elementwise method is about (N + 2) float32 copies of the largest tensor plus a fixed
 overhead, never the size of the models; a method that needs whole tensors also holds each input's
 tensor in float32 and whatever temporaries its maths makes. Workers share one budget for those whole tensors,
-(N + 2) float32 copies of the largest and of one smaller tensor (:class:`_MemoryGate`): two tensors of the
-largest size are never merged at once.
+(N + 2) float32 copies of the largest tensor (:class:`_MemoryGate`): a tensor of the largest size is merged with
+nothing beside it, on all the workers' cores.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import queue
@@ -616,9 +618,8 @@ def _hash_inputs(plan: _Plan, pool: ThreadPoolExecutor) -> list[tuple[str, Model
 
 
 class _MemoryGate:
-    """Working memory shared by the workers: a whole-tensor job holds (inputs + 1) float32 copies of its tensor,
-    so two workers merging the two largest tensors at once (an embedding and an output head) would need twice
-    the engine's bound. A job waits until its bytes fit in ``capacity`` (:func:`_gate_capacity`)."""
+    """Working memory shared by the workers: a whole-tensor job holds (inputs + 1) float32 copies of its tensor.
+    A job waits until its bytes fit in ``capacity`` beside the running ones, or until none runs."""
 
     def __init__(self, capacity: int):
         self.capacity, self.used = capacity, 0
@@ -640,11 +641,38 @@ def _working_bytes(plan: _Plan, job: TensorJob) -> int:
     return (len(job.inputs) + 1) * plan.info(job).numel * 4
 
 
-def _gate_capacity(sizes: list[int]) -> int:
-    """The largest job plus the largest job of a smaller size: a layer may be merged beside the embedding,
-    but two tensors of the largest size never at once."""
-    largest = max(sizes, default=0)
-    return largest + max((s for s in sizes if s < largest), default=0)
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 16 << 20
+TRIM_THRESHOLD = 64 << 20  # fixing one fixes both: left at 128 KiB, every free at the heap's top trimmed it
+
+
+def _fix_mmap_threshold() -> None:
+    """Allocations of 16 MiB and more get their own mappings, returned to the system when freed. glibc's default
+    threshold rises to the size of each such block freed (up to 32 MiB), after which blocks of that size come
+    from the threads' malloc arenas and stay resident there: TSV-M's float64 row blocks (25 MiB) held 0.47 GiB
+    more at 0.1B, N = 8, once several threads made them. Smaller blocks keep the arenas' fast reuse (a 1 MiB
+    threshold made model_stock's merge 3.0 -> 4.5 s, page faults on every layer's copies)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+def _return_free_heap() -> None:
+    """Hand the C heap's free pages back to the system before a job that fills the memory gate. Small tensors'
+    copies are freed into the workers' malloc arenas, which keep them resident (model_stock, 0.1B, N = 8: 120-250
+    MiB at the output head's start, beside its (N + 2) copies)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, workers: int, writer: "_Writer",
@@ -654,34 +682,35 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     Each worker merges whole tensors with its own chunk buffers and one intra-op thread, so the cores
     are used without synchronising inside small ops; results do not depend on which worker ran them.
 
-    Whole-tensor methods: the memory gate runs the tensors of the largest size (an embedding and an output head)
-    one at a time, and the head comes last in the output's order, so it would run alone at the end, the other
-    workers idle (Iso-CTS on the 0.1B benchmark: 12.8 of 36 s). The later ones are therefore started as soon as
-    no tensor of that size is being merged, each in the first free worker, and held until their turn to be written.
+    Whole-tensor methods share the largest job's working set, (N + 2) float32 copies of the largest tensor
+    (:class:`_MemoryGate`): smaller tensors run together as they fit, and a tensor of the largest size (an
+    embedding, an output head) runs with nothing beside it, on every worker's cores (intra-op threads; a method's
+    maths may not depend on the thread count, which ``mergebench plugin check`` checks). Beside a running tensor
+    the engine then holds only finished outputs waiting for their turn to be written.
     """
+    _fix_mmap_threshold()
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
         free.put(_chunk_buffers(plan))
     # elementwise methods work in their chunk buffers; the others hold whole tensors
     sizes = {j.name: _working_bytes(plan, j) for j in order}
-    gate = None if plan.method.elementwise else _MemoryGate(_gate_capacity(list(sizes.values())))
-    largest = [j for j in order if sizes[j.name] == max(sizes.values())]
-    # Not for elementwise methods: with no gate the two largest would run at once, and a method's per-tensor
-    # pre-pass state (recorded masks, ranks) with them: dare_ties 0.65 -> 1.01 of the engine's memory bound, 0.1B
-    # N = 8. Nor with many of that size: no one tail to avoid, and the gate merges them one at a time.
-    if gate is None or len(largest) > workers:
-        largest = []
-    largest_names = {j.name for j in largest}
-    early = {j.name for j in largest[1:]}  # started out of order: the first comes in its turn
+    capacity = max(sizes.values(), default=0)
+    gate = None if plan.method.elementwise else _MemoryGate(capacity)
 
     def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
-        torch.set_num_threads(1)  # OpenMP's thread count is per native thread: set it in the worker
+        # OpenMP's thread count is per native thread: set it in the worker. A job of more than half the gate runs
+        # with no other of its size (of the largest size: with nothing beside it), on every worker's thread.
+        alone = gate is not None and 2 * sizes[job.name] > capacity
+        torch.get_num_threads()  # without a query first, a worker's first setting did not hold (measured: the
+        torch.set_num_threads(workers if alone else 1)  # embedding, a worker's first job, ran on one thread)
         buffers = free.get()
         working = 0
         try:
             if gate is not None:
                 gate.acquire(sizes[job.name])
                 working = sizes[job.name]
+                if alone:  # what the smaller jobs before it freed is no longer needed
+                    _return_free_heap()
             return _merge_one(plan, job, analysis, seed, buffers)
         finally:
             if working:
@@ -690,59 +719,21 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
             for source, name in job.inputs:
                 plan.sources[source].release(name)
 
-    # Each submission to the pool runs the job that the free worker taking it should merge: an early one once the
-    # first of the largest has started and none of that size is running, else the next one in order; with
-    # neither, the worker waits for one (the dispatcher may be writing), or, once every job is dispatched, takes
-    # the early one and waits for the gate.
-    cond = threading.Condition()
-    waiting: deque[tuple[TensorJob, Future]] = deque()  # dispatched in order, not started
-    held_back: deque[tuple[TensorJob, Future]] = deque()  # the early ones, not started
-    state = {"running_largest": 0, "first_started": False, "all_dispatched": False}
-    futures: dict[str, Future] = {}
-
-    def early_may_start() -> bool:  # the gate would make it wait while another of its size runs
-        return bool(held_back) and state["first_started"] and state["running_largest"] == 0
-
-    def pick() -> tuple[TensorJob, Future]:
-        with cond:
-            cond.wait_for(lambda: waiting or early_may_start() or state["all_dispatched"])
-            job, future = held_back.popleft() if early_may_start() or not waiting else waiting.popleft()
-            is_largest = job.name in largest_names
-            state["running_largest"] += is_largest
-            state["first_started"] |= is_largest
-            return job, future
-
-    def next_job() -> None:
-        job, future = pick()
-        try:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(task(job))
-                except BaseException as exc:  # noqa: BLE001 - re-raised where the result is written
-                    future.set_exception(exc)
-        finally:
-            if job.name in largest_names:
-                with cond:
-                    state["running_largest"] -= 1
-                    cond.notify_all()
-
     def out_bytes(job: TensorJob) -> int:
         info = plan.info(job)
         return info.numel * _out_dtype(plan, info).itemsize
 
     # Finished-or-running outputs are held until written in order; a budget of twice the largest
-    # output lets one worker get through many small tensors while another merges the embedding (plus the early
-    # ones', each held from its end to its turn).
-    budget = 2 * max(out_bytes(n) for n in order) + sum(out_bytes(j) for j in largest[1:])
+    # output lets one worker get through many small tensors while another merges a large one.
+    budget = 2 * max(out_bytes(n) for n in order)
     total, done, merged_count = sum(plan.info(j).nbytes for j in order), 0, 0
-    written = 0  # order[:written] are written
+    pending: deque[tuple[TensorJob, Future]] = deque()
     pending_bytes = 0
 
-    def write_next() -> None:
-        nonlocal done, merged_count, pending_bytes, written
-        finished = order[written]
-        tensor, merged = futures.pop(finished.name).result()
-        written += 1
+    def write_oldest() -> None:
+        nonlocal done, merged_count, pending_bytes
+        finished, future = pending.popleft()
+        tensor, merged = future.result()
         pending_bytes -= out_bytes(finished)
         merged_count += merged
         writer.put(finished.name, tensor)
@@ -750,39 +741,20 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
         if progress:
             progress("merging", done, total, finished.name)
 
-    def dispatch(job: TensorJob) -> None:
-        nonlocal pending_bytes
-        future = futures[job.name] = Future()
-        with cond:
-            (held_back if job.name in early else waiting).append((job, future))
-            cond.notify_all()
-        pending_bytes += out_bytes(job)
-        pool.submit(next_job)
-
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
-            for job in largest[1:]:
-                dispatch(job)
-            for index, job in enumerate(order):
-                if job.name in early:
-                    continue
-                # order[:index] are all dispatched (the early ones first of all)
-                while written < index and (pending_bytes + out_bytes(job) > budget or len(futures) >= 64):
-                    write_next()
+            for job in order:
+                while pending and (pending_bytes + out_bytes(job) > budget or len(pending) >= 64):
+                    write_oldest()
                 for source, name in job.inputs:
                     plan.sources[source].prefetch(name)
-                dispatch(job)
-            with cond:
-                state["all_dispatched"] = True
-                cond.notify_all()
-            while written < len(order):
-                write_next()
+                pending.append((job, pool.submit(task, job)))
+                pending_bytes += out_bytes(job)
+            while pending:
+                write_oldest()
         except BaseException:
-            for future in futures.values():
+            for _, future in pending:
                 future.cancel()
-            with cond:  # a worker waiting for a job takes one and finds it cancelled
-                state["all_dispatched"] = True
-                cond.notify_all()
             raise
     return merged_count
 

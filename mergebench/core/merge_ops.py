@@ -8,6 +8,7 @@ so that memory stays at one tensor per input; helpers that say so work in place.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -42,6 +43,22 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 # whole tensors forms its temporaries a block at a time, so a merge stays near the engine's (N + 2) copies of
 # the largest tensor instead of adding copies of it. Each module reads its own name (tests shrink it there).
 BLOCK = 1 << 20
+
+
+@contextmanager
+def one_thread(device: torch.device) -> Iterator[int]:
+    """One CPU thread for torch's BLAS and LAPACK calls, whose rounding may depend on the thread count (a dot
+    product's sum is split across threads). Yields how many threads the caller was given (1 on a GPU), for work
+    split by task whose every part runs on one thread (subspace's ``_ordered_map``)."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old == 1:
+        yield 1
+        return
+    torch.set_num_threads(1)
+    try:
+        yield old
+    finally:
+        torch.set_num_threads(old)
 
 
 def spans(numel: int, block: int) -> Iterator[tuple[int, int]]:

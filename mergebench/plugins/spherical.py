@@ -69,7 +69,7 @@ import torch
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import BLOCK, spans, task_vectors_
+from mergebench.core.merge_ops import BLOCK, one_thread, spans, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import ONE_EXPERT_HINT, expert_count
 
@@ -209,6 +209,13 @@ def karcher(base, experts, params, ctx):
     """(sum_i alpha_i |theta_i|) * the alpha-weighted Karcher mean of the directions theta_i / |theta_i|"""
     if len(experts) == 1:
         return experts[0]
+    # torch.dot's sum is split across threads, and the arccos of a dot near 1 magnifies its rounding: on one
+    # thread, the result is the same on any core count and mergekit's (whose dots of small tensors run on one)
+    with one_thread(experts[0].device):
+        return _karcher(experts, params, ctx)
+
+
+def _karcher(experts, params, ctx):
     tol = params["tol"]
     total = sum(ctx.weights)
     alphas = [w / total for w in ctx.weights]

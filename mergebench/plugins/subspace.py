@@ -126,15 +126,17 @@ took TSV-M on that benchmark from 49.0 s to 36.6 s.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cmp_to_key
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from mergebench.core import lapack
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import task_vectors_
+from mergebench.core.merge_ops import one_thread, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -147,18 +149,27 @@ ISO = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common
 ALPHA = Param("alpha", float, 1.0, "scale applied to the merged task vector", min=0.0, max=10.0)
 
 
-@contextmanager
-def _one_thread(device: torch.device):
-    """One CPU thread for MKL: its rounding may depend on the thread count (see the module docstring)."""
-    old = torch.get_num_threads()
-    if device.type != "cpu" or old == 1:
-        yield
+def _ordered_map(fn: Callable[[Any], Any], items: list, threads: int) -> Iterator[Any]:
+    """fn(item) for each item, yielded in order. With ``threads`` > 1, up to that many at once, each on one torch
+    thread (LAPACK and BLAS run without the GIL): the same results as one thread, on more cores, with at most
+    ``threads`` results computed ahead of the caller. The engine gives a tensor of the largest size every core."""
+    if threads <= 1:
+        yield from map(fn, items)
         return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+
+    def one(item):
+        torch.get_num_threads()  # a fresh thread's first setting needs a query first (see core/engine.py)
+        torch.set_num_threads(1)
+        return fn(item)
+
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque[Future] = deque()
+        for item in items:
+            window.append(pool.submit(one, item))
+            if len(window) == threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor | float | None = None) -> int:
@@ -389,12 +400,11 @@ def tsv_m_delta(base, experts, params, ctx):
     if k == 0:
         return _mean_(taus)
     shape = tuple(base.shape)
-    with _one_thread(base.device):
+    with one_thread(base.device) as threads:
         # U's columns go straight into one m x Nk float64 matrix (a tall task vector is read by row blocks)
         u = torch.empty(shape[0], len(taus) * k, dtype=torch.float64, device=base.device)
         used, ss, vs = 0, [], []
-        for tau in taus:
-            svd = GramSVD(tau, top=k)
+        for svd in _ordered_map(lambda tau: GramSVD(tau, top=k), taus, threads):
             kept = min(k, numerical_rank(svd.s, shape))
             left, v = svd.top(kept, out=None if svd.left else u[:, used:used + kept])
             if svd.left:
@@ -417,7 +427,7 @@ def iso_c_delta(base, experts, params, ctx):
     taus = _weighted_task_vectors_(base, experts, ctx.weights)
     if not _is_matrix(base):
         return _mean_(taus)
-    with _one_thread(base.device):
+    with one_thread(base.device):
         norm = float(_largest_norm(taus))
         svd = GramSVD(Summed(taus))
         kept = numerical_rank(svd.s, tuple(base.shape), max(float(svd.s[0]), norm))
@@ -443,7 +453,7 @@ def iso_cts_delta(base, experts, params, ctx):
     shape = tuple(base.shape)
     rank, n = min(shape), len(taus)
     k_c, share = iso_cts_sizes(rank, n, params.get("common_space_fraction", 0.8))
-    with _one_thread(base.device):
+    with one_thread(base.device) as threads:
         norm = float(_largest_norm(taus))
         # rows <= cols: M M^T's eigenvectors are all of U, so the complement of U_c is U's other columns
         left = shape[0] <= shape[1]
@@ -459,14 +469,14 @@ def iso_cts_delta(base, experts, params, ctx):
         rest = svd.w[:, common:] if left else None  # I - U_c U_c^T = rest rest^T
         del svd
         used, vs = common, [v_c]
-        for tau in taus:
-            if share == 0:
-                break
+
+        def decompose(tau: torch.Tensor) -> tuple[float, GramSVD | ProjectedSVD]:
             norm = float(torch.linalg.vector_norm(tau))
             if left:  # tau_t - U_c U_c^T tau_t = rest (rest^T tau_t): decompose the small rest^T tau_t
-                part = GramSVD(rest.T @ tau.double(), top=share)
-            else:  # its Gram matrix: tau_t^T tau_t - (U_c^T tau_t)^T (U_c^T tau_t)
-                part = ProjectedSVD(tau, u_c, top=share)
+                return norm, GramSVD(rest.T @ tau.double(), top=share)
+            return norm, ProjectedSVD(tau, u_c, top=share)  # its Gram: tau_t^T tau_t - (U_c^T tau_t)^T (U_c^T tau_t)
+
+        for norm, part in _ordered_map(decompose, taus if share else [], threads):
             # the projection's rounding is relative to tau_t, not to what is left of it
             kept = min(share, numerical_rank(part.s, shape, norm))
             if left:
