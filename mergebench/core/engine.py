@@ -15,8 +15,6 @@ nothing beside it, on all the workers' cores.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
 import queue
@@ -36,6 +34,7 @@ from mergebench.core import vocab
 from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import InputError, MergebenchError, OutputError, ParameterError
 from mergebench.core.hashing import combined_sha256, sha256_file
+from mergebench.core.memory import return_free_heap
 from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
 from mergebench.core.recipe import ModelInput, Recipe
 from mergebench.core.registry import MergeFn, MergeMethod
@@ -641,40 +640,6 @@ def _working_bytes(plan: _Plan, job: TensorJob) -> int:
     return (len(job.inputs) + 1) * plan.info(job).numel * 4
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-MMAP_THRESHOLD = 16 << 20
-TRIM_THRESHOLD = 64 << 20  # fixing one fixes both: left at 128 KiB, every free at the heap's top trimmed it
-
-
-def _fix_mmap_threshold() -> None:
-    """Allocations of 16 MiB and more get their own mappings, returned to the system when freed. glibc's default
-    threshold rises to the size of each such block freed (up to 32 MiB), after which blocks of that size come
-    from the threads' malloc arenas and stay resident there: TSV-M's float64 row blocks (25 MiB) held 0.47 GiB
-    more at 0.1B, N = 8, once several threads made them. Smaller blocks keep the arenas' fast reuse (a 1 MiB
-    threshold made model_stock's merge 3.0 -> 4.5 s, page faults on every layer's copies)."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-
-
-def _return_free_heap() -> None:
-    """Hand the C heap's free pages back to the system before a job that fills the memory gate. Small tensors'
-    copies are freed into the workers' malloc arenas, which keep them resident (model_stock, 0.1B, N = 8: 120-250
-    MiB at the output head's start, beside its (N + 2) copies)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, workers: int, writer: "_Writer",
                    progress: ProgressCallback | None) -> int:
     """Merge every tensor in ``order`` on ``workers`` threads, handing results to the writer in order.
@@ -688,7 +653,6 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     maths may not depend on the thread count, which ``mergebench plugin check`` checks). Beside a running tensor
     the engine then holds only finished outputs waiting for their turn to be written.
     """
-    _fix_mmap_threshold()
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
         free.put(_chunk_buffers(plan))
@@ -710,7 +674,7 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
                 gate.acquire(sizes[job.name])
                 working = sizes[job.name]
                 if alone:  # what the smaller jobs before it freed is no longer needed
-                    _return_free_heap()
+                    return_free_heap()
             return _merge_one(plan, job, analysis, seed, buffers)
         finally:
             if working:

@@ -136,6 +136,7 @@ import torch
 
 from mergebench.core import lapack
 from mergebench.core.hookspecs import hookimpl
+from mergebench.core.memory import return_free_heap
 from mergebench.core.merge_ops import one_thread, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 
@@ -160,7 +161,10 @@ def _ordered_map(fn: Callable[[Any], Any], items: list, threads: int) -> Iterato
     def one(item):
         torch.get_num_threads()  # a fresh thread's first setting needs a query first (see core/engine.py)
         torch.set_num_threads(1)
-        return fn(item)
+        try:
+            return fn(item)
+        finally:
+            return_free_heap()  # this thread's arena keeps its freed blocks resident otherwise
 
     with ThreadPoolExecutor(threads) as pool:
         window: deque[Future] = deque()
