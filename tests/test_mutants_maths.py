@@ -509,3 +509,24 @@ def test_exact_l1_of_the_kept_entries_from_one_scatter(values, seed):
     whole.add(x[:cut], kept=kept[:cut], subset=subset).add(x[cut:], kept=kept[cut:], subset=subset)
     assert whole.steps() == exact_l1(x)
     assert subset.steps() == exact_l1(torch.where(kept, x, torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_mul_mask_is_mul_by_the_boolean_mask_bit_for_bit(contiguous):
+    """By blocks of BLOCK entries (here 5, so blocks cut rows), the same bits as x.mul_(keep): signed zeros where
+    a negative entry is dropped included; a non-contiguous x goes whole."""
+    from mergebench.core import merge_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 6, generator=g)
+    keep = torch.rand(7, 6, generator=g) > 0.4
+    want = x.clone().mul_(keep)
+    old = merge_ops.BLOCK
+    merge_ops.BLOCK = 5
+    try:
+        got = x.clone() if contiguous else x.clone().T.contiguous().T
+        out = merge_ops.mul_mask_(got, keep)
+    finally:
+        merge_ops.BLOCK = old
+    assert out is got and torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))

@@ -8,10 +8,14 @@ so that memory stays at one tensor per input; helpers that say so work in place.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from mergebench.core.memory import return_free_heap
 
 Tensor = torch.Tensor
 
@@ -49,7 +53,7 @@ BLOCK = 1 << 20
 def one_thread(device: torch.device) -> Iterator[int]:
     """One CPU thread for torch's BLAS and LAPACK calls, whose rounding may depend on the thread count (a dot
     product's sum is split across threads). Yields how many threads the caller was given (1 on a GPU), for work
-    split by task whose every part runs on one thread (subspace's ``_ordered_map``)."""
+    split by task whose every part runs on one thread (:func:`ordered_map`)."""
     old = torch.get_num_threads()
     if device.type != "cpu" or old == 1:
         yield 1
@@ -59,6 +63,33 @@ def one_thread(device: torch.device) -> Iterator[int]:
         yield old
     finally:
         torch.set_num_threads(old)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: list, threads: int) -> Iterator[Any]:
+    """fn(item) for each item, yielded in order. With ``threads`` > 1, up to that many at once, each on one torch
+    thread (LAPACK and BLAS run without the GIL): the same results as one thread, on more cores, with at most
+    ``threads`` results computed ahead of the caller. The engine gives a tensor of the largest size every core;
+    under :func:`one_thread`, per-task work uses them this way (TSV-M's decompositions, DELLA's drops)."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+
+    def one(item):
+        torch.get_num_threads()  # a fresh thread's first setting needs a query first (see core/engine.py)
+        torch.set_num_threads(1)
+        try:
+            return fn(item)
+        finally:
+            return_free_heap()  # this thread's arena keeps its freed blocks resident otherwise
+
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque[Future] = deque()
+        for item in items:
+            window.append(pool.submit(one, item))
+            if len(window) == threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def spans(numel: int, block: int) -> Iterator[tuple[int, int]]:
@@ -85,6 +116,17 @@ def magnitude_mask(x: Tensor, k: int) -> Tensor:
         mask[start:stop], used = threshold_mask(flat[start:stop], threshold, ties)
         ties -= used
     return mask.view(x.shape)
+
+
+def mul_mask_(x: Tensor, keep: Tensor) -> Tensor:
+    """``x.mul_(keep)`` for a boolean ``keep``, bit for bit, by blocks: torch casts a boolean operand to x's dtype
+    whole before multiplying, one more copy of x beside it (measured: 1.00 copies of a 24.6M-entry tensor)."""
+    if not x.is_contiguous() or keep.shape != x.shape:
+        return x.mul_(keep)
+    flat, kept = x.view(-1), keep.reshape(-1)
+    for start, stop in spans(flat.numel(), BLOCK):
+        flat[start:stop].mul_(kept[start:stop])
+    return x
 
 
 def threshold_mask(x: Tensor, threshold: float, ties: int) -> tuple[Tensor, int]:

@@ -90,7 +90,8 @@ def arcee_fusion(base, experts, params, ctx):
     (expert,) = experts
     scores = importance(expert, base)
     sample = params["quantile_sample"]
-    keep = scores >= outlier_threshold(scores, sample, ctx.generator_for(0) if sample else None)
+    # the mask as 1.0 / 0.0 in the scores' own memory: a boolean one would be cast whole beside it to multiply
+    keep = scores.ge_(outlier_threshold(scores, sample, ctx.generator_for(0) if sample else None))
     return base.add_(expert.sub_(base).mul_(keep))
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import magnitude_mask, ordered_dot, spans, task_vectors_
+from mergebench.core.merge_ops import magnitude_mask, mul_mask_, ordered_dot, spans, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import unweighted_check
 
@@ -77,8 +77,9 @@ def select_(taus: list[torch.Tensor], select_topk: float) -> None:
     var = variance_across(taus)
     k = int(torch.count_nonzero(var) * select_topk)  # a float32 product truncated, exactly as mergekit
     keep = magnitude_mask(var, k)
+    del var
     for tau in taus:
-        tau.mul_(keep)
+        mul_mask_(tau, keep)
 
 
 def coefficients(taus: list[torch.Tensor], uniform_below: float) -> torch.Tensor:

@@ -205,17 +205,17 @@ def _check_multislerp(params, weights):
 
 # ---- karcher ------------------------------------------------------------------------------------
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """torch.dot on one thread: its sum is split across threads, and the arccos of a dot near 1 magnifies the
+    rounding. So the result is the same on any core count, and mergekit's (whose dots of small tensors run on one)."""
+    with one_thread(a.device):
+        return torch.dot(a, b)
+
+
 def karcher(base, experts, params, ctx):
     """(sum_i alpha_i |theta_i|) * the alpha-weighted Karcher mean of the directions theta_i / |theta_i|"""
     if len(experts) == 1:
         return experts[0]
-    # torch.dot's sum is split across threads, and the arccos of a dot near 1 magnifies its rounding: on one
-    # thread, the result is the same on any core count and mergekit's (whose dots of small tensors run on one)
-    with one_thread(experts[0].device):
-        return _karcher(experts, params, ctx)
-
-
-def _karcher(experts, params, ctx):
     tol = params["tol"]
     total = sum(ctx.weights)
     alphas = [w / total for w in ctx.weights]
@@ -241,7 +241,7 @@ def _karcher(experts, params, ctx):
     for _ in range(params["max_iter"]):
         tangent.zero_()
         for c, u in zip(coeffs, units):
-            dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
+            dot = torch.clamp(_dot(mean, u), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue

@@ -126,18 +126,14 @@ took TSV-M on that benchmark from 49.0 s to 36.6 s.
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cmp_to_key
-from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from mergebench.core import lapack
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.memory import return_free_heap
-from mergebench.core.merge_ops import one_thread, task_vectors_
+from mergebench.core.merge_ops import one_thread, ordered_map, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -148,32 +144,6 @@ ISO = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common
        "arXiv:2502.04959")
 
 ALPHA = Param("alpha", float, 1.0, "scale applied to the merged task vector", min=0.0, max=10.0)
-
-
-def _ordered_map(fn: Callable[[Any], Any], items: list, threads: int) -> Iterator[Any]:
-    """fn(item) for each item, yielded in order. With ``threads`` > 1, up to that many at once, each on one torch
-    thread (LAPACK and BLAS run without the GIL): the same results as one thread, on more cores, with at most
-    ``threads`` results computed ahead of the caller. The engine gives a tensor of the largest size every core."""
-    if threads <= 1:
-        yield from map(fn, items)
-        return
-
-    def one(item):
-        torch.get_num_threads()  # a fresh thread's first setting needs a query first (see core/engine.py)
-        torch.set_num_threads(1)
-        try:
-            return fn(item)
-        finally:
-            return_free_heap()  # this thread's arena keeps its freed blocks resident otherwise
-
-    with ThreadPoolExecutor(threads) as pool:
-        window: deque[Future] = deque()
-        for item in items:
-            window.append(pool.submit(one, item))
-            if len(window) == threads:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor | float | None = None) -> int:
@@ -408,7 +378,7 @@ def tsv_m_delta(base, experts, params, ctx):
         # U's columns go straight into one m x Nk float64 matrix (a tall task vector is read by row blocks)
         u = torch.empty(shape[0], len(taus) * k, dtype=torch.float64, device=base.device)
         used, ss, vs = 0, [], []
-        for svd in _ordered_map(lambda tau: GramSVD(tau, top=k), taus, threads):
+        for svd in ordered_map(lambda tau: GramSVD(tau, top=k), taus, threads):
             kept = min(k, numerical_rank(svd.s, shape))
             left, v = svd.top(kept, out=None if svd.left else u[:, used:used + kept])
             if svd.left:
@@ -480,7 +450,7 @@ def iso_cts_delta(base, experts, params, ctx):
                 return norm, GramSVD(rest.T @ tau.double(), top=share)
             return norm, ProjectedSVD(tau, u_c, top=share)  # its Gram: tau_t^T tau_t - (U_c^T tau_t)^T (U_c^T tau_t)
 
-        for norm, part in _ordered_map(decompose, taus if share else [], threads):
+        for norm, part in ordered_map(decompose, taus if share else [], threads):
             # the projection's rounding is relative to tau_t, not to what is left of it
             kept = min(share, numerical_rank(part.s, shape, norm))
             if left:

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -83,8 +83,8 @@ from mergebench.core.context import TensorContext
 from mergebench.core.errors import MergebenchError, ParameterError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import (BLOCK, agreeing_sums, disjoint_mean, elect_sign, exact_l1, floor_count,
-                                       keep_count, l1_rescale_factor, random_drop_, random_keep_mask, spans,
-                                       task_vectors_, threshold_mask, weighted_sum)
+                                       keep_count, l1_rescale_factor, one_thread, ordered_map, random_drop_,
+                                       random_keep_mask, spans, task_vectors_, threshold_mask, weighted_sum)
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.core.tensor_params import is_varying
 from mergebench.plugins import LAMBDA_GRID
@@ -144,6 +144,18 @@ def _row_ranks(keys: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
+# entries per block of MagPrune's ranks and draws: their int64 sort keys and ranks are ~6 float32 copies of a block,
+# and the experts go side by side on the engine's threads
+PRUNE_BLOCK = 1 << 18
+
+
+def _each_expert(fn: Callable[[int], Any], taus: list[torch.Tensor]) -> list[Any]:
+    """fn(t) for every expert t, the experts side by side on the threads the caller was given, one each: the same
+    results as one after another (the engine gives a tensor of the largest size every core)."""
+    with one_thread(taus[0].device) as threads:
+        return list(ordered_map(fn, list(range(len(taus))), threads))
+
+
 def magprune_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each entry: density - epsilon + 2 epsilon * rank / (row length - 1), ranking
     |tau| ascending along dim 1 (a 0-D or 1-D tensor is one row; ties by index); a one-entry row gets density."""
@@ -167,11 +179,11 @@ def magprune_(tau: torch.Tensor, density: float, epsilon: float, generator: torc
     whole rows of an even number of entries (the draws then equal one draw for the whole tensor): the same
     bits as the whole tensor at once, with temporaries of one block. Other shapes (a 1-D tensor is one row;
     3-D ones rank along dim 1, across flat order) go whole."""
-    if tau.dim() != 2 or tau.numel() <= BLOCK:
+    if tau.dim() != 2 or tau.numel() <= PRUNE_BLOCK:
         blocks = [tau]
     else:
         rows, length = tau.shape
-        step = max(1, BLOCK // length)  # the sort's int64 temporaries are a few blocks' worth
+        step = max(1, PRUNE_BLOCK // length)  # the sort's int64 temporaries are a few blocks' worth, per thread
         step += (step * length) % 2  # an odd number of entries would split a 32-bit draw between two blocks
         blocks = [tau[start:start + step] for start in range(0, rows, step)]
     for block in blocks:
@@ -245,12 +257,12 @@ class TaskVectorMethod:
             ctx.state.pop("band_left", None)
         taus = task_vectors_(base, experts)
         rescale = params.get("rescale", "none")
-        before = [exact_l1(tau) for tau in taus] if rescale == "l1" and not self.elementwise else None
+        before = _each_expert(lambda t: exact_l1(taus[t]), taus) if rescale == "l1" and not self.elementwise else None
         self._sparsify_(taus, params, ctx)
         common = None
         if rescale == "l1":
-            factors = (ctx.analysis.factors if before is None else
-                       [l1_rescale_factor(b, exact_l1(tau)) for b, tau in zip(before, taus)])
+            factors = (ctx.analysis.factors if before is None else [
+                l1_rescale_factor(b, a) for b, a in zip(before, _each_expert(lambda t: exact_l1(taus[t]), taus))])
             for tau, factor in zip(taus, factors):
                 if factor != 1.0:
                     tau.mul_(factor)
@@ -314,14 +326,21 @@ class TaskVectorMethod:
                 else:
                     random_drop_(tau, d, ctx.generator_for(t))
         elif self.sparsifier == MAGPRUNE:
-            for t, (tau, d, eps) in enumerate(zip(taus, ctx.expert_values("density", params),
-                                                  ctx.expert_values("epsilon", params))):
+            values = list(zip(ctx.expert_values("density", params), ctx.expert_values("epsilon", params)))
+            for t, (d, eps) in enumerate(values):
+                if 0.0 < d < 1.0:
+                    self._check_window(d, eps, t)
+            divide = params.get("rescale") == "keep_prob"
+
+            def prune(t: int) -> None:
+                (d, eps), tau = values[t], taus[t]
                 if d >= 1.0 or d <= 0.0:  # mergekit: nothing dropped / all dropped, whatever epsilon
                     if d <= 0.0:
                         tau.zero_()
-                    continue
-                self._check_window(d, eps, t)
-                magprune_(tau, d, eps, ctx.generator_for(t), divide=params.get("rescale") == "keep_prob")
+                    return
+                magprune_(tau, d, eps, ctx.generator_for(t), divide=divide)
+
+            _each_expert(prune, taus)  # each expert's own draws and sorts (numpy's, on one core)
 
     # ---- checks ----------------------------------------------------------------------------------------
 
