@@ -71,8 +71,9 @@ PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
 SHAPES = {"mlp.weight": (7, 5), "mlp.bias": (7,), "embed.weight": (12, 6), "norm.weight": (16,),
           "head.weight": (1, 9)}
 IDENTITY_SHAPES = {n: SHAPES[n] for n in ("mlp.weight", "mlp.bias", "head.weight")}  # every N: fewer shapes
-# above torch's intra-op grain (32768 elements): a reduction over it is split across threads
-BIG_SHAPE = (192, 200)
+# 2**20 entries: torch splits a sum over it across threads, and BLAS a dot product (karcher's torch.dot gave other
+# bits on 2 threads at this size, not at 192 x 200, above torch's intra-op grain of 32768 entries)
+BIG_SHAPE = (1024, 1024)
 CHUNKS = (2, 6)  # even (random_keep_mask draws two entries per 32-bit word); they split rows, leave tails
 MAX_EXPERTS = 3
 DTYPES = (torch.float32, torch.bfloat16)
