@@ -313,12 +313,18 @@ def polar_beside_orthonormal(head: torch.Tensor, tail: torch.Tensor) -> torch.Te
     return torch.cat([head, tail], dim=1).addmm_(xqw * d, qw.T)
 
 
-def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """out = a @ b into ``out``, a block of rows of a at a time (no float64 m x n copy). Each block reads a's
-    rows before writing out's, so out may be one of the tensors ``a`` sums."""
+def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor, rows: int | None = None,
+                  threads: int = 1) -> torch.Tensor:
+    """out = a @ b into ``out``, a block of rows of a at a time (no float64 m x n copy), up to ``threads`` blocks at
+    once (each on one thread: the same bits). Each block reads a's rows before writing out's, and only its own, so
+    out may be one of the tensors ``a`` sums."""
     rows = rows or ROWS
-    for i in range(0, a.shape[0], rows):
+
+    def block(i: int) -> None:
         out[i:i + rows] = _rows(a, i, i + rows) @ b
+
+    for _ in ordered_map(block, list(range(0, a.shape[0], rows)), threads):
+        pass
     return out
 
 
@@ -396,7 +402,7 @@ def tsv_m_delta(base, experts, params, ctx):
         v = torch.matmul(*polar(torch.cat(vs, dim=1)))
         del vs
         # polar(U) diag(S) polar(V)^T
-        return _product_into(taus[0], *polar(u[:, :used], v.T.mul_(s[:, None])))
+        return _product_into(taus[0], *polar(u[:, :used], v.T.mul_(s[:, None])), threads=threads)
 
 
 def iso_c_delta(base, experts, params, ctx):
@@ -404,12 +410,12 @@ def iso_c_delta(base, experts, params, ctx):
     taus = _weighted_task_vectors_(base, experts, ctx.weights)
     if not _is_matrix(base):
         return _mean_(taus)
-    with one_thread(base.device):
+    with one_thread(base.device) as threads:
         norm = float(_largest_norm(taus))
         svd = GramSVD(Summed(taus))
         kept = numerical_rank(svd.s, tuple(base.shape), max(float(svd.s[0]), norm))
         a, b = svd.isometry(kept)
-        return _product_into(taus[0], a, b.mul_(svd.s.mean()))
+        return _product_into(taus[0], a, b.mul_(svd.s.mean()), threads=threads)
 
 
 def iso_cts_sizes(rank: int, n: int, common_fraction: float) -> tuple[int, int]:
@@ -475,7 +481,7 @@ def iso_cts_delta(base, experts, params, ctx):
             specific = GramSVD(u[:, common:used], left=False)
             _, c = specific.isometry(numerical_rank(specific.s, (shape[0], used)), b[common:])
             b = torch.cat([b[:common], c])
-        return _product_into(taus[0], u[:, :used], b)
+        return _product_into(taus[0], u[:, :used], b, threads=threads)
 
 
 RANK_FRACTION = Param("rank_fraction", float, 0.0,
