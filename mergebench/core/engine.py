@@ -338,6 +338,7 @@ class _Writer:
                     self.writer.write(*item)
                 except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
                     self.error = exc
+            item = None  # the tensor written is not held while the next is awaited
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
@@ -661,19 +662,20 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     capacity = max(sizes.values(), default=0)
     gate = None if plan.method.elementwise else _MemoryGate(capacity)
 
+    def alone(job: TensorJob) -> bool:  # more than half the gate: no other of its size (of the largest: nothing) beside it
+        return gate is not None and 2 * sizes[job.name] > capacity
+
     def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
-        # OpenMP's thread count is per native thread: set it in the worker. A job of more than half the gate runs
-        # with no other of its size (of the largest size: with nothing beside it), on every worker's thread.
-        alone = gate is not None and 2 * sizes[job.name] > capacity
+        # OpenMP's thread count is per native thread: set it in the worker, every worker's for a job that runs alone
         torch.get_num_threads()  # without a query first, a worker's first setting did not hold (measured: the
-        torch.set_num_threads(workers if alone else 1)  # embedding, a worker's first job, ran on one thread)
+        torch.set_num_threads(workers if alone(job) else 1)  # embedding, a worker's first job, ran on one thread)
         buffers = free.get()
         working = 0
         try:
             if gate is not None:
                 gate.acquire(sizes[job.name])
                 working = sizes[job.name]
-                if alone:  # what the smaller jobs before it freed is no longer needed
+                if alone(job):  # what the smaller jobs before it freed is no longer needed
                     return_free_heap()
             return _merge_one(plan, job, analysis, seed, buffers)
         finally:
@@ -708,7 +710,8 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             for job in order:
-                while pending and (pending_bytes + out_bytes(job) > budget or len(pending) >= 64):
+                # a job that runs alone starts once the outputs before it are written: none waits beside it
+                while pending and (pending_bytes + out_bytes(job) > budget or len(pending) >= 64 or alone(job)):
                     write_oldest()
                 for source, name in job.inputs:
                     plan.sources[source].prefetch(name)
