@@ -530,3 +530,29 @@ def test_mul_mask_is_mul_by_the_boolean_mask_bit_for_bit(contiguous):
         merge_ops.BLOCK = old
     assert out is got and torch.equal(got, want)
     assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_ordered_map_yields_in_order_each_item_on_one_torch_thread_and_few_ahead():
+    """Items finish out of order (the first sleeps longest) and come back in order; each runs with one torch thread
+    (the bits of BLAS and LAPACK may depend on it); at most ``threads`` are started ahead of the caller."""
+    import threading
+    import time
+
+    from mergebench.core import merge_ops
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.02 * (6 - i))
+        return i, torch.get_num_threads()
+
+    seen = []
+    for i, threads in merge_ops.ordered_map(fn, list(range(6)), 2):
+        with lock:
+            seen.append((i, threads, len(started)))
+    assert [i for i, _, _ in seen] == list(range(6)) and {t for _, t, _ in seen} == {1}
+    assert all(n <= i + 2 for i, _, n in seen)  # when item i is handed over, at most items 0 .. i + 1 have started
+    assert list(merge_ops.ordered_map(lambda i: i * i, [3, 1, 2], 1)) == [9, 1, 4]  # one thread: a plain map
