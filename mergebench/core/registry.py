@@ -233,7 +233,9 @@ def _scaled_merge(delta: Callable[..., "torch.Tensor"], scale_param: str) -> Cal
     """merge = theta_0 + params[scale_param] * delta(theta_0, experts, params, ctx)."""
 
     def merge(base, experts, params, ctx):
-        return torch.add(base, delta(base, experts, params, ctx), alpha=params[scale_param])
+        d = delta(base, experts, params, ctx)
+        # into delta's own result (a scratch tensor, or a new one): torch.add's arithmetic without one more copy
+        return torch.add(base, d, alpha=params[scale_param], out=d if d.shape == base.shape and d is not base else None)
 
     merge.__doc__ = f"theta_0 + {scale_param} * ({delta.__doc__ or delta.__name__})"
     return merge
