@@ -92,6 +92,12 @@ def ordered_map(fn: Callable[[Any], Any], items: list, threads: int) -> Iterator
             yield window.popleft().result()
 
 
+def release_(x: Tensor) -> None:
+    """Free a scratch input's memory once the maths is done with it (:class:`~mergebench.core.registry.MergeFn`
+    allows it): the tensor becomes empty, and its storage goes unless a view of it is still held."""
+    x.set_()
+
+
 def spans(numel: int, block: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of consecutive flat blocks of at most ``block`` entries."""
     return ((start, min(start + block, numel)) for start in range(0, numel, block))

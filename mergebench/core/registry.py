@@ -151,7 +151,9 @@ class MergeFn(Protocol):
 
     Ownership: ``base`` and ``experts`` are scratch copies made for this call; the method may
     overwrite them in place and may return one of them, but must not keep a reference after
-    returning. Returns the merged float32 tensor, shaped as its inputs.
+    returning. It may also free an expert's memory once done with it (``merge_ops.release_``), so
+    that its own temporaries take that place; the base stays whole (a scaled method's ``merge``
+    adds the scaled delta to it). Returns the merged float32 tensor, shaped as its inputs.
     """
 
     def __call__(self, base: "torch.Tensor | None", experts: "list[torch.Tensor]", params: dict[str, Any],

@@ -133,7 +133,7 @@ import torch
 
 from mergebench.core import lapack
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import one_thread, ordered_map, task_vectors_
+from mergebench.core.merge_ops import one_thread, ordered_map, release_, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -384,21 +384,24 @@ def tsv_m_delta(base, experts, params, ctx):
         return _mean_(taus)
     shape = tuple(base.shape)
     with one_thread(base.device) as threads:
-        # U's columns go straight into one m x Nk float64 matrix (a tall task vector is read by row blocks)
-        u = torch.empty(shape[0], len(taus) * k, dtype=torch.float64, device=base.device)
-        used, ss, vs = 0, [], []
-        for svd in ordered_map(lambda tau: GramSVD(tau, top=k), taus, threads):
+        # each task's U_k (m x k float64, a tall task vector read by row blocks); a task vector is released once its
+        # triplets are out, all but the first (the output's memory), so that U = [U_1k .. U_Nk] takes their place
+        lefts, ss, vs = [], [], []
+        for t, svd in enumerate(ordered_map(lambda tau: GramSVD(tau, top=k), taus, threads)):
             kept = min(k, numerical_rank(svd.s, shape))
-            left, v = svd.top(kept, out=None if svd.left else u[:, used:used + kept])
-            if svd.left:
-                u[:, used:used + kept] = left
-            used += kept
+            left, v = svd.top(kept)
+            lefts.append(left)
             ss.append(svd.s[:kept])
             vs.append(v)
             del svd
+            if t:
+                release_(taus[t])
         s = torch.cat(ss)
         if s.numel() == 0:  # every task vector is zero
             return taus[0].zero_()
+        u = torch.cat(lefts, dim=1)
+        used = u.shape[1]
+        del lefts, left
         v = torch.matmul(*polar(torch.cat(vs, dim=1)))
         del vs
         # polar(U) diag(S) polar(V)^T
