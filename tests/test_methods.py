@@ -308,3 +308,26 @@ def test_a_whole_tensor_methods_bits_do_not_depend_on_the_thread_count(pm, name)
     with ThreadPoolExecutor(1) as pool:  # the main thread's count stays as it is
         one, two = pool.submit(merge, 1).result(), pool.submit(merge, 2).result()
     assert torch.equal(one, two), f"{name}: max |difference| {float((one - two).abs().max()):.3g} between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_scaled_merge_is_base_plus_lambda_delta_in_deltas_memory(dtype):
+    """merge = theta_0 + lambda * delta, torch.add's bits and dtype, written into delta's own result where that holds
+    the result's dtype (no extra copy of the tensor), a new tensor otherwise (a bfloat16 delta gives float32)."""
+    from mergebench.core.registry import MergeMethod, Param
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(33, 7, generator=g)
+    made = []
+
+    def delta(b, experts, params, ctx):
+        made.append(sum(e - b for e in experts).to(dtype))
+        return made[-1]
+
+    m = MergeMethod(name="scaled", description="", params=(Param("lam", float, 1.0, ""),), delta=delta,
+                    scale_param="lam")
+    experts = [base + torch.randn(33, 7, generator=g) for _ in range(2)]
+    out = m.merge(base, experts, {"lam": 0.3}, TensorContext("w", (1.0, 1.0)))
+    want = torch.add(base, sum(e - base for e in experts).to(dtype), alpha=0.3)
+    assert out.dtype == want.dtype and torch.equal(out, want)
+    assert (out is made[0]) == (dtype != torch.bfloat16)  # float32 + float64 is float64: into delta's result too

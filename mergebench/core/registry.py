@@ -237,7 +237,8 @@ def _scaled_merge(delta: Callable[..., "torch.Tensor"], scale_param: str) -> Cal
     def merge(base, experts, params, ctx):
         d = delta(base, experts, params, ctx)
         # into delta's own result (a scratch tensor, or a new one): torch.add's arithmetic without one more copy
-        return torch.add(base, d, alpha=params[scale_param], out=d if d.shape == base.shape and d is not base else None)
+        into = d.shape == base.shape and d.dtype == torch.result_type(base, d) and d is not base
+        return torch.add(base, d, alpha=params[scale_param], out=d if into else None)
 
     merge.__doc__ = f"theta_0 + {scale_param} * ({delta.__doc__ or delta.__name__})"
     return merge
