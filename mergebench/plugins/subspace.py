@@ -400,12 +400,11 @@ def tsv_m_delta(base, experts, params, ctx):
         if s.numel() == 0:  # every task vector is zero
             return taus[0].zero_()
         u = torch.cat(lefts, dim=1)
-        used = u.shape[1]
         del lefts, left
         v = torch.matmul(*polar(torch.cat(vs, dim=1)))
         del vs
         # polar(U) diag(S) polar(V)^T
-        return _product_into(taus[0], *polar(u[:, :used], v.T.mul_(s[:, None])), threads=threads)
+        return _product_into(taus[0], *polar(u, v.T.mul_(s[:, None])), threads=threads)
 
 
 def iso_c_delta(base, experts, params, ctx):
