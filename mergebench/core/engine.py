@@ -35,6 +35,7 @@ from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import InputError, MergebenchError, OutputError, ParameterError
 from mergebench.core.hashing import combined_sha256, sha256_file
 from mergebench.core.memory import return_free_heap
+from mergebench.core.merge_ops import set_torch_threads
 from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
 from mergebench.core.recipe import ModelInput, Recipe
 from mergebench.core.registry import MergeFn, MergeMethod
@@ -666,9 +667,7 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
         return gate is not None and 2 * sizes[job.name] > capacity
 
     def task(job: TensorJob) -> tuple[torch.Tensor, bool]:
-        # OpenMP's thread count is per native thread: set it in the worker, every worker's for a job that runs alone
-        torch.get_num_threads()  # without a query first, a worker's first setting did not hold (measured: the
-        torch.set_num_threads(workers if alone(job) else 1)  # embedding, a worker's first job, ran on one thread)
+        set_torch_threads(workers if alone(job) else 1)  # every worker's cores for a job that runs alone
         buffers = free.get()
         working = 0
         try:

@@ -49,6 +49,14 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 BLOCK = 1 << 20
 
 
+def set_torch_threads(n: int) -> None:
+    """torch's intra-op thread count for the calling thread (OpenMP's is per native thread). Queried first: without
+    that, a fresh thread's first setting did not hold (measured: the engine's embedding, a worker's first job, ran on
+    one thread where two were set)."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 @contextmanager
 def one_thread(device: torch.device) -> Iterator[int]:
     """One CPU thread for torch's BLAS and LAPACK calls, whose rounding may depend on the thread count (a dot
@@ -75,8 +83,7 @@ def ordered_map(fn: Callable[[Any], Any], items: list, threads: int) -> Iterator
         return
 
     def one(item):
-        torch.get_num_threads()  # a fresh thread's first setting needs a query first (see core/engine.py)
-        torch.set_num_threads(1)
+        set_torch_threads(1)
         try:
             return fn(item)
         finally:
