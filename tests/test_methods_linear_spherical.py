@@ -357,3 +357,22 @@ def test_refused_before_any_tensor_is_read(pm, method, n, params, weights, match
 def test_linear_unnormalised_accepts_weights_summing_to_zero(pm):
     a, b = T([1.0, 2.0]), T([3.0, -2.0])
     torch.testing.assert_close(call(pm, "linear", None, [a, b], [1.0, -1.0], normalize=False), T([-2.0, 4.0]))
+
+
+def test_the_cosine_of_two_long_vectors_does_not_depend_on_the_thread_count():
+    """slerp's cosine sums one product over a whole flattened tensor. torch splits a long sum across its threads
+    (differently rounded), and the engine gives a tensor of the largest size every core: the benchmark's 0.1B
+    embedding came out 1.5e-8 apart on 1 and 2 threads until the sum ran on one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(4)
+    pairs = [(torch.randn(1 << 22, generator=g), torch.randn(1 << 22, generator=g)) for _ in range(4)]
+
+    def cosines(threads):
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+        return [spherical.cosine(a.clone(), b, spherical.norm(a), spherical.norm(b)) for a, b in pairs]
+
+    with ThreadPoolExecutor(1) as pool:
+        one, two = pool.submit(cosines, 1).result(), pool.submit(cosines, 2).result()
+    assert all(torch.equal(x, y) for x, y in zip(one, two))

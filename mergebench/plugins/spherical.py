@@ -94,7 +94,8 @@ def cosine(v0: Tensor, v1: Tensor, n0: Tensor, n1: Tensor) -> Tensor:
         k = min(step, length - start)
         n = n1.narrow(dim, start, k) if n1.dim() and n1.shape[dim] > 1 else n1
         u.narrow(dim, start, k).mul_(v1.narrow(dim, start, k) / n)
-    return u.sum(-1, keepdim=True).clamp_(-1.0, 1.0)
+    with one_thread(u.device):  # a long sum splits across threads, rounding otherwise: the same bits on any count
+        return u.sum(-1, keepdim=True).clamp_(-1.0, 1.0)
 
 
 def slerp_terms(cos: Tensor, t: float | Tensor, colinear: Tensor) -> tuple[Tensor, Tensor, Tensor]:
