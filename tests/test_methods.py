@@ -292,6 +292,8 @@ def test_a_whole_tensor_methods_bits_do_not_depend_on_the_thread_count(pm, name)
     outputs 1e-6 apart here."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from mergebench.core.merge_ops import set_torch_threads
+
     m = pm.merge_methods().get(name)
     n = 1 if name in ("slerp", "nearswap", "arcee_fusion") else 2 if name == "nuslerp" else 3
     g = torch.Generator().manual_seed(3)
@@ -300,8 +302,7 @@ def test_a_whole_tensor_methods_bits_do_not_depend_on_the_thread_count(pm, name)
     params = m.resolve_params({})
 
     def merge(threads):
-        torch.get_num_threads()  # as the engine's workers: a fresh thread's first setting needs a query first
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)  # as the engine's workers do
         ctx = TensorContext("w", (1.0,) * n, seed=0, streams=tuple(range(n)))
         return m.merge(base.clone() if not m.ignores_base else None, [e.clone() for e in experts], params, ctx)
 

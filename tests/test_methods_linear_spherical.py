@@ -365,12 +365,13 @@ def test_the_cosine_of_two_long_vectors_does_not_depend_on_the_thread_count():
     embedding came out 1.5e-8 apart on 1 and 2 threads until the sum ran on one thread."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from mergebench.core.merge_ops import set_torch_threads
+
     g = torch.Generator().manual_seed(4)
     pairs = [(torch.randn(1 << 22, generator=g), torch.randn(1 << 22, generator=g)) for _ in range(4)]
 
     def cosines(threads):
-        torch.get_num_threads()
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
         return [spherical.cosine(a.clone(), b, spherical.norm(a), spherical.norm(b)) for a, b in pairs]
 
     with ThreadPoolExecutor(1) as pool:
