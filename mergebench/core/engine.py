@@ -650,10 +650,10 @@ def _merge_tensors(plan: _Plan, order: list[TensorJob], analysis, seed: int, wor
     are used without synchronising inside small ops; results do not depend on which worker ran them.
 
     Whole-tensor methods share the largest job's working set, (N + 2) float32 copies of the largest tensor
-    (:class:`_MemoryGate`): smaller tensors run together as they fit, and a tensor of the largest size (an
-    embedding, an output head) runs with nothing beside it, on every worker's cores (intra-op threads; a method's
-    maths may not depend on the thread count, which ``mergebench plugin check`` checks). Beside a running tensor
-    the engine then holds only finished outputs waiting for their turn to be written.
+    (:class:`_MemoryGate`): smaller tensors run together as they fit, beside finished outputs waiting for their turn
+    to be written, and a tensor of the largest size (an embedding, an output head) starts once the outputs before it
+    are handed to the writer and runs with nothing beside it, on every worker's cores (intra-op threads; a method's
+    maths may not depend on the thread count, which ``mergebench plugin check`` checks).
     """
     free: queue.Queue = queue.Queue()
     for _ in range(workers):
