@@ -761,6 +761,10 @@ def run(args) -> dict:
                "skipped": [{"method": name, "reason": args.skip_reason} for name in BY_NAME if name not in args.methods],
                "floor": {}, "threads": [], "statistics": {}}
     runner = Runner(args, results)
+    # pip compiles an installed package's bytecode (mergekit's, in its venv); an editable install run with
+    # PYTHONDONTWRITEBYTECODE (as on these machines) would compile ours again in every timed run
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "mergebench")], check=True,
+                   stdout=subprocess.DEVNULL)
     # the statistics passes are measured cold, and the merges then read what they cached
     shutil.rmtree(runner.home / "artifacts" / "calibration", ignore_errors=True)
     results["overhead"] = fixed_overhead(work, runner.env, args.runs)

@@ -271,6 +271,32 @@ def test_every_shard_is_on_disk_before_the_output_is_renamed_into_place(tiny_lla
     assert len(shards) > 2 and sorted(n for n in synced if n.endswith(".safetensors")) == shards
 
 
+def test_each_tensor_written_is_handed_to_the_disk_at_once(tiny_llamas, tmp_path, pm, monkeypatch):
+    """After each tensor the shard's written bytes are flushed and their write-back started, so the fsync at the
+    shard's end has little left to write; on a pipe (or where Linux's call is missing) it does nothing and
+    raises nothing."""
+    import mergebench.core.writer as writer
+    from mergebench.core.memory import start_writeback
+
+    calls = []
+    monkeypatch.setattr(writer, "start_writeback",
+                        lambda fd: calls.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, os.fstat(fd).st_size)))
+    out = tmp_path / "merged"
+    mergebench.merge("average", experts=[tiny_llamas["e0"], tiny_llamas["e1"]], output=out, max_shard_size="6KB",
+                     plugin_manager=pm)
+    shards = {p.name: p.stat().st_size for p in out.glob("model-*.safetensors")}
+    written = [n for n, info in load_dir(out).items() if info.numel()]
+    assert len(calls) == len(written) and {name for name, _ in calls} == set(shards)
+    for name, size in shards.items():
+        sizes = [at for shard, at in calls if shard == name]
+        assert sizes == sorted(set(sizes)) and sizes[-1] == size  # every tensor's bytes, up to the whole shard
+    read, write = os.pipe()
+    try:
+        start_writeback(write)
+    finally:
+        os.close(read), os.close(write)
+
+
 def _two_large_and_many_small(tmp_path):
     """A base and two experts: an embedding first and a head last in the output's order, both 64 x 8 (the
     largest), and 16 small layers between them."""
@@ -310,9 +336,10 @@ def _timed_mean_method(log, fail_on=None, elementwise=False):
 def test_a_largest_tensor_is_merged_alone_on_every_workers_cores(tmp_path, pm, elementwise):
     """A whole-tensor method's tensors of the largest size (an embedding first in the output's order, a head
     last) are merged with nothing beside them, so the engine holds (N + 2) copies of the largest tensor at most,
-    and on both workers' cores; the small layers between them run two at a time on one core each. Written in
-    order, the output is the one-worker merge's, bit for bit. An elementwise method streams chunks with no gate:
-    the layers run beside the embedding, one core each."""
+    and on both workers' cores; the small layers between them run two at a time on one core each. Both large
+    tensors are merged first (the output is written largest first), so none is left running at the end with the
+    other core idle. Written in order, the output is the one-worker merge's, bit for bit. An elementwise method
+    streams chunks with no gate: the embedding and the head run beside each other, one core each."""
     from conftest import method_plugin
 
     base, *experts = _two_large_and_many_small(tmp_path)
@@ -326,8 +353,9 @@ def test_a_largest_tensor_is_merged_alone_on_every_workers_cores(tmp_path, pm, e
     beside = [s for s in layers if s[0] < embed[1] and s[1] > embed[0] or s[0] < head[1] and s[1] > head[0]]
     together = sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(layers) for b in layers[i + 1:])
     assert together >= 4  # the small ones share the cores
+    assert max(end for _, end in layers) > max(embed[1], head[1])  # the large ones are not left to the end
     if elementwise:
-        assert beside and set(threads.values()) == {1}
+        assert embed[0] < head[1] and head[0] < embed[1] and set(threads.values()) == {1}
     else:
         assert not beside, "a small tensor was merged beside a tensor of the largest size"
         assert threads["a_embed.weight"] == threads["c_head.weight"] == 2

@@ -151,7 +151,7 @@ def test_a_method_returning_a_non_tensor_is_refused_with_its_type(toy_models, tm
     with pytest.raises(MergebenchError) as err:
         mergebench.merge("listy", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
                          plugin_manager=pm, threads=1)
-    assert str(err.value) == "merge method 'listy' returned list for tensor 'layer.0.bias', expected (16,)"
+    assert str(err.value) == "merge method 'listy' returned list for tensor 'layer.0.weight', expected (16, 8)"
 
 
 @pytest.mark.parametrize("elementwise", [False, True])
@@ -166,7 +166,7 @@ def test_non_finite_output_is_refused_with_the_float16_hint_only_for_float16(toy
     with pytest.raises(MergebenchError) as err:
         mergebench.merge("huge", experts=[toy_models["e0"], toy_models["e1"]], output=out, plugin_manager=pm,
                          threads=1, dtype=dtype)
-    assert str(err.value) == f"merge method 'huge' produced NaN or Inf in tensor 'layer.0.bias'{hint}"
+    assert str(err.value) == f"merge method 'huge' produced NaN or Inf in tensor 'layer.0.weight'{hint}"
     assert not out.exists()
 
 
@@ -181,7 +181,7 @@ def test_a_finite_result_that_overflows_bfloat16_is_refused(toy_models, tmp_path
     with pytest.raises(MergebenchError) as err:
         mergebench.merge("edge", experts=[toy_models["e0"], toy_models["e1"]], output=out, plugin_manager=pm,
                          threads=1, dtype="bfloat16")
-    assert str(err.value) == ("merge method 'edge' produced NaN or Inf in tensor 'layer.0.bias' "
+    assert str(err.value) == ("merge method 'edge' produced NaN or Inf in tensor 'layer.0.weight' "
                               "(too large for bfloat16? try --dtype float32)")
     assert not out.exists()
 

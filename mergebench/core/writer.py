@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mergebench.core.errors import OutputError, ParameterError
+from mergebench.core.memory import start_writeback
 from mergebench.core.tensor_io import DTYPE_NAMES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -62,8 +63,10 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shard]
     """Greedy shards in the given order, each at most ``max_shard_size`` bytes (a larger tensor gets its own).
 
     Inside a shard, tensors are ordered by element size, largest first, so every tensor starts at an
-    offset aligned to its element size (the header is padded to 8 bytes). The order of the returned
-    tensors is the order in which they must be written.
+    offset aligned to its element size (the header is padded to 8 bytes), then by size, largest first: the
+    engine merges in this order, so an embedding or an output head does not run last with the other workers idle
+    (0.1B: the head's merge, write and fsync were the last 0.4 s of slerp's 0.9). The order of the returned
+    tensors is the order in which they must be written; a safetensors reader does not depend on it.
     """
     groups: list[list[OutputTensor]] = [[]]
     size = 0
@@ -77,7 +80,7 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shard]
     shards = []
     for i, group in enumerate(groups):
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        shards.append(Shard(name, sorted(group, key=lambda t: -t.dtype.itemsize)))
+        shards.append(Shard(name, sorted(group, key=lambda t: (-t.dtype.itemsize, -t.nbytes))))
     return shards
 
 
@@ -128,6 +131,8 @@ class ShardWriter:
             # numpy has no bfloat16/float8: write the raw bytes through an integer view of the same width.
             width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.dtype.itemsize]
             self._file.write(memoryview(flat.view(width).numpy()).cast("B"))
+            self._file.flush()
+            start_writeback(self._file.fileno())  # the fsync at the shard's end then has little left to write
         self._next += 1
 
     def finish(self) -> None:
