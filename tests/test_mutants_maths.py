@@ -17,8 +17,10 @@ from mergebench.core.errors import InputError, MergebenchError, ParameterError
 from mergebench.core.merge_ops import (
     ExactL1,
     exact_l1,
+    gram,
     l1_rescale_factor,
     magnitude_mask,
+    one_thread,
     ordered_dot,
     ordered_sum,
     random_keep_mask,
@@ -201,6 +203,34 @@ def test_ordered_dot_is_ordered_sum_of_the_product_bit_for_bit(lead, n, block, c
     want = ordered_sum(a * b, block=block)
     got = ordered_dot(a, b, block=block, chunk=chunk)
     assert got.shape == want.shape and torch.equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lead=st.sampled_from([(), (1,), (3,), (2, 2)]), n=st.integers(1, 40), count=st.integers(1, 4),
+       block=st.integers(1, 60), seed=st.integers(0, 2**16))
+def test_gram_holds_every_pairs_inner_product_over_the_last_dimension(lead, n, count, block, seed):
+    """G[..., a, b] = <v_a, v_b> for blocks of whole rows or of pieces of a row, against the float64 products; the
+    same bits whether its blocks are formed on one thread or dealt out to two or three."""
+    g = torch.Generator().manual_seed(seed)
+    vs = [torch.randn(*lead, n, generator=g) * 10 ** i for i in range(count)]
+    want = torch.stack([torch.stack([(a.double() * b.double()).sum(-1) for b in vs], -1) for a in vs], -2)
+    got = gram(vs, block=block)
+    assert got.dtype == torch.float64 and got.shape == (*lead, count, count)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with one_thread(torch.device("cpu")):
+        for threads in (2, 3):
+            assert torch.equal(gram(vs, threads, block=block), got)
+    assert torch.equal(gram([torch.empty(*lead, 0)] * count), torch.zeros(*lead, count, count, dtype=torch.float64))
+
+
+def test_gram_adds_its_blocks_in_order_on_any_thread_count():
+    """Blocks of one entry whose products are 1e36, 1e-30 and -1e36: added in order the small one is lost (0), as
+    on one thread; a sum thread by thread (1e36 - 1e36 first) would keep it."""
+    a, b = torch.tensor([1e18, 1e-15, 1e18]), torch.tensor([1e18, 1e-15, -1e18])
+    one = gram([a, b], block=1)
+    assert float(one[0, 1]) == 0.0
+    with one_thread(torch.device("cpu")):
+        assert torch.equal(gram([a, b], 2, block=1), one)
 
 
 def test_magnitude_mask_carries_the_tie_allowance_across_chunks(monkeypatch):

@@ -333,6 +333,43 @@ def ordered_sum(x: torch.Tensor, block: int = 1 << 12) -> torch.Tensor:
     return x.sum(-1)
 
 
+def gram(vectors: Sequence[Tensor], threads: int = 1, block: int = 1 << 16) -> Tensor:
+    """Every pair's inner product over the last dimension, in float64: ``G[..., a, b] = <v_a, v_b>``.
+
+    Each vector (as rows of its last dimension) is cut into blocks of about ``block`` entries, whole rows or pieces
+    of one long row; a block of every vector goes into one buffer, whose products are one batched matrix product in
+    the vectors' dtype, and the blocks' products are added in order in float64. Reading each vector once, not once
+    per pair, is what makes it fast (model_stock's 28 dot products of 8 task vectors of 1.57M entries: 47 -> 12 ms);
+    the fixed blocks, each on one thread, give the same bits on any thread count. With ``threads`` > 1 (inside
+    :func:`one_thread`), the blocks are dealt out in turn to that many threads (:func:`ordered_map`)."""
+    count, last = len(vectors), vectors[0].shape[-1] if vectors[0].dim() else 1
+    if vectors[0].numel() == 0:
+        return torch.zeros(*vectors[0].shape[:-1], count, count, dtype=torch.float64, device=vectors[0].device)
+    flat = [v.reshape(-1, last) for v in vectors]
+    rows, width = flat[0].shape[0], min(last, block)
+    step = max(1, block // width)  # rows per block
+    blocks = [(r, c) for r in range(0, rows, step) for c in range(0, last, width)]
+    runs = [blocks[i::threads] for i in range(threads)] if threads > 1 else [blocks]
+
+    def products(run: list[tuple[int, int]]) -> list[Tensor]:
+        buffer = torch.empty(min(step, rows), count, width, dtype=flat[0].dtype, device=flat[0].device)
+        out = []
+        for r, c in run:
+            k, w = min(step, rows - r), min(width, last - c)
+            x = buffer[:k, :, :w]
+            for i, v in enumerate(flat):
+                x[:, i].copy_(v[r:r + k, c:c + w])
+            out.append(torch.bmm(x, x.transpose(1, 2)).double())
+        return out
+
+    total = torch.zeros(rows, count, count, dtype=torch.float64, device=flat[0].device)
+    parts = list(ordered_map(products, runs, threads))
+    for j, (r, _) in enumerate(blocks):  # in block order, whatever thread formed each
+        g = parts[j % len(runs)][j // len(runs)]
+        total[r:r + g.shape[0]] += g
+    return total.reshape(*vectors[0].shape[:-1], count, count)
+
+
 def ordered_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 12, chunk: int = 1 << 20) -> torch.Tensor:
     """``ordered_sum(a * b)`` bit for bit, without the whole product: products of about ``chunk`` entries
     (whole rows, or whole blocks of rows), of which only the first level of block sums is kept. The products go

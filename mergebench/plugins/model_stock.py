@@ -20,9 +20,10 @@ Conventions, and where others differ:
   the paper's formula diverges there.
 - No expert weights: the paper and mergekit average the experts equally (mergekit ignores a ``weight``), so
   unequal weights are refused rather than silently dropped.
-- Dot products over more than 4096 entries are summed in fixed blocks (``merge_ops.ordered_dot``, which forms the
-  products a chunk at a time), so the merge does not depend on torch's thread count; mergekit's single ``sum``
-  does, and the two agree to float32 rounding.
+- The pairs' dot products and the norms come from one Gram matrix of the task vectors (``merge_ops.gram``: float32
+  products by fixed blocks of 65536 entries, summed in float64), so the merge does not depend on torch's thread
+  count and reads each task vector once, not once per pair; mergekit's ``sum`` per pair does depend on it, and the
+  two agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import ordered_dot
+from mergebench.core.merge_ops import gram, one_thread
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import unweighted_check
 
@@ -50,14 +51,13 @@ def model_stock(base, experts, params, ctx):
         average.add_(w)
     average.div_(n)
     offsets = [w.sub_(w0) for w in ws]
-    norms = [torch.norm(o, dim=-1) for o in offsets]
+    with one_thread(base.device) as threads:
+        products = gram(offsets, threads)  # float64 (..., n, n): every pair's <tau_a, tau_b>, the norms squared
+    norms = products.diagonal(dim1=-2, dim2=-1).sqrt()
+    a, b = torch.triu_indices(n, n, 1, device=products.device)
     floor = max(params["norm_floor"], torch.finfo(torch.float32).tiny)  # 0/0 (a zero task vector) gives cos 0
-    cosines = []
-    for a in range(n):
-        for b in range(a + 1, n):
-            dot = ordered_dot(offsets[a], offsets[b])
-            cosines.append((dot / (norms[a] * norms[b]).clamp(min=floor)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    cosines = (products[..., a, b] / (norms[..., a] * norms[..., b]).clamp(min=floor)).clamp(-1, 1)
+    cos = cosines.mean(dim=-1).to(w0.dtype).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < SINGULAR
     t = torch.where(singular, torch.zeros_like(cos),
