@@ -269,3 +269,47 @@ def test_sigkilled_merge_leaves_nothing_that_the_next_run_keeps(toy_models, tmp_
     assert result.exit_code == 0, result.output
     assert not [p for p in tmp_path.iterdir() if ".mergebench-tmp-" in p.name]
     assert (out / "model.safetensors").is_file()
+
+
+def _run_main(tmp_path, argv: list[str], prelude: str = ""):
+    """``mergebench ARGV`` through the console script's ``main()`` in a fresh interpreter, after ``prelude``;
+    tmp_path/atexit is written by an atexit handler (which also writes "bye" to stdout, unflushed), tmp_path/shutdown
+    by the interpreter's own shutdown (the callback that ``concurrent.futures`` uses to join its threads, which
+    ``os._exit`` skips)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import atexit, sys, threading, time\n"
+            f"atexit.register(lambda: (open({str(tmp_path / 'atexit')!r}, 'w').close(), sys.stdout.write('bye')))\n"
+            f"threading._register_atexit(lambda: open({str(tmp_path / 'shutdown')!r}, 'w').close())\n"
+            f"from mergebench.cli.main import main\n"
+            f"{prelude}\n"
+            f"sys.argv = ['mergebench', *{argv!r}]\n"
+            f"main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "MERGEBENCH_LOAD_PLUGINS": ""})
+
+
+def test_a_finished_command_leaves_at_once_after_atexit_handlers_with_its_output_whole(tmp_path):
+    """The interpreter's teardown (0.12-0.16 s after a merge) is skipped: module globals are not freed; atexit
+    handlers still run, the whole output arrives through a pipe, and the exit status is the command's."""
+    from mergebench.core.plugin_manager import make_plugin_manager
+
+    done = _run_main(tmp_path, ["methods"])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "atexit").exists() and not (tmp_path / "shutdown").exists()
+    assert all(name in done.stdout for name in make_plugin_manager(entry_points=False).merge_methods().names())
+    assert done.stdout.rstrip().splitlines()[-2].startswith("└") and done.stdout.endswith("bye")
+    failed = _run_main(tmp_path, ["merge", "no-such-method", "-e", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert failed.returncode == 2 and failed.stderr.startswith("Error: ") and len(failed.stderr.splitlines()) == 1
+
+
+def test_a_command_that_leaves_a_thread_running_ends_as_the_interpreter_does(tmp_path):
+    """A thread the interpreter would wait for (a plugin's, say) is waited for: the usual exit, teardown included."""
+    late = tmp_path / "late"
+    prelude = (f"threading.Thread(target=lambda: (time.sleep(1.0), open({str(late)!r}, 'w').close())).start()")
+    done = _run_main(tmp_path, ["methods"], prelude)
+    assert done.returncode == 0, done.stderr
+    assert late.exists() and (tmp_path / "atexit").exists() and (tmp_path / "shutdown").exists()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import gc
 import json
+import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -359,10 +362,34 @@ def demo(directory: Path, steps: int, seed: int) -> None:
 def main() -> None:
     try:
         cli(prog_name="mergebench")
+    except SystemExit as done:  # how click ends every command
+        _exit_now(done.code)
+        raise
     finally:
         # The process is ending: spare the interpreter's last garbage collection, which walks every object torch
         # made (0.27 s of `python -c "import torch"`'s 1.35 s); atexit handlers and weakref finalizers still run.
         gc.freeze()
+
+
+def _exit_now(code: int | str | None) -> None:
+    """End the process without the interpreter's teardown, which frees every module and object that torch made
+    (0.12-0.16 s after a 0.1B merge, measured from the parent; 0.02 s this way). What has to happen at exit still
+    does: atexit handlers (weakref finalizers such as temporary directories' included) and flushing stdout and
+    stderr. Returns, for the usual exit, while a thread that the interpreter would wait for is still running."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as the interpreter does
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+            pass
+    os._exit(code)
 
 
 from mergebench.cli import study_commands  # noqa: E402,F401  (registers run, init, leaderboard, stages)
