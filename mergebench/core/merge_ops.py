@@ -270,13 +270,15 @@ class ExactL1:
         units = self.units[:bins]
         for start, stop in spans(flat.numel(), BLOCK):  # blocks of at most 2**29 entries keep the float64 sums exact
             a = flat[start:stop].abs()
-            bits = a.view(torch.int32)
-            index = bits >> 23
+            magnitudes = a.double()
+            index = a.view(torch.int32).bitwise_right_shift_(23)  # the exponent field, in a's memory
             if keep is not None:
-                index = index | (keep[start:stop].to(torch.int32) << 8)
-            sums = torch.zeros(bins, dtype=torch.float64, device=a.device).index_add_(0, index, a.double())
+                index.add_(keep[start:stop], alpha=256)  # a kept entry's bin is 256 further on
+            # bincount adds in one pass (index_add_ measured 2x slower); exact sums in any order
+            sums = torch.bincount(index, weights=magnitudes, minlength=bins)
             overflowed = sums[255::256] != 0  # Inf or NaN (a task vector that overflowed): count their mantissa bits
-            counts = (sums * units).long() if not bool(overflowed.any()) else self._overflowed(sums, units, bits, index)
+            counts = ((sums * units).long() if not bool(overflowed.any()) else
+                      self._overflowed(sums, units, flat[start:stop].abs().view(torch.int32), index))
             if keep is None:
                 self.per_exponent += counts
             else:
