@@ -83,7 +83,7 @@ from mergebench.core.context import TensorContext
 from mergebench.core.errors import MergebenchError, ParameterError
 from mergebench.core.hookspecs import hookimpl
 from mergebench.core.merge_ops import (BLOCK, agreeing_sums, disjoint_mean, elect_sign, exact_l1, floor_count,
-                                       keep_count, l1_rescale_factor, one_thread, ordered_map, random_drop_,
+                                       keep_count, l1_rescale_factor, mul_mask_, one_thread, ordered_map, random_drop_,
                                        random_keep_mask, spans, task_vectors_, threshold_mask, weighted_sum)
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.core.tensor_params import is_varying
@@ -188,7 +188,7 @@ def magprune_(tau: torch.Tensor, density: float, epsilon: float, generator: torc
         blocks = [tau[start:start + step] for start in range(0, rows, step)]
     for block in blocks:
         p = magprune_probabilities(block, density, epsilon)
-        block.mul_(random_keep_mask(block.numel(), p.reshape(-1), generator).view(block.shape).to(block.device))
+        mul_mask_(block, random_keep_mask(block.numel(), p.reshape(-1), generator).view(block.shape).to(block.device))
         if divide:
             block.div_(p.to(block.device))
     return tau
@@ -302,7 +302,7 @@ class TaskVectorMethod:
             for t, (tau, (threshold, _)) in enumerate(zip(taus, trim)):
                 mask, used = threshold_mask(tau, threshold, left[t])
                 left[t] -= used
-                tau.mul_(mask)
+                mul_mask_(tau, mask)
         elif self.sparsifier == BAND:
             upper, lower = trim
             left = ctx.state.setdefault("band_left", [[ties for _, ties in upper], [ties for _, ties in lower]])
@@ -311,18 +311,18 @@ class TaskVectorMethod:
                 kept, used_lower = threshold_mask(tau, lower[t][0], left[1][t])
                 left[0][t] -= used_upper
                 left[1][t] -= used_lower
-                tau.mul_(kept & ~outlier)
+                mul_mask_(tau, kept & ~outlier)
         elif self.sparsifier == RANDOM:
             drawn = ctx.analysis.masks if isinstance(ctx.analysis, L1Rescale) else None  # the L1 pre-pass's draws
             record = ctx.state.get(RECORD_MASKS)  # set in that pre-pass: keep the draws for the merge
             for t, (tau, d) in enumerate(zip(taus, ctx.expert_values("density", params))):
                 self._check_density(params, d, t)
                 if drawn is not None and drawn[t] is not None:
-                    tau.mul_(drawn[t][ctx.offset:ctx.offset + tau.numel()].view(tau.shape).to(tau.device))
+                    mul_mask_(tau, drawn[t][ctx.offset:ctx.offset + tau.numel()].view(tau.shape).to(tau.device))
                 elif record is not None and d < 1.0:
                     keep = random_keep_mask(tau.numel(), d, ctx.generator_for(t))
                     record[t].append(keep)
-                    tau.mul_(keep.view(tau.shape).to(tau.device))
+                    mul_mask_(tau, keep.view(tau.shape).to(tau.device))
                 else:
                     random_drop_(tau, d, ctx.generator_for(t))
         elif self.sparsifier == MAGPRUNE:
