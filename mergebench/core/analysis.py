@@ -186,15 +186,18 @@ class L1RescalePass:
     ``sparsify_`` must keep each entry as it is or zero it (the random and magnitude sparsifiers do; MagPrune's
     division does not, and della takes no L1 pre-pass), so "after" is "before" over the entries still non-zero,
     and both come from one scatter per expert.
-    A sparsifier that draws random masks appends each chunk's to ``ctx.state[RECORD_MASKS][expert]``; they
+    A sparsifier that draws random masks (``draws``) appends each chunk's to ``ctx.state[RECORD_MASKS][expert]``
+    and leaves the task vectors as they are (the pass reads the kept entries from the masks: no copy of |tau|, no
+    product, no comparison; an expert with nothing drawn keeps everything); the masks
     are kept (one byte per entry and expert, less than the (N + 2) float32 copies the engine's bound allows)
     and handed to the merge, since drawing them is most of a random sparsifier's time.
     """
 
     def __init__(self, inner: TensorAnalysis | None, n_experts: int,
-                 sparsify_: Callable[[list[Tensor], Any], None], ctx: Any):
+                 sparsify_: Callable[[list[Tensor], Any], None], ctx: Any, draws: bool = False):
         self.inner = inner
         self.sparsify_ = sparsify_
+        self.draws = draws
         self.ctx = ctx
         self.passes = (inner.passes if inner is not None else 0) + 1
         self.before = [ExactL1() for _ in range(n_experts)]
@@ -211,6 +214,14 @@ class L1RescalePass:
             self.shadow = replace(self.ctx, analysis=analysis, offset=0, state={RECORD_MASKS: [[] for _ in experts]},
                                   _generators={})
         taus = [e - base for e in experts]
+        if self.draws:  # the sparsifier only records its draws here: the kept entries are a recorded mask's
+            recorded = self.shadow.state[RECORD_MASKS]
+            drawn = [len(masks) for masks in recorded]
+            self.sparsify_(taus, self.shadow)
+            for t, tau in enumerate(taus):
+                kept = recorded[t][-1] if len(recorded[t]) > drawn[t] else torch.ones(tau.numel(), dtype=torch.bool)
+                self.before[t].add(tau, kept=kept.to(tau.device), subset=self.after[t])
+            return
         magnitudes = [tau.abs() for tau in taus]
         self.sparsify_(taus, self.shadow)
         for t, (magnitude, tau) in enumerate(zip(magnitudes, taus)):

@@ -319,10 +319,8 @@ class TaskVectorMethod:
                 self._check_density(params, d, t)
                 if drawn is not None and drawn[t] is not None:
                     mul_mask_(tau, drawn[t][ctx.offset:ctx.offset + tau.numel()].view(tau.shape).to(tau.device))
-                elif record is not None and d < 1.0:
-                    keep = random_keep_mask(tau.numel(), d, ctx.generator_for(t))
-                    record[t].append(keep)
-                    mul_mask_(tau, keep.view(tau.shape).to(tau.device))
+                elif record is not None and d < 1.0:  # the L1 pre-pass: its sums read the mask, not tau
+                    record[t].append(random_keep_mask(tau.numel(), d, ctx.generator_for(t)))
                 else:
                     random_drop_(tau, d, ctx.generator_for(t))
         elif self.sparsifier == MAGPRUNE:
@@ -394,7 +392,8 @@ class TaskVectorMethod:
         trim = self._trim(params, experts) if self.sparsifier in (MAGNITUDE, BAND) else None
         if params["rescale"] != "l1":
             return trim
-        return L1RescalePass(trim, _n_experts(experts), lambda taus, ctx: self._sparsify_(taus, params, ctx), experts)
+        return L1RescalePass(trim, _n_experts(experts), lambda taus, ctx: self._sparsify_(taus, params, ctx), experts,
+                             draws=self.sparsifier == RANDOM)
 
     def _trim_values(self, params, experts) -> dict[str, tuple]:
         names = ("density", "gamma") if self.sparsifier == BAND else ("density",)
