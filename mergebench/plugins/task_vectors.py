@@ -294,7 +294,8 @@ class TaskVectorMethod:
 
     def _sparsify_(self, taus, params, ctx):
         """Zero each task vector's dropped entries in place; no rescaling, except MagPrune's ``keep_prob``
-        division, done block by block beside the draws (its probabilities are never all held at once)."""
+        division, done block by block beside the draws (its probabilities are never all held at once). In the L1
+        pre-pass (``RECORD_MASKS`` in ``ctx.state``) the random sparsifier only records its draws."""
         trim = ctx.analysis.inner if isinstance(ctx.analysis, L1Rescale) else ctx.analysis
         if self.sparsifier == MAGNITUDE:
             # per expert, the tied entries still to keep: carried across the chunks of the tensor
