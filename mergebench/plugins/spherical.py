@@ -69,7 +69,7 @@ import torch
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import BLOCK, one_thread, spans, task_vectors_
+from mergebench.core.merge_ops import BLOCK, one_thread, ordered_map, spans, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import ONE_EXPERT_HINT, expert_count
 
@@ -206,11 +206,12 @@ def _check_multislerp(params, weights):
 
 # ---- karcher ------------------------------------------------------------------------------------
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """torch.dot on one thread: its sum is split across threads, and the arccos of a dot near 1 magnifies the
-    rounding. So the result is the same on any core count, and mergekit's (whose dots of small tensors run on one)."""
-    with one_thread(a.device):
-        return torch.dot(a, b)
+def _dots(mean: Tensor, units: list[Tensor]) -> list[Tensor]:
+    """torch.dot(mean, u) for each u, each on one thread: its sum is split across threads, and the arccos of a dot
+    near 1 magnifies the rounding. So the result is the same on any core count, and mergekit's (whose dots of small
+    tensors run on one). Where the engine gives more threads (a tensor of the largest size), several at once."""
+    with one_thread(mean.device) as threads:
+        return list(ordered_map(lambda u: torch.dot(mean, u), units, threads))
 
 
 def karcher(base, experts, params, ctx):
@@ -241,8 +242,8 @@ def karcher(base, experts, params, ctx):
     tangent = torch.empty_like(mean)
     for _ in range(params["max_iter"]):
         tangent.zero_()
-        for c, u in zip(coeffs, units):
-            dot = torch.clamp(_dot(mean, u), -1.0, 1.0)
+        for c, u, dot in zip(coeffs, units, _dots(mean, units)):
+            dot = torch.clamp(dot, -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
