@@ -353,7 +353,7 @@ def gram(vectors: Sequence[Tensor], threads: int = 1, block: int = 1 << 16) -> T
     rows, width = flat[0].shape[0], min(last, block)
     step = max(1, block // width)  # rows per block
     blocks = [(r, c) for r in range(0, rows, step) for c in range(0, last, width)]
-    runs = [blocks[i::threads] for i in range(threads)] if threads > 1 else [blocks]
+    runs = [blocks[i::threads] for i in range(threads)]  # block j: run j % threads, item j // threads
 
     def products(run: list[tuple[int, int]]) -> list[Tensor]:
         buffer = torch.empty(min(step, rows), count, width, dtype=flat[0].dtype, device=flat[0].device)
