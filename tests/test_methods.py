@@ -105,6 +105,51 @@ def test_magnitude_threshold_radix_select_equals_sorting():
         assert int((x.abs() > kth).sum()) + ties == k
 
 
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of the tensors reachable from ``obj`` through attributes, dicts, lists and tuples."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return _tensor_bytes(vars(obj), seen)
+    return 0
+
+
+def test_magnitude_threshold_holds_histograms_when_a_bucket_holds_many_entries():
+    """A bf16 task vector takes few distinct values, so the bucket that holds the k-th magnitude can hold a
+    large part of a tensor: its entries' low bits become one histogram per tensor and expert, not a copy of
+    them (0.1B breadcrumbs at N = 8 held 0.4 GiB of them), and the counts of ties stay exact across chunks and
+    tensors."""
+    g = torch.Generator().manual_seed(1)
+    n, chunk = 1 << 21, 1 << 18
+    tensors = {name: (torch.randint(-3, 4, (n,), generator=g).float() * 2 ** -9) for name in ("a", "b")}
+    for k in (n // 3, n + n // 5):  # the threshold's bucket: a seventh of the entries of both tensors
+        analysis = MagnitudeThreshold(None, 1, k=k)
+        held = 0
+        for p in range(analysis.passes):
+            for name, x in tensors.items():
+                for start in range(0, n, chunk):
+                    analysis.observe(p, name, None, [x[start:start + chunk]])
+            held = max(held, _tensor_bytes(analysis))
+            analysis.end_pass(p)
+        assert held < 4 * (1 << 16) * 8, held  # histograms only: raw low bits would be 2**21 / 7 x 4 B per tensor
+        whole = torch.cat(list(tensors.values())).abs()
+        kth = whole.sort(descending=True).values[k - 1]
+        (threshold, ties_a), = analysis.result_for("a")
+        (_, ties_b), = analysis.result_for("b")
+        assert threshold == float(kth)
+        assert int((whole > kth).sum()) + ties_a + ties_b == k
+        equal_a = int((tensors["a"].abs() == kth).sum())
+        assert ties_a == min(equal_a, k - int((whole > kth).sum()))  # the earliest tensor by name first
+
+
 def test_random_keep_mask_is_chunk_invariant():
     from mergebench.core.merge_ops import random_keep_mask
 

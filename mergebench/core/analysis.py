@@ -38,6 +38,34 @@ _HI_BINS = 1 << 15  # |x| as float32 bits has a zero sign bit: the high half is 
 _LO_BINS = 1 << 16
 
 
+class _BucketLows:
+    """The low 16 bits of one tensor's entries in an expert's selected bucket, for counting those equal to the
+    threshold once it is known: the values themselves while they are fewer than a histogram's bins, then the
+    histogram (a bf16 model's task vectors take few distinct values, so a bucket may hold a tenth of a tensor)."""
+
+    def __init__(self) -> None:
+        self.values: list[Tensor] = []
+        self.size = 0
+        self.hist: Tensor | None = None
+
+    def add(self, low: Tensor, hist: Tensor) -> None:
+        """``low``: the chunk's low bits in the bucket; ``hist``: their histogram (on the CPU)."""
+        if self.hist is not None:
+            self.hist += hist
+            return
+        self.values.append(low)
+        self.size += low.numel()
+        if self.size > _LO_BINS:
+            self.hist = torch.bincount(torch.cat(self.values), minlength=_LO_BINS).cpu()
+            self.values.clear()
+
+    def count(self, low: int) -> int:
+        """Entries whose low bits are ``low``."""
+        if self.hist is not None:
+            return int(self.hist[low])
+        return sum(int((v == low).sum()) for v in self.values)
+
+
 class MagnitudeThreshold:
     """Exact top-k magnitude threshold of each expert's task vector over the tensors it observes.
 
@@ -69,13 +97,13 @@ class MagnitudeThreshold:
         self.need_in_bucket: list[int] = []
         self.low_wanted: list[int] = []
         self.threshold: list[float] = []
-        self.bucket_lows: dict[str, list[list[Tensor]]] = {}  # name -> per expert: low bits seen in the bucket
+        self.bucket_lows: dict[str, list[_BucketLows]] = {}  # name -> per expert: low bits seen in the bucket
         self.ties: dict[str, list[int]] = {}
 
     def observe(self, pass_index: int, name: str, base: Tensor | None, experts: Sequence[Tensor]) -> None:
         if pass_index == 0:
             self.total += experts[0].numel()
-        lows = self.bucket_lows.setdefault(name, [[] for _ in range(self.n)]) if pass_index == 1 else None
+        lows = self.bucket_lows.setdefault(name, [_BucketLows() for _ in range(self.n)]) if pass_index == 1 else None
         for t, expert in enumerate(experts):
             magnitude = expert.abs() if base is None else (expert - base).abs_()
             bits = magnitude.reshape(-1).view(torch.int32)
@@ -84,8 +112,9 @@ class MagnitudeThreshold:
             elif self.bucket[t] >= 0:
                 low = bits[(bits >> 16) == self.bucket[t]] & 0xFFFF
                 if low.numel():
-                    self.lo[t] = self.lo[t] + torch.bincount(low, minlength=_LO_BINS).cpu()
-                    lows[t].append(low)
+                    hist = torch.bincount(low, minlength=_LO_BINS).cpu()
+                    self.lo[t] = self.lo[t] + hist
+                    lows[t].add(low, hist)
 
     @staticmethod
     def _select(hist: Tensor, k: int) -> tuple[int, int]:
@@ -127,8 +156,8 @@ class MagnitudeThreshold:
             remaining.append(ties)
         for name in sorted(self.bucket_lows):  # ties go to the earliest tensors by name: order-independent
             per_expert = []
-            for t, chunks in enumerate(self.bucket_lows[name]):
-                equal = sum(int((c == self.low_wanted[t]).sum()) for c in chunks)
+            for t, lows in enumerate(self.bucket_lows[name]):
+                equal = lows.count(self.low_wanted[t])
                 take = min(equal, remaining[t])
                 remaining[t] -= take
                 per_expert.append(take)
