@@ -55,6 +55,7 @@ class Case:
     weights: tuple[float, ...] | None = None
     expert_params: tuple[dict[str, Any], ...] | None = None
     mk_base: str | None = "same"
+    mk_dtype: str = "float32"  # mergekit's ``dtype``: the one it computes in
 
     def mergekit_config(self, paths: dict[str, Path]) -> dict[str, Any]:
         models = []
@@ -68,7 +69,7 @@ class Case:
                   for k in keys}
         mk_base = self.base if self.mk_base == "same" else self.mk_base
         return {"merge_method": self.method, **({"base_model": str(paths[mk_base])} if mk_base else {}),
-                "models": models, **({"parameters": params} if params else {}), "dtype": "float32"}
+                "models": models, **({"parameters": params} if params else {}), "dtype": self.mk_dtype}
 
     def selects(self, variant: int, name: str) -> bool:
         """Whether mergekit applied ``variants[variant]`` to tensor ``name`` (its first matching filter)."""
@@ -102,7 +103,10 @@ CASES = {
         ("mlp", {"normalize_weights": False}), (None, {"normalize_weights": True})), weights=(1.0, 2.0, 3.0)),
     # equal weights on base and mix: layer 3's directions cancel exactly, so the linear fallback gives 0
     "multislerp_pair": Case("multislerp", ("base", "mix"), ((None, {}),), weights=(1.0, 1.0)),
-    "karcher": Case("karcher", ("e0", "e1", "mix"), (("mlp", {"max_iter": 1}), (None, {"max_iter": 10}))),
+    # against mergekit's iteration computed in float64: ours runs it exactly on the float32 inputs (their Gram matrix
+    # in float64), mergekit's float32 run is 1.3e-6 of the output's scale off it where an expert is antipodal
+    "karcher": Case("karcher", ("e0", "e1", "mix"), (("mlp", {"max_iter": 1}), (None, {"max_iter": 10})),
+                    mk_dtype="float64"),
 }
 RUNS = [(case, i) for case, c in CASES.items() for i in range(len(c.variants))]
 
@@ -295,6 +299,50 @@ def test_multislerp_by_hand(pm):
     torch.testing.assert_close(call(pm, "multislerp", None, [e1, -e1]), T([0.0, 0.0]))
     with pytest.raises(ParameterError, match="directions is zero"):
         call(pm, "multislerp", None, [e1, -e1, e1, -e1])
+
+
+def karcher64(tensors, alphas, max_iter, tol):
+    """mergekit 0.1.5's ``karcher_merge_tensors`` (merge_methods/karcher.py), its operations in float64."""
+    xs = [t.double().reshape(-1) for t in tensors]
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    units = [x / n if n.item() > 0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    a = [alphas[i] / sum(alphas[j] for j in valid) for i in valid]
+    us = [units[i] for i in valid]
+    mean = sum(w * u for w, u in zip(a, us))
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = us[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(a, us):
+            dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if unit_norm.item() > tol:
+            mean = mean / unit_norm
+    return (sum(w * n for w, n in zip(alphas, norms)) * mean).reshape(tensors[0].shape)
+
+
+@pytest.mark.parametrize("spread", [0.1, 0.03, 0.01])
+@pytest.mark.parametrize("max_iter", [1, 10])
+def test_karcher_is_mergekits_iteration_computed_exactly(pm, spread, max_iter):
+    """Two experts near v and one near -v: the mean's coefficients on the experts reach ~10x the output's size with
+    both signs, so float32 products or sums would be ~1e-6 off; ours is the float32 rounding of the float64 run."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, 64, generator=g)
+    xs = [v + spread * torch.randn(64, 64, generator=g), v + spread * torch.randn(64, 64, generator=g),
+          -v + spread * torch.randn(64, 64, generator=g)]
+    want = karcher64(xs, [0.5, 0.25, 0.25], max_iter, 1e-5)
+    got = call(pm, "karcher", None, xs, [2.0, 1.0, 1.0], max_iter=max_iter)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1.2e-7 * want.abs().max().item())
 
 
 def test_karcher_by_hand(pm):

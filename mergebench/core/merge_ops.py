@@ -337,7 +337,7 @@ def ordered_sum(x: torch.Tensor, block: int = 1 << 12) -> torch.Tensor:
     return x.sum(-1)
 
 
-def gram(vectors: Sequence[Tensor], threads: int = 1, block: int = 1 << 16) -> Tensor:
+def gram(vectors: Sequence[Tensor], threads: int = 1, block: int = 1 << 16, dtype: torch.dtype | None = None) -> Tensor:
     """Every pair's inner product over the last dimension, in float64: ``G[..., a, b] = <v_a, v_b>``.
 
     Each vector (as rows of its last dimension) is cut into blocks of about ``block`` entries, whole rows or pieces
@@ -345,7 +345,8 @@ def gram(vectors: Sequence[Tensor], threads: int = 1, block: int = 1 << 16) -> T
     the vectors' dtype, and the blocks' products are added in order in float64. Reading each vector once, not once
     per pair, is what makes it fast (model_stock's 28 dot products of 8 task vectors of 1.57M entries: 47 -> 12 ms);
     the fixed blocks, each on one thread, give the same bits on any thread count. With ``threads`` > 1 (inside
-    :func:`one_thread`), the blocks are dealt out in turn to that many threads (:func:`ordered_map`)."""
+    :func:`one_thread`), the blocks are dealt out in turn to that many threads (:func:`ordered_map`). ``dtype``: the
+    products' (default: the vectors'); float64 makes float32 vectors' products exact and their block sums float64's."""
     count, last = len(vectors), vectors[0].shape[-1] if vectors[0].dim() else 1
     if vectors[0].numel() == 0:
         return torch.zeros(*vectors[0].shape[:-1], count, count, dtype=torch.float64, device=vectors[0].device)
@@ -356,7 +357,7 @@ def gram(vectors: Sequence[Tensor], threads: int = 1, block: int = 1 << 16) -> T
     runs = [blocks[i::threads] for i in range(threads)]  # block j: run j % threads, item j // threads
 
     def products(run: list[tuple[int, int]]) -> list[Tensor]:
-        buffer = torch.empty(min(step, rows), count, width, dtype=flat[0].dtype, device=flat[0].device)
+        buffer = torch.empty(min(step, rows), count, width, dtype=dtype or flat[0].dtype, device=flat[0].device)
         out = []
         for r, c in run:
             k, w = min(step, rows - r), min(width, last - c)

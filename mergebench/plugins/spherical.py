@@ -2,8 +2,8 @@
 
 None is elementwise: each needs norms or dot products over a whole tensor (or over its rows). Their
 elementwise temporaries go by blocks of ``merge_ops.BLOCK`` entries (the same bits as whole ones), so a merge holds
-its inputs and at most two whole working tensors (karcher's mean and tangent; the product inside cos for
-slerp and nuslerp; multislerp's sum).
+its inputs and at most one whole working tensor (the product inside cos for slerp and nuslerp; multislerp's sum;
+karcher writes its output over its first expert).
 
 slerp (base theta_0 and one expert theta_1; t one value per tensor, outside [0, 1] it extrapolates):
     cos   = <theta_0, theta_1> / (|theta_0| |theta_1|)    over the whole tensor; a norm <= 1e-8 counts as 1
@@ -55,9 +55,15 @@ the unit sphere, scaled by the weighted mean norm:
                            m <- normalise(cos|g| m + sin|g| g / |g|)
     theta = (sum_i alpha_i n_i) * m
   mergekit has no per-model weight for karcher and uses alpha_i = 1/N: equal expert weights (the
-  default) reproduce it exactly; other weights give the weighted Karcher mean (weights must be > 0).
-  One expert gives that expert's tensor. Iterations follow mergekit's operations one for one, so the
-  stopping test sees the same numbers. (mergekit's reference for the method is arXiv:2603.04972.)
+  default) reproduce it; other weights give the weighted Karcher mean (weights must be > 0).
+  One expert gives that expert's tensor. The mean and every step lie in the span of the u_i, so we run
+  mergekit's iteration, step for step, on the coefficients of m in that basis: dots are G c and norms
+  sqrt(c^T G c) for the float64 Gram matrix G of the units (one pass over the experts, products in float64),
+  and one weighted sum in float64 makes the output. That is mergekit's iteration computed exactly (its
+  ``dtype: float64`` run, to float32 rounding of the output); mergekit's float32 run differs from it by its
+  own rounding, 1.3e-6 of the output's scale where an expert is nearly antipodal (coefficients of both signs,
+  ~10x the output), and its float32 stopping test may stop an iteration earlier or later where |g| is
+  within rounding of tol. (mergekit's reference for the method is arXiv:2603.04972.)
 
 Each method computes in the float32 tensors the engine gives it; mergekit, with ``dtype: float32``, does
 the same, so results agree to float32 rounding.
@@ -65,11 +71,13 @@ the same, so results agree to float32 rounding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergebench.core.errors import ParameterError
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import BLOCK, one_thread, ordered_map, spans, task_vectors_
+from mergebench.core.merge_ops import BLOCK, gram, one_thread, spans, task_vectors_
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import ONE_EXPERT_HINT, expert_count
 
@@ -206,63 +214,76 @@ def _check_multislerp(params, weights):
 
 # ---- karcher ------------------------------------------------------------------------------------
 
-def _dots(mean: Tensor, units: list[Tensor]) -> list[Tensor]:
-    """torch.dot(mean, u) for each u, each on one thread: its sum is split across threads, and the arccos of a dot
-    near 1 magnifies the rounding. So the result is the same on any core count, and mergekit's (whose dots of small
-    tensors run on one). Where the engine gives more threads (a tensor of the largest size), several at once."""
-    with one_thread(mean.device) as threads:
-        return list(ordered_map(lambda u: torch.dot(mean, u), units, threads))
-
-
 def karcher(base, experts, params, ctx):
-    """(sum_i alpha_i |theta_i|) * the alpha-weighted Karcher mean of the directions theta_i / |theta_i|"""
+    """(sum_i alpha_i |theta_i|) * the alpha-weighted Karcher mean of the directions theta_i / |theta_i|.
+
+    The mean and every step stay in the span of the units, so the iteration runs on their coefficients over the
+    float64 Gram matrix of the experts (N x N, one pass over them), and one weighted sum makes the output."""
     if len(experts) == 1:
         return experts[0]
     tol = params["tol"]
     total = sum(ctx.weights)
     alphas = [w / total for w in ctx.weights]
     flat = [x.view(-1) for x in experts]
-    norms = [norm(x) for x in flat]
-    scale = sum(a * n for a, n in zip(alphas, norms))
-    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    with one_thread(flat[0].device) as threads:
+        # <theta_i, theta_j> in float64 throughout (float32 products' rounding, times the ~10x cancellation of nearly
+        # opposite experts, reached 2e-6 of the output), the same bits on any thread count
+        products = gram(flat, threads, dtype=torch.float64).cpu()
+    norms = products.diagonal().sqrt()
+    scale = sum(a * float(n) for a, n in zip(alphas, norms))
+    valid = [i for i, n in enumerate(norms.tolist()) if n > tol]
     if not valid:
         return experts[0].zero_()
-    units = [flat[i].div_(norms[i]) for i in valid]
-    valid_sum = sum(alphas[i] for i in valid)
-    coeffs = [alphas[i] / valid_sum for i in valid]
-    # mean and tangent are whole; every other temporary is one block of ``step`` at a time (elementwise,
-    # so the same bits as whole-tensor temporaries, with mergekit's order of operations)
-    mean = torch.zeros_like(units[0])
-    step = torch.empty(min(BLOCK, mean.numel()), dtype=mean.dtype, device=mean.device)
-    for c, u in zip(coeffs, units):
-        for start, stop in spans(mean.numel(), BLOCK):
-            mean[start:stop].add_(torch.mul(u[start:stop], c, out=step[:stop - start]))
-    mean_norm = norm(mean)
-    mean = units[0].clone() if mean_norm.item() < tol else mean.div_(mean_norm)
-    tangent = torch.empty_like(mean)
-    for _ in range(params["max_iter"]):
-        tangent.zero_()
-        for c, u, dot in zip(coeffs, units, _dots(mean, units)):
-            dot = torch.clamp(dot, -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if theta.item() < tol:
+    n = norms[valid]
+    units = products[valid][:, valid] / torch.outer(n, n)  # <u_i, u_j>
+    coeffs = torch.tensor([alphas[i] for i in valid], dtype=torch.float64)
+    coeffs /= coeffs.sum()
+    mean = karcher_coefficients(units, coeffs, params["max_iter"], tol)
+    weights = (mean * scale / n).tolist()  # theta = scale * sum_i mean_i u_i = sum_i (scale mean_i / n_i) theta_i
+    # summed in float64: nearly opposite experts get coefficients of both signs, ~10x the output's size
+    out = flat[valid[0]]
+    acc = torch.empty(min(BLOCK, out.numel()), dtype=torch.float64, device=out.device)
+    for start, stop in spans(out.numel(), BLOCK):
+        block = acc[:stop - start]
+        block.copy_(out[start:stop]).mul_(weights[0])
+        for i, w in zip(valid[1:], weights[1:]):
+            block.add_(flat[i][start:stop], alpha=w)
+        out[start:stop] = block
+    return out.view(experts[0].shape)
+
+
+def karcher_coefficients(units: Tensor, coeffs: Tensor, max_iter: int, tol: float) -> Tensor:
+    """The Karcher mean of unit vectors u_i as coefficients m = sum_i c_i u_i, from their Gram matrix ``units``
+    (float64): mergekit's iteration (module docstring) with every vector written in that basis, so dots are G c and
+    norms sqrt(c^T G c)."""
+    def length(c: Tensor) -> float:
+        return max(float(c @ units @ c), 0.0) ** 0.5
+
+    mean = coeffs.clone()
+    mean_norm = length(mean)
+    if mean_norm < tol:
+        mean = torch.zeros_like(coeffs)
+        mean[0] = 1.0
+    else:
+        mean /= mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for i, dot in enumerate((units @ mean).clamp(-1.0, 1.0).tolist()):
+            theta = math.acos(dot)
+            if theta < tol:
                 continue
             # c (a / sin a) (u - cos a m): the log map of u at m
-            factor = c * (theta / torch.sin(theta))
-            for start, stop in spans(mean.numel(), BLOCK):
-                part = step[:stop - start]
-                torch.mul(dot, mean[start:stop], out=part)
-                torch.sub(u[start:stop], part, out=part)
-                tangent[start:stop].add_(part.mul_(factor))
-        tangent_norm = norm(tangent)
-        if tangent_norm.item() < tol:
+            step = -dot * mean
+            step[i] += 1.0
+            tangent += coeffs[i] * (theta / math.sin(theta)) * step
+        tangent_norm = length(tangent)
+        if tangent_norm < tol:
             break
-        # cos|g| m + sin|g| g / |g|: two products, then their sum, in place
-        mean.mul_(torch.cos(tangent_norm)).add_(tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm)))
-        unit_norm = norm(mean)
-        if unit_norm.item() > tol:
-            mean.div_(unit_norm)
-    return mean.mul_(scale).view(experts[0].shape)
+        mean = math.cos(tangent_norm) * mean + (math.sin(tangent_norm) / tangent_norm) * tangent
+        unit_norm = length(mean)
+        if unit_norm > tol:
+            mean /= unit_norm
+    return mean
 
 
 def _check_karcher(params, weights):
