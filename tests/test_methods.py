@@ -150,6 +150,25 @@ def test_magnitude_threshold_holds_histograms_when_a_bucket_holds_many_entries()
         assert ties_a == min(equal_a, k - int((whole > kth).sum()))  # the earliest tensor by name first
 
 
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6), data=st.data())
+def test_a_drawn_mask_gives_any_span_of_its_chunks(sizes, data):
+    """The pre-pass's per-chunk masks read back by span: a drawn chunk itself where the span is one, else the
+    flags of the joined chunks."""
+    from mergebench.core.analysis import DrawnMask
+
+    g = torch.Generator().manual_seed(len(sizes))
+    chunks = [torch.rand(n, generator=g) < 0.5 for n in sizes]
+    whole = torch.cat(chunks)
+    mask = DrawnMask(chunks)
+    offset = data.draw(st.integers(0, whole.numel() - 1))
+    n = data.draw(st.integers(1, whole.numel() - offset))
+    assert torch.equal(mask.span(offset, n), whole[offset:offset + n])
+    start = sum(sizes[:2]) if len(sizes) > 2 else 0
+    one = sizes[2] if len(sizes) > 2 else sizes[0]
+    assert mask.span(start, one) is chunks[2 if len(sizes) > 2 else 0]  # no copy
+
+
 def test_random_keep_mask_is_chunk_invariant():
     from mergebench.core.merge_ops import random_keep_mask
 

@@ -319,7 +319,7 @@ class TaskVectorMethod:
             for t, (tau, d) in enumerate(zip(taus, ctx.expert_values("density", params))):
                 self._check_density(params, d, t)
                 if drawn is not None and drawn[t] is not None:
-                    mul_mask_(tau, drawn[t][ctx.offset:ctx.offset + tau.numel()].view(tau.shape).to(tau.device))
+                    mul_mask_(tau, drawn[t].span(ctx.offset, tau.numel()).view(tau.shape).to(tau.device))
                 elif record is not None and d < 1.0:  # the L1 pre-pass: its sums read the mask, not tau
                     record[t].append(random_keep_mask(tau.numel(), d, ctx.generator_for(t)))
                 else:
