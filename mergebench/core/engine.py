@@ -35,7 +35,7 @@ from mergebench.core.context import TensorContext, content_key
 from mergebench.core.errors import InputError, MergebenchError, OutputError, ParameterError
 from mergebench.core.hashing import combined_sha256, sha256_file
 from mergebench.core.memory import return_free_heap
-from mergebench.core.merge_ops import set_torch_threads
+from mergebench.core.merge_ops import ordered_map, set_torch_threads
 from mergebench.core.plugin_manager import PluginManager, get_plugin_manager
 from mergebench.core.recipe import ModelInput, Recipe
 from mergebench.core.registry import MergeFn, MergeMethod
@@ -534,7 +534,9 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
         return None
     fn = fn or method.merge
     out_dtype = _out_dtype(plan, info)
-    streams = tuple(content_key(r) for r in _split(plan, raws)[1]) if method.stochastic else None
+    # each expert's bytes hashed (sha256 runs without the GIL): on every core this job was given
+    streams = tuple(ordered_map(content_key, _split(plan, raws)[1], torch.get_num_threads())) if method.stochastic \
+        else None
     ctx = TensorContext(name=job.name, weights=tp.weights, seed=seed, streams=streams, expert_params=tp.expert_params,
                         analysis=analysis.result_for(job.name) if analysis is not None else None)
     if plan.statistics is not None:  # each expert's statistic for its own input tensor
