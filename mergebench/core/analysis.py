@@ -42,8 +42,9 @@ _LO_BINS = 1 << 16
 
 class _BucketLows:
     """The low 16 bits of one tensor's entries in an expert's selected bucket, for counting those equal to the
-    threshold once it is known: the values themselves while they are fewer than a histogram's bins, then the
-    histogram (a bf16 model's task vectors take few distinct values, so a bucket may hold a tenth of a tensor)."""
+    threshold once it is known: the values themselves (int32) while they take less memory than a histogram of
+    int64 bins, then the histogram (a bf16 model's task vectors take few distinct values, so a bucket may hold a
+    tenth of a tensor)."""
 
     def __init__(self) -> None:
         self.values: list[Tensor] = []
@@ -57,7 +58,7 @@ class _BucketLows:
             return
         self.values.append(low)
         self.size += low.numel()
-        if self.size > _LO_BINS:
+        if self.size > 2 * _LO_BINS:
             self.hist = torch.bincount(torch.cat(self.values), minlength=_LO_BINS).cpu()
             self.values.clear()
 
@@ -203,10 +204,10 @@ class DrawnMask:
 
     def span(self, offset: int, n: int) -> Tensor:
         """The flags of entries offset .. offset + n."""
-        i = bisect_right(self.starts, offset) - 1
+        i = min(bisect_right(self.starts, offset), len(self.chunks)) - 1  # (an empty tensor: its one empty chunk)
         if self.starts[i] == offset and self.chunks[i].numel() == n:
             return self.chunks[i]
-        joined = torch.cat(self.chunks[i:bisect_left(self.starts, offset + n)])
+        joined = torch.cat(self.chunks[i:max(bisect_left(self.starts, offset + n), i + 1)])
         return joined[offset - self.starts[i]:offset - self.starts[i] + n]
 
 
