@@ -345,6 +345,23 @@ def test_karcher_is_mergekits_iteration_computed_exactly(pm, spread, max_iter):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1.2e-7 * want.abs().max().item())
 
 
+def test_karcher_edge_cases_are_mergekits(pm):
+    """A zero expert first (the output goes over the first expert that takes part) and directions that cancel (the
+    mean starts from the first unit that takes part), against mergekit's iteration in float64."""
+    g = torch.Generator().manual_seed(3)
+    v, w = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    cases = {"zero first": ([torch.zeros(40), v, w, v + 0.1 * w], [1.0, 2.0, 2.0, 0.5]),
+             "a pair cancels": ([torch.zeros(40), v, -v, 2 * w], [1.0, 2.0, 2.0, 0.5]),
+             "all cancel": ([torch.zeros(40), v, -v], [1.0, 2.0, 2.0])}  # the mean starts from v's direction
+    for what, (xs, unequal) in cases.items():
+        for weights in ([1.0] * len(xs), unequal):
+            alphas = [x / sum(weights) for x in weights]
+            want = karcher64(xs, alphas, 10, 1e-5)
+            got = call(pm, "karcher", None, xs, weights, max_iter=10)
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1.2e-7 * want.abs().max().item(),
+                                       msg=lambda m, what=what: f"{what}: {m}")
+
+
 def test_karcher_by_hand(pm):
     e1, e2, e3 = T([1.0, 0.0, 0.0]), T([0.0, 1.0, 0.0]), T([0.0, 0.0, 1.0])
     # symmetric: the mean direction of three orthogonal unit vectors, scaled by their mean norm

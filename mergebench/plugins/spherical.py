@@ -3,7 +3,7 @@
 None is elementwise: each needs norms or dot products over a whole tensor (or over its rows). Their
 elementwise temporaries go by blocks of ``merge_ops.BLOCK`` entries (the same bits as whole ones), so a merge holds
 its inputs and at most one whole working tensor (the product inside cos for slerp and nuslerp; multislerp's sum;
-karcher writes its output over its first expert).
+karcher writes its output over its first expert of non-zero norm).
 
 slerp (base theta_0 and one expert theta_1; t one value per tensor, outside [0, 1] it extrapolates):
     cos   = <theta_0, theta_1> / (|theta_0| |theta_1|)    over the whole tensor; a norm <= 1e-8 counts as 1
@@ -66,7 +66,8 @@ the unit sphere, scaled by the weighted mean norm:
   within rounding of tol. (mergekit's reference for the method is arXiv:2603.04972.)
 
 Each method computes in the float32 tensors the engine gives it; mergekit, with ``dtype: float32``, does
-the same, so results agree to float32 rounding.
+the same, so results agree to float32 rounding. karcher is the exception: its iteration runs in float64 (above),
+and it agrees to float32 rounding with mergekit's ``dtype: float64`` run.
 """
 
 from __future__ import annotations
