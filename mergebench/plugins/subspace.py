@@ -155,10 +155,12 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor 
 
 
 GRAM_BLOCK = 96  # columns per block of gram()
-# rows per block of a tall matrix's float64 work: a float64 copy of one block, never of the tensor. 1024, not 4096:
-# on a largest tensor each of the engine's threads holds its blocks (0.1B, N = 8: TSV-M 1.34-1.37 -> 1.17 of the
-# memory bound, Iso-CTS 1.41-1.60 -> 1.30; times unchanged; Iso-CTS's embedding moved by 4e-9, a float32 rounding)
-ROWS = 1024
+# rows per block of a tall matrix's float64 work: a float64 copy of one block, never of the tensor. On a largest
+# tensor each of the engine's threads holds its blocks, and the allocator keeps what they free: 4096 -> 1024 (session
+# 11; 0.1B, N = 8: TSV-M 1.34-1.37 -> 1.17 of the memory bound, Iso-CTS 1.41-1.60 -> 1.30; Iso-CTS's embedding moved by
+# 4e-9, a float32 rounding) -> 256 (session 14: anon peak MiB, Iso-C 1155 / 1167 -> 1058, TSV-M 1154 / 1141 -> 1097,
+# Iso-CTS 1387 -> 1297; TSV-M in-process 34.5 / 32.8 s -> 33.7 / 36.2 s, its 0.1B output bit-identical)
+ROWS = 256
 
 
 class Summed:
