@@ -379,7 +379,7 @@ def _finite(x: torch.Tensor) -> bool:
     slower on a whole tensor (a float16 sum overflows sooner, and then costs the aminmax too)."""
     if x.numel() == 0 or not x.is_floating_point():
         return True
-    if bool(torch.isfinite(x.sum())):
+    if math.isfinite(x.sum().item()):  # one torch call fewer than isfinite(...) and bool(...)
         return True
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
@@ -413,37 +413,42 @@ def _split(plan: _Plan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | Non
 
 
 class _Chunks:
-    """Reads one tensor of every input as float32 chunks into reused buffers, checking each for NaN/Inf.
+    """Reads one tensor of every input as float32 chunks into the rows of a reused buffer, checking each chunk for
+    NaN/Inf.
 
     The inputs' mapped pages leave the process as they are read (a pass that reads them again faults them back
-    in from the page cache): one tensor's inputs are never resident whole, whatever its size."""
+    in from the page cache): one tensor's inputs are never resident whole, whatever its size. Every chunk costs a
+    handful of torch calls whatever the number of inputs (one check over all of them, views made once per
+    tensor): each call takes the GIL twice, which the engine's workers otherwise queue for."""
 
-    def __init__(self, plan: _Plan, buffers: list[torch.Tensor], job: TensorJob, check: bool = True):
+    def __init__(self, plan: _Plan, buffers: torch.Tensor, job: TensorJob, check: bool = True):
         raws, self.roles = _inputs(plan, job)
         self.check = check
         self.flat = [r.reshape(-1) for r in raws]
-        self.buffers, self.job, self.plan = buffers, job, plan
+        self.block = buffers[:len(raws)]
+        self.job, self.plan = job, plan
         self.numel = self.flat[0].numel()
 
     def __iter__(self):
         step = _chunk_size(self.plan.device)
+        pieces = [f.split(step) for f in self.flat]
         released = [0] * len(self.flat)  # bytes of each input whose pages this reader has let go of
-        for offset in range(0, self.numel, step):
+        for k, offset in enumerate(range(0, self.numel, step)):
             n = min(step, self.numel - offset)
-            chunk = []
-            for i, (raw, buf, role) in enumerate(zip(self.flat, self.buffers, self.roles)):
-                x = buf[:n]
-                x.copy_(raw[offset:offset + n])
-                read = (offset + n) * raw.element_size()
+            block = self.block if n == step else self.block[:, :n]
+            chunk = block.unbind(0)  # fresh views: a method may empty its inputs (merge_ops.release_)
+            for i, (x, piece) in enumerate(zip(chunk, pieces)):
+                x.copy_(piece[k])
+                read = (offset + n) * self.flat[i].element_size()
                 if read - released[i] >= RELEASE_BYTES or offset + n == self.numel:
                     # the pages read so far leave this process's RSS, so a tensor's inputs are never resident whole
                     source, name = self.job.inputs[i]
                     self.plan.sources[source].release(name, released[i], read)
                     released[i] = read
-                if self.check:
+            if self.check and not _finite(block):
+                for x, role in zip(chunk, self.roles):  # the first input that holds one, named
                     _finite_or_fail(x, role, self.job.name)
-                chunk.append(x)
-            yield offset, n, _split(self.plan, chunk)
+            yield offset, n, _split(self.plan, list(chunk))
 
 
 def _identical(raws: list[torch.Tensor]) -> bool:
@@ -457,12 +462,12 @@ def _identical(raws: list[torch.Tensor]) -> bool:
     return all(torch.equal(r, first) for r in others)
 
 
-def _chunk_buffers(plan: _Plan) -> list[torch.Tensor]:
-    """One float32 chunk buffer per input, on the merge device."""
-    return [torch.empty(_chunk_size(plan.device), dtype=torch.float32, device=plan.device) for _ in plan.sources]
+def _chunk_buffers(plan: _Plan) -> torch.Tensor:
+    """A float32 chunk buffer per input, as the rows of one tensor on the merge device."""
+    return torch.empty(len(plan.sources), _chunk_size(plan.device), dtype=torch.float32, device=plan.device)
 
 
-def _observe(analysis, plan: _Plan, buffers: list[torch.Tensor], jobs: list[TensorJob],
+def _observe(analysis, plan: _Plan, buffers: torch.Tensor, jobs: list[TensorJob],
              progress: ProgressCallback | None = None) -> None:
     """Stream ``jobs``' inputs through every pass of ``analysis``; the first pass also checks for NaN/Inf."""
     total = sum(plan.info(j).nbytes for j in jobs)
@@ -511,7 +516,7 @@ def _check_finite_output(plan: _Plan, out: torch.Tensor, name: str) -> None:
         raise MergebenchError(f"merge method '{plan.method.name}' produced NaN or Inf in tensor '{name}'{hint}")
 
 
-def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list[torch.Tensor],
+def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: torch.Tensor,
                  fn: MergeFn | None = None) -> torch.Tensor | None:
     """The one per-tensor merge path, for the streaming engine and in-memory sweeps alike.
 
@@ -575,7 +580,7 @@ def merge_tensor(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list
     return out.view(info.shape)
 
 
-def _merge_one(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+def _merge_one(plan: _Plan, job: TensorJob, analysis, seed: int, buffers: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The output tensor for ``job`` and whether it went through the method's maths."""
     merged = merge_tensor(plan, job, analysis, seed, buffers)
     if merged is not None:
