@@ -1003,3 +1003,28 @@ def test_a_frankenmerge_across_vocabularies_aligns_each_edge_tensor_by_token(tmp
     out = load_dir(tmp_path / "out")
     assert torch.equal(out["model.embed_tokens.weight"], torch.cat([rows["e0"], torch.zeros(1, 2)]))
     assert torch.equal(out["lm_head.weight"], rows["e1"] + 50)
+
+
+def test_an_elementwise_method_may_empty_its_chunk_inputs(toy_models, tmp_path, pm, monkeypatch):
+    """MergeFn's ownership lets a method free its scratch inputs (merge_ops.release_): the engine's reused chunk
+    buffer must hand every chunk fresh views, or the next chunk would be read into emptied tensors."""
+    from conftest import load_dir
+
+    from mergebench.core.merge_ops import release_
+
+    monkeypatch.setattr(engine, "CHUNK", 8)  # several chunks per tensor
+
+    def mean_then_free(base, experts, params, ctx):
+        out = (experts[0] + experts[1]) / 2
+        for x in experts:
+            release_(x)
+        return out
+
+    pm.register(method_plugin(MergeMethod(name="freeing", description="", merge=mean_then_free, needs_base=False,
+                                          elementwise=True)))
+    mergebench.merge("freeing", experts=[toy_models["e0"], toy_models["e1"]], output=tmp_path / "out",
+                     plugin_manager=pm)
+    e0, e1, out = load_dir(toy_models["e0"]), load_dir(toy_models["e1"]), load_dir(tmp_path / "out")
+    for name in ("layer.0.weight", "layer.0.bias", "layer.1.weight"):
+        assert e0[name].numel() > 8, name
+        assert torch.equal(out[name], (e0[name] + e1[name]) / 2), name
