@@ -250,6 +250,18 @@ def test_magnitude_mask_carries_the_tie_allowance_across_chunks(monkeypatch):
     assert magnitude_mask(x, 5).tolist() == [True, True, True, True, True, False, False]
 
 
+@pytest.mark.parametrize("k", [0, 1, 4, 5, 7, 9])
+def test_magnitude_mask_written_over_its_input_is_the_boolean_mask(monkeypatch, k):
+    """``out=x``: the mask as 1.0 / 0.0 in x's own memory, each chunk read before it is written (chunks of 2, ties
+    carried across them), and the whole-tensor cases (k <= 0, k >= n) too."""
+    monkeypatch.setattr(merge_ops, "BLOCK", 2)
+    x = torch.tensor([[0.5, -5.0, 4.0], [0.5, -0.5, 0.5], [1.0, 0.5, -2.0]])
+    want = magnitude_mask(x, k).to(torch.float32)
+    got = magnitude_mask(x, k, out=x)
+    assert got.data_ptr() == x.data_ptr() and got.shape == (3, 3) and torch.equal(got, want)
+    assert int(got.sum()) == min(max(k, 0), 9)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_magnitude_mask_of_a_gpu_tensor_is_a_gpu_mask(monkeypatch):
     monkeypatch.setattr(merge_ops, "BLOCK", 3)  # by chunks, the tie allowance carried across them

@@ -110,23 +110,24 @@ def spans(numel: int, block: int) -> Iterator[tuple[int, int]]:
     return ((start, min(start + block, numel)) for start in range(0, numel, block))
 
 
-def magnitude_mask(x: Tensor, k: int) -> Tensor:
+def magnitude_mask(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     """Boolean mask of the ``k`` largest |x|; ties at the threshold are broken by flat index (first wins).
 
     Uses the same exact selection as TIES trimming (:class:`~mergebench.core.analysis.MagnitudeThreshold`).
+    With ``out`` (a floating tensor of x's shape, x itself allowed) the mask is written there as 1.0 / 0.0
+    instead: no boolean tensor of x's size beside x.
     """
     from mergebench.core.analysis import MagnitudeThreshold, run_analysis  # analysis imports this module
 
     n = x.numel()
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= n or k <= 0:
+        return torch.full_like(x, k > 0, dtype=torch.bool) if out is None else out.fill_(float(k > 0))
     # by chunks, as the engine streams a tensor: |x| and its bits are a chunk's temporaries, not the tensor's
     ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x], chunk=BLOCK)
-    flat, mask = x.reshape(-1), torch.empty(n, dtype=torch.bool, device=x.device)
+    flat = x.reshape(-1)
+    mask = torch.empty(n, dtype=torch.bool, device=x.device) if out is None else out.view(-1)
     for start, stop in spans(n, BLOCK):
-        mask[start:stop], used = threshold_mask(flat[start:stop], threshold, ties)
+        mask[start:stop], used = threshold_mask(flat[start:stop], threshold, ties)  # the chunk is read first
         ties -= used
     return mask.view(x.shape)
 

@@ -67,7 +67,7 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest entry (1-based) of a flat float32 tensor: ``torch.kthvalue``'s value. For non-negative
     entries by the exact radix select of TIES' trimming, over chunks (kthvalue copies the tensor and an int64
     index of it); kthvalue itself where an entry is negative or NaN (a rounding below 0 of a KL near 0)."""
-    if flat.numel() and bool((flat >= 0).all()):
+    if flat.numel() and bool(flat.min() >= 0):  # min is NaN where any entry is; no boolean tensor of flat's size
         analysis = MagnitudeThreshold(0.0, 1, k=flat.numel() - k + 1)  # the (n - k + 1)-th largest
         ((threshold, _),) = run_analysis(analysis, "scores", None, [flat], chunk=BLOCK)
         return torch.tensor(threshold, dtype=flat.dtype, device=flat.device)

@@ -76,8 +76,7 @@ def select_(taus: list[torch.Tensor], select_topk: float) -> None:
         return
     var = variance_across(taus)
     k = int(torch.count_nonzero(var) * select_topk)  # a float32 product truncated, exactly as mergekit
-    keep = magnitude_mask(var, k)
-    del var
+    keep = magnitude_mask(var, k, out=var)  # 1.0 / 0.0 in the variances' memory: no boolean copy beside it
     for tau in taus:
         mul_mask_(tau, keep)
 
