@@ -18,7 +18,7 @@ from mergebench.core import calibration, in_memory
 from mergebench.core.calibration import CalibrationData, CalibrationRequest, Gram
 from mergebench.core.context import TensorContext
 from mergebench.core.errors import InputError, ParameterError
-from mergebench.core.tensor_io import open_local
+from mergebench.core.tensor_io import open_local, read_safetensors_header
 from mergebench.plugins import fisher as fisher_module
 from mergebench.plugins import regmean as regmean_module
 
@@ -184,6 +184,13 @@ def test_gram_statistics_are_x_transpose_x_of_each_linear_layers_inputs(family, 
         assert not gram.transposed
         torch.testing.assert_close(gram.matrix.double(), x.T @ x, rtol=1e-4, atol=1e-4 * float((x.T @ x).abs().max()))
     assert stats.get("model.norm.weight") is None
+    # layers reading one input share its Gram, stored once: one of q/k/v and one of gate/up per layer
+    stored = set(read_safetensors_header(stats.path))
+    for i in (0, 1):
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            readers = {n for n in linear if n.startswith(f"model.layers.{i}.") and n.split(".")[-2] in group}
+            assert len(readers) == len(group) and len(readers & stored) == 1, (readers, stored)
+    assert {n for n in linear if n.endswith(("o_proj.weight", "down_proj.weight"))} <= stored
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 600])
@@ -436,6 +443,7 @@ def test_tied_embeddings_get_no_gram_and_one_fisher_under_both_names(family, tmp
     fishers = calibration.statistics(source, CalibrationRequest("fisher"), spec(family))
     head, embedding = fishers.get("lm_head.weight"), fishers.get("model.embed_tokens.weight")
     assert torch.equal(head.values, embedding.values)
+    assert len({"lm_head.weight", "model.embed_tokens.weight"} & set(read_safetensors_header(fishers.path))) == 1
     # the whole-model norm counts the tied parameter once
     once = sum(float(fishers.get(n).values.double().square().sum()) for n in fishers.names() if n != "lm_head.weight")
     assert head.model_norm == pytest.approx(once ** 0.5, rel=1e-9)

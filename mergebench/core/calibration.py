@@ -209,8 +209,10 @@ class Statistics:
         self.path = Path(path)
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
-            self._names = frozenset(f.keys())
+            stored = frozenset(f.keys())
         self.kind = meta.get("kind", "")
+        self._same_as: dict[str, str] = json.loads(meta.get("same_as", "{}"))  # a name -> the name it is stored under
+        self._names = stored | self._same_as.keys()
         self.tokens: dict[str, int] = json.loads(meta.get("tokens", "{}"))
         self.transposed = frozenset(json.loads(meta.get("transposed", "[]")))
         self.examples = int(meta.get("examples", "0"))
@@ -225,7 +227,7 @@ class Statistics:
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt", device="cpu") as f:  # one open per call: thread-safe
-            tensor = f.get_tensor(name)
+            tensor = f.get_tensor(self._same_as.get(name, name))
         if self.kind == "gram":
             return Gram(tensor, self.tokens.get(name, 0), name in self.transposed)
         return Fisher(tensor, self.model_norm)
@@ -304,6 +306,7 @@ def _build(entry: Path, spec: dict, source, request: CalibrationRequest, data: C
                     source.reference, len(tensors) - len(kept), request.kind, next(n for n in tensors if n not in kept))
     if request.kind == "fisher":
         meta["model_norm"] = _model_norm(kept, meta.pop("tied"))
+    kept, meta["same_as"] = _one_copy_each(kept)
     meta = {"kind": request.kind, **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}}
     tmp = entry.with_name(f".{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -316,6 +319,22 @@ def _build(entry: Path, spec: dict, source, request: CalibrationRequest, data: C
         os.rename(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _one_copy_each(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(each distinct tensor object under the first of its names, {every further name: that name}). Layers that read
+    one input (q/k/v, gate/up) share a Gram, a tied parameter its Fisher: stored once (at Llama's shapes the shared
+    Grams are 3 of 7 per layer), as safetensors keeps no shared storage."""
+    first: dict[int, str] = {}
+    stored: dict[str, torch.Tensor] = {}
+    same_as: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        if id(tensor) in first:
+            same_as[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+            stored[name] = tensor
+    return stored, same_as
 
 
 def _model_norm(tensors: dict[str, torch.Tensor], tied: list[list[str]]) -> float:
@@ -534,9 +553,9 @@ def _grams(model, examples, batch_size, pad, device, stage, progress):
     full = {name: _symmetrize_(acc) for name, acc in lower.items()}
     grams: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
-    for name in widths:  # safetensors stores no shared storage: a copy for each further reader of an input
+    for name in widths:  # every reader of an input gets its owner's tensor itself (saved once)
         mine = owner.get(name, name)  # a layer the data never reached keeps its zeros
-        grams[name] = full[mine] if mine == name else full[mine].clone()
+        grams[name] = full[mine]
         tokens[name] = rows[mine]
     return grams, {"tokens": tokens, "transposed": transposed}
 
@@ -566,8 +585,7 @@ def _fishers(model, examples, device, stage, progress):
     tensors = {}
     for p, total in zip(params, sums):
         fisher = total.div_(count).cpu()
-        for name in aliases[id(p)]:
-            # safetensors stores no shared storage: one copy per name of a tied parameter
-            tensors[name] = fisher.clone() if len(aliases[id(p)]) > 1 else fisher
+        for name in aliases[id(p)]:  # every name of a tied parameter (saved once)
+            tensors[name] = fisher
     tied = [names for names in aliases.values() if len(names) > 1]
     return tensors, {"examples": str(count), "tied": tied}
