@@ -43,7 +43,9 @@ artefact under ``MERGEBENCH_HOME/artifacts/calibration/KEY/``, KEY a hash of: th
 (combined sha256 of its weight, config and tokenizer files), the data file's sha256, the request, this
 module's source (the code version), the data parameters and the transformers version. A second call
 reads the artefact without loading the model. ``get`` reads one tensor at a time from it (``safe_open``),
-so a merge holds one layer's statistics per expert.
+so a merge holds one layer's statistics per expert. A statistic that several names share (the Gram of an input
+that q/k/v or gate/up all read, a tied parameter's Fisher) is stored once, the other names mapped to it in the
+artefact's metadata (``same_as``).
 
 Peak memory while collecting: the model in float32 on the device, plus one batch's activations and, for
 ``gram``, one in x in product at a time on the device and every linear layer's Gram on the CPU
