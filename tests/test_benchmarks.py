@@ -436,3 +436,23 @@ def test_eval_speed_benchmark_times_a_model_on_a_small_suite(tmp_path):
                for name, splits in files.items() if "test" in splits}
     assert len(counted) == 12 and sum(counted.values()) == 108
     assert sorted(set(counted.values())) == [6, 12, 24]
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 768, 2048])
+def test_gram_floor_counts_the_entries_the_gram_pass_computes(monkeypatch, n):
+    """benchmarks/gram_floor.py's count of a blocked Gram's entries is what ``_add_lower_gram_`` writes, and its
+    floor is (forward without the head + Gram products) / forward, counted by hand for a small shape."""
+    from mergebench.core import calibration
+
+    floor = _benchmark_module("gram_floor", monkeypatch)
+    acc = torch.zeros(n, n)
+    calibration._add_lower_gram_(acc, torch.ones(1, n))
+    assert floor.blocked(n) == int((acc != 0).sum())
+    # d = 4, f = 8, 2 layers, V = 10, kv 2, untied; blocks of 256: each Gram whole (n^2)
+    got = floor.floor(floor.Shape(4, 8, 2, 10, 2))
+    body = 2 * (2 * 16 + 2 * 8 + 3 * 32)
+    grams = 2 * (3 * 16 + 64) + 16
+    assert got["forward"] == body + 40 and got["gram_blocks"] == grams
+    assert got["gram_half"] == 2 * (3 * 10 + 36) + 10
+    assert got["floor_blocks"] == pytest.approx((body + grams) / (body + 40))
+    assert floor.floor(floor.Shape(4, 8, 2, 10, 2, tied=True))["gram_blocks"] == grams - 16
