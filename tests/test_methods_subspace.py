@@ -479,23 +479,33 @@ def test_polar_beside_orthonormal_columns_is_lapacks(rows, h, t, kind):
     torch.testing.assert_close(got, torch.from_numpy(ref_polar(x.numpy())), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [subspace.ROWS, 7])
 @pytest.mark.parametrize("rank", [None, 3])
-def test_projected_svd_is_the_svd_of_the_projection(rank, rows, monkeypatch):
-    """(I - Q Q^T) x from x^T x - (Q^T x)^T (Q^T x), against LAPACK on the projection formed explicitly."""
+def test_projected_svd_is_the_svd_of_the_projection(rank, rows, threads, monkeypatch):
+    """(I - Q Q^T) x from x^T x - (Q^T x)^T (Q^T x), against LAPACK on the projection formed explicitly; Q^T x from
+    ``projections`` (Q's rows formed when read, the xs split over threads) and the left vectors by rows."""
     monkeypatch.setattr(subspace, "ROWS", rows)
-    x = svd_input(33, (40, 12), rank)
-    q = torch.linalg.qr(svd_input(34, (40, 9), None))[0]
-    projected = x - q @ (q.T @ x)
-    svd = subspace.ProjectedSVD(x, q)
-    u, s, vt = (torch.from_numpy(a) for a in np.linalg.svd(projected.numpy(), full_matrices=False))
-    k = ref_rank(s.tolist(), x.shape, float(torch.linalg.norm(x)))
-    assert subspace.numerical_rank(svd.s, tuple(x.shape), float(torch.linalg.norm(x))) == k
-    torch.testing.assert_close(svd.s[:k], s[:k], rtol=1e-10, atol=0)
-    got_u, got_v = svd.top(k)
-    for i in range(k):
-        torch.testing.assert_close(torch.outer(got_u[:, i], got_v[:, i]), torch.outer(u[:, i], vt[i]),
-                                   rtol=0, atol=1e-9)
+    xs = [svd_input(33, (40, 12), rank), svd_input(37, (40, 12), None), svd_input(38, (40, 12), 2)]
+    a = svd_input(34, (40, 9), None)
+    u_a, s_a, vh_a = (torch.from_numpy(m) for m in np.linalg.svd(a.numpy(), full_matrices=False))
+    q = subspace.LeftVectors(a, vh_a.T, s_a)  # a V diag(1/s) by rows: a's left singular vectors, orthonormal
+    q_whole = torch.cat([q.rows(i, i + rows) for i in range(0, 40, rows)])
+    torch.testing.assert_close(q_whole, u_a, rtol=0, atol=1e-12)
+    zs = subspace.projections(q, xs, threads)
+    for x, z in zip(xs, zs):
+        torch.testing.assert_close(z, q_whole.T @ x, rtol=0, atol=1e-12)
+        projected = x - q_whole @ (q_whole.T @ x)
+        svd = subspace.ProjectedSVD(x, z)
+        u, s, vt = (torch.from_numpy(m) for m in np.linalg.svd(projected.numpy(), full_matrices=False))
+        k = ref_rank(s.tolist(), x.shape, float(torch.linalg.norm(x)))
+        assert subspace.numerical_rank(svd.s, tuple(x.shape), float(torch.linalg.norm(x))) == k
+        torch.testing.assert_close(svd.s[:k], s[:k], rtol=1e-10, atol=0)
+        svd.keep(k)
+        got_u = torch.cat([svd.left_rows(i, i + rows, q_whole[i:i + rows] @ svd.zw) for i in range(0, 40, rows)])
+        for i in range(k):
+            torch.testing.assert_close(torch.outer(got_u[:, i], svd.w[:, i]), torch.outer(u[:, i], vt[i]),
+                                       rtol=0, atol=1e-9)
 
 
 def test_products_are_written_a_block_of_rows_at_a_time():

@@ -102,8 +102,12 @@ Memory, per matrix of m x n (r = min(m, n)), beyond the N + 1 float32 inputs: a 
 output heads, up projections) is read in float64 a block of ``ROWS`` rows at a time (a task vector, or Iso's sum of
 them formed block by block), never copied whole; a wide one is held in float64 once. Then its r x r Gram matrix
 and eigenvectors, and the kept left singular vectors, written straight into one m x (kept) float64 matrix (TSV-M:
-N k <= r columns; Iso-CTS: at most r; no concatenated copy), and U_c^T tau_t (k_c x n) where rows > cols; the delta
-is written over a scratch input ``ROWS`` rows at a time, without an m x n float64 copy.
+N k <= r columns, its task vectors released as they are decomposed; Iso-CTS where rows <= cols: at most r; no
+concatenated copy). Iso-CTS on a tall matrix holds no such U, which would be two float32 copies of the tensor beside
+its N + 1 inputs: first U_c^T tau_t (k_c x n) for every task, then only U's task-specific columns (m x (r - k_c),
+0.4 float32 copies at the default k_c = 0.8 r), U_c's rows being formed from the summed task vectors' where needed
+(``TaskDirections``; three more passes over the inputs' rows, 36.4 s against 34.0 s for the 0.1B merge at N = 8).
+The delta is written over a scratch input ``ROWS`` rows at a time, without an m x n float64 copy.
 
 Speed: no SVD; the work is r x r eigendecompositions (float64 ``eigh``) and float64 products about the size of
 the tensor (a Gram matrix, lower triangle only: about m r^2). Iso-C takes one eigendecomposition per matrix,
@@ -127,6 +131,7 @@ took TSV-M on that benchmark from 49.0 s to 36.6 s.
 from __future__ import annotations
 
 from functools import cmp_to_key
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -171,31 +176,46 @@ class Summed:
 
     def rows(self, i: int, j: int) -> torch.Tensor:
         out = self.parts[0][i:j].double()
+        wide = torch.empty_like(out)  # float64 + float32 in one add_ is 1.4x slower than a copy then the add
         for part in self.parts[1:]:
-            out.add_(part[i:j])
+            out.add_(wide.copy_(part[i:j]))
         return out
 
 
-Matrix = torch.Tensor | Summed  # a tensor of any float dtype, or a sum, read in float64 by blocks of rows
+class Rows(Protocol):
+    """A float64 matrix formed a block of rows at a time when read, never held whole (``Summed``,
+    ``LeftVectors``, ``_BasisProduct``)."""
+
+    shape: tuple[int, ...]
+    device: torch.device
+
+    def rows(self, i: int, j: int) -> torch.Tensor: ...
+
+
+Matrix = torch.Tensor | Rows  # a tensor of any float dtype, or rows formed when read, in float64 by blocks of rows
 
 
 def _rows(x: Matrix, i: int, j: int) -> torch.Tensor:
     """Rows i:j of x in float64 (a view when x is a float64 tensor)."""
-    return x.rows(i, j) if isinstance(x, Summed) else x[i:j].to(torch.float64)
+    return x[i:j].to(torch.float64) if isinstance(x, torch.Tensor) else x.rows(i, j)
 
 
-def gram(x: Matrix) -> torch.Tensor:
+def gram(x: Matrix, threads: int = 1) -> torch.Tensor:
     """The lower triangle of x^T x (all that ``torch.linalg.eigh`` reads; the upper one is zero), summed over
     blocks of ROWS rows: on the CPU by BLAS's dsyrk (which forms only that triangle, 1.4x our blocked products),
-    elsewhere one block of columns at a time (about half the multiplications of x^T x)."""
+    elsewhere one block of columns at a time (about half the multiplications of x^T x). With ``threads`` > 1 the
+    blocks of rows are formed (a ``Summed``'s: the task vectors added) on up to that many threads while the
+    products are summed in order: the same bits."""
     n = x.shape[1]
+    starts = list(range(0, x.shape[0], ROWS))
     if x.device.type == "cpu":
         c = np.zeros((n, n), order="F")
-        for i in range(0, x.shape[0], ROWS):  # b^T b = A A^T for A = b^T, which is b's memory read column-major
-            c = lapack.syrk_lower_(_rows(x, i, i + ROWS).contiguous().numpy(), c)
+        # b^T b = A A^T for A = b^T, which is b's memory read column-major
+        for b in ordered_map(lambda i: _rows(x, i, i + ROWS).contiguous().numpy(), starts, threads):
+            c = lapack.syrk_lower_(b, c)
         return torch.from_numpy(c)
     out = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for i in range(0, x.shape[0], ROWS):
+    for i in starts:
         b = _rows(x, i, i + ROWS)
         for j in range(0, n, GRAM_BLOCK):
             out[j:, j:j + GRAM_BLOCK] += b[:, j:].T @ b[:, j:j + GRAM_BLOCK]
@@ -216,20 +236,11 @@ class GramSVD:
     for the triplets asked for, as x v_i / s_i (or x^T u_i / s_i), which callers keep to s_i above the
     numerical rank (the largest values decide it, so a top-k SVD gives the same rank, capped at k)."""
 
-    def __init__(self, x: Matrix, left: bool | None = None, top: int | None = None):
+    def __init__(self, x: Matrix, left: bool | None = None, top: int | None = None, threads: int = 1):
         self.left = x.shape[0] < x.shape[1] if left is None else left
         # x x^T needs whole rows of x^T: a wide matrix is held in float64; a tall one is read by blocks of rows
         self.x = _rows(x, 0, x.shape[0]) if self.left else x
-        self._eigh(gram(self.x.T if self.left else x), top)
-
-    def _eigh(self, gram: torch.Tensor, top: int | None = None) -> None:
-        r = min(self.x.shape)  # a Gram matrix of the larger side has only r nonzero eigenvalues
-        if top is not None and 0 < top < r and gram.device.type == "cpu":
-            values, vectors = _top_eigh(gram, top)
-        else:
-            values, vectors = torch.linalg.eigh(gram)
-        self.s = values.flip(0)[:r].clamp_min(0).sqrt()
-        self.w = vectors.flip(1)  # U (left) or V: eigh's ascending order, reversed
+        self.s, self.w = _spectrum(gram(self.x.T if self.left else x, threads), min(self.x.shape), top)
 
     def _times(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return torch.matmul(self.x.T, w, out=out) if self.left else _times(self.x, w, out)
@@ -251,6 +262,17 @@ class GramSVD:
         return self.x, (c if rhs is None else c @ rhs)
 
 
+def _spectrum(gram: torch.Tensor, r: int, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, w) from a Gram matrix's lower triangle: the r (or ``top``) largest singular values sqrt(eigenvalue),
+    descending, and their eigenvectors as columns (r: a Gram matrix of the larger side has only r nonzero
+    eigenvalues)."""
+    if top is not None and 0 < top < r and gram.device.type == "cpu":
+        values, vectors = _top_eigh(gram, top)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0)[:r].clamp_min(0).sqrt(), vectors.flip(1)  # eigh's ascending order, reversed
+
+
 def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest eigenvalues (ascending) and their eigenvectors of a symmetric float64 CPU matrix, from its
     lower triangle: LAPACK's dsyevr computes only those (torch's eigh computes all, twice the time at k = n / 8)."""
@@ -258,24 +280,90 @@ def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
-class ProjectedSVD(GramSVD):
-    """GramSVD of (I - Q Q^T) x for Q with orthonormal columns, without forming it: its Gram matrix is
-    x^T x - z^T z with z = Q^T x, and its left singular vectors (x v_i - Q z v_i) / s_i."""
+class LeftVectors:
+    """x V_k diag(1/s_k): a tall matrix's left singular vectors (``GramSVD.top``'s) for the right ones V_k,
+    formed a block of rows at a time when read."""
 
-    def __init__(self, x: Matrix, q: torch.Tensor, top: int | None = None):
-        self.x, self.q, self.left = x, q, False
-        self.z = torch.zeros(q.shape[1], x.shape[1], dtype=torch.float64, device=q.device)
-        for i in range(0, x.shape[0], ROWS):
-            self.z += q[i:i + ROWS].T @ _rows(x, i, i + ROWS)
-        g = gram(x)
-        self._eigh(g.sub_(gram(self.z)), top)
+    def __init__(self, x: Matrix, w: torch.Tensor, s: torch.Tensor):
+        self.x, self.w, self.s = x, w, s
+        self.shape, self.device = (x.shape[0], w.shape[1]), w.device
 
-    def _times(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        zw = self.z @ w
-        out = torch.empty(self.x.shape[0], w.shape[1], dtype=torch.float64, device=w.device) if out is None else out
-        for i in range(0, self.x.shape[0], ROWS):
-            out[i:i + ROWS] = _rows(self.x, i, i + ROWS) @ w - self.q[i:i + ROWS] @ zw
-        return out
+    def rows(self, i: int, j: int) -> torch.Tensor:
+        return (_rows(self.x, i, j) @ self.w).div_(self.s)
+
+
+def projections(q: Matrix, xs: list[torch.Tensor], threads: int = 1) -> list[torch.Tensor]:
+    """Q^T x for each x, summed over blocks of ROWS rows. Each block of Q's rows is formed once per thread: the
+    xs are split over up to ``threads`` threads, each summing its own in the same order (the same bits)."""
+    zs = [torch.zeros(q.shape[1], x.shape[1], dtype=torch.float64, device=x.device) for x in xs]
+
+    def group(ts: range) -> None:
+        for i in range(0, q.shape[0], ROWS):
+            q_rows = _rows(q, i, i + ROWS)
+            for t in ts:
+                zs[t] += q_rows.T @ _rows(xs[t], i, i + ROWS)
+
+    for _ in ordered_map(group, [range(g, len(xs), threads) for g in range(min(threads, len(xs)))], threads):
+        pass
+    return zs
+
+
+class ProjectedSVD:
+    """The SVD of (I - Q Q^T) x for Q with orthonormal columns, without forming it, from z = Q^T x
+    (:func:`projections`): its Gram matrix is x^T x - z^T z (a projector is idempotent), its left singular vectors
+    (x v_i - Q z v_i) / s_i, formed a block of rows at a time from Q's rows (:meth:`left_rows`)."""
+
+    def __init__(self, x: torch.Tensor, z: torch.Tensor, top: int | None = None):
+        self.x, self.z = x, z
+        self.s, self.w = _spectrum(gram(x).sub_(gram(z)), min(x.shape), top)
+
+    def keep(self, k: int) -> None:
+        """Keep the top k triplets: their singular values, right vectors (``w``) and z V_k; z goes."""
+        self.s, self.w = self.s[:k], self.w[:, :k]
+        self.zw, self.z = self.z @ self.w, None
+
+    def left_rows(self, i: int, j: int, qzw: torch.Tensor) -> torch.Tensor:
+        """Rows i:j of the kept left singular vectors, given rows i:j of Q z V_k (``q[i:j] @ zw``)."""
+        return (_rows(self.x, i, j) @ self.w).sub_(qzw).div_(self.s)
+
+
+class TaskDirections:
+    """Iso-CTS's task-specific left singular vectors Y = [Y_1 .. Y_N] of a tall matrix, held (m x N s float64, about
+    0.4 float32 copies of the tensor at the paper's k_c = 0.8 r), and U = [U_c | Y]'s product with a matrix, without
+    U_c: U_c = M A_c (M = sum_t tau_t, A_c = V_c diag(1/s_c)), and Y_t = (tau_t V_t - U_c z_t V_t) diag(1/s_t)
+    (``ProjectedSVD``) with U_c z_t V_t = M K_t, K_t = A_c z_t V_t (n x s), all formed a block of rows at a time from
+    M's rows. U held whole would be m x r float64, two float32 copies of the tensor beside its N + 1 inputs (0.1B,
+    N = 8: the embedding's merge peaked at 1310 MiB with it, 1152 MiB without)."""
+
+    def __init__(self, common: LeftVectors, parts: list[ProjectedSVD], threads: int = 1):
+        self.total, self.a_c = common.x, common.w / common.s
+        widths = [part.s.numel() for part in parts]
+        k = torch.cat([self.a_c @ part.zw for part in parts], dim=1) if parts else self.a_c[:, :0]
+        self.y = torch.empty(common.shape[0], sum(widths), dtype=torch.float64, device=common.device)
+
+        def block(i: int) -> None:
+            mk, start = _rows(self.total, i, i + ROWS) @ k, 0
+            for part, width in zip(parts, widths):
+                self.y[i:i + ROWS, start:start + width] = part.left_rows(i, i + ROWS, mk[:, start:start + width])
+                start += width
+
+        for _ in ordered_map(block, list(range(0, common.shape[0], ROWS)), threads):
+            pass
+
+    def basis_times(self, b: torch.Tensor) -> Rows:
+        """U b for U = [U_c | Y] (b's first rows U_c's), by rows: M (A_c b_c) + Y b_s."""
+        return _BasisProduct(self, self.a_c @ b[:self.a_c.shape[1]], b[self.a_c.shape[1]:])
+
+
+class _BasisProduct:
+    """Rows of M P + Y b_s (``TaskDirections.basis_times``)."""
+
+    def __init__(self, directions: TaskDirections, p: torch.Tensor, b_s: torch.Tensor):
+        self.total, self.y, self.p, self.b_s = directions.total, directions.y, p, b_s
+        self.shape, self.device = (self.y.shape[0], p.shape[1]), p.device
+
+    def rows(self, i: int, j: int) -> torch.Tensor:
+        return (_rows(self.total, i, j) @ self.p).addmm_(self.y[i:j], self.b_s)
 
 
 def polar(a: torch.Tensor, rhs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,15 +403,15 @@ def polar_beside_orthonormal(head: torch.Tensor, tail: torch.Tensor) -> torch.Te
     return torch.cat([head, tail], dim=1).addmm_(xqw * d, qw.T)
 
 
-def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor, rows: int | None = None,
+def _product_into(out: torch.Tensor, a: Matrix, b: torch.Tensor | None = None, rows: int | None = None,
                   threads: int = 1) -> torch.Tensor:
-    """out = a @ b into ``out``, a block of rows of a at a time (no float64 m x n copy), up to ``threads`` blocks at
-    once (each on one thread: the same bits). Each block reads a's rows before writing out's, and only its own, so
-    out may be one of the tensors ``a`` sums."""
+    """out = a @ b (a itself without b) into ``out``, a block of rows of a at a time (no float64 m x n copy), up to
+    ``threads`` blocks at once (each on one thread: the same bits). Each block reads a's rows before writing out's,
+    and only its own, so out may be one of the tensors ``a`` is formed from."""
     rows = rows or ROWS
 
     def block(i: int) -> None:
-        out[i:i + rows] = _rows(a, i, i + rows) @ b
+        out[i:i + rows] = _rows(a, i, i + rows) if b is None else _rows(a, i, i + rows) @ b
 
     for _ in ordered_map(block, list(range(0, a.shape[0], rows)), threads):
         pass
@@ -442,50 +530,78 @@ def iso_cts_delta(base, experts, params, ctx):
     k_c, share = iso_cts_sizes(rank, n, params.get("common_space_fraction", 0.8))
     with one_thread(base.device) as threads:
         norm = float(_largest_norm(taus))
-        # rows <= cols: M M^T's eigenvectors are all of U, so the complement of U_c is U's other columns
         left = shape[0] <= shape[1]
-        svd = GramSVD(Summed(taus), left=left)
+        svd = GramSVD(Summed(taus), left=left, threads=threads)
         common = min(k_c, numerical_rank(svd.s, shape, max(float(svd.s[0]), norm)))
-        # U's columns go straight into one m x (k_c + N s) float64 matrix: U_c first, then each task's
-        u = torch.empty(shape[0], common + n * share, dtype=torch.float64, device=base.device)
-        u_c, v_c = svd.top(common, out=None if left else u[:, :common])
-        if left:
-            u[:, :common] = u_c
-        u_c = u[:, :common]
         mass = svd.s[:k_c].sum()  # the authors' mean runs over all r slots, dropped triplets included
-        rest = svd.w[:, common:] if left else None  # I - U_c U_c^T = rest rest^T
-        del svd
-        used, vs = common, [v_c]
-
-        def decompose(tau: torch.Tensor) -> tuple[float, GramSVD | ProjectedSVD]:
-            norm = float(torch.linalg.vector_norm(tau))
-            if left:  # tau_t - U_c U_c^T tau_t = rest (rest^T tau_t): decompose the small rest^T tau_t
-                return norm, GramSVD(rest.T @ tau.double(), top=share)
-            return norm, ProjectedSVD(tau, u_c, top=share)  # its Gram: tau_t^T tau_t - (U_c^T tau_t)^T (U_c^T tau_t)
-
-        for norm, part in ordered_map(decompose, taus if share else [], threads):
-            # the projection's rounding is relative to tau_t, not to what is left of it
-            kept = min(share, numerical_rank(part.s, shape, norm))
-            if left:
-                small, v = part.top(kept)
-                torch.matmul(rest, small, out=u[:, used:used + kept])
-            else:
-                _, v = part.top(kept, out=u[:, used:used + kept])
-            used += kept
-            vs.append(v)
-            mass = mass + part.s[:share].sum()
-            del part
+        if left:  # rows <= cols: M M^T's eigenvectors are all of U, so the complement of U_c is U's other columns
+            u_c, v_c = svd.top(common)
+            rest = svd.w[:, common:]  # I - U_c U_c^T = rest rest^T
+            del svd
+            u, vs, masses = _wide_basis(u_c, v_c, rest, taus, share, shape, threads)
+            y = u[:, common:]
+        else:
+            u_c = LeftVectors(svd.x, svd.w[:, :common], svd.s[:common])
+            del svd
+            directions, vs, masses = _tall_basis(u_c, taus, share, shape, threads)
+            y = directions.y
+        for part in masses:
+            mass = mass + part
+        used = common + y.shape[1]
         if used == 0:
             return taus[0].zero_()
         tail = torch.cat(vs[1:], dim=1) if len(vs) > 1 else vs[0][:, :0]
         v = polar_beside_orthonormal(vs[0], tail)  # V_c is orthonormal
         del vs
-        b = v.T.mul_(mass / rank)
+        b = v.T * (mass / rank)  # not in place: v may be V_c itself, which U_c's rows are still formed from
         if used > common:  # polar(U) = [U_c | polar(Y)]: U_c is orthonormal, and Y lies outside its span
-            specific = GramSVD(u[:, common:used], left=False)
+            specific = GramSVD(y, left=False, threads=threads)
             _, c = specific.isometry(numerical_rank(specific.s, (shape[0], used)), b[common:])
             b = torch.cat([b[:common], c])
-        return _product_into(taus[0], u[:, :used], b, threads=threads)
+        if left:
+            return _product_into(taus[0], u, b, threads=threads)
+        return _product_into(taus[0], directions.basis_times(b), threads=threads)
+
+
+def _wide_basis(u_c, v_c, rest, taus, share, shape, threads) -> tuple[torch.Tensor, list, list]:
+    """(U = [U_c | Y], the V's, each task's mass) where rows <= cols: tau_t - U_c U_c^T tau_t = rest (rest^T
+    tau_t), so each task's directions come from the small rest^T tau_t; U (m x at most r float64, m <= n) is held."""
+    common = u_c.shape[1]
+    u = torch.empty(shape[0], common + len(taus) * share, dtype=torch.float64, device=u_c.device)
+    u[:, :common] = u_c
+    used, vs, masses = common, [v_c], []
+
+    def decompose(tau: torch.Tensor) -> tuple[float, GramSVD]:
+        return float(torch.linalg.vector_norm(tau)), GramSVD(rest.T @ tau.double(), top=share)
+
+    for norm, part in ordered_map(decompose, taus if share else [], threads):
+        # the projection's rounding is relative to tau_t, not to what is left of it
+        kept = min(share, numerical_rank(part.s, shape, norm))
+        small, v = part.top(kept)
+        torch.matmul(rest, small, out=u[:, used:used + kept])
+        used += kept
+        vs.append(v)
+        masses.append(part.s[:share].sum())
+    return u[:, :used], vs, masses
+
+
+def _tall_basis(u_c: LeftVectors, taus, share, shape, threads) -> tuple[TaskDirections, list, list]:
+    """(Y, the V's, each task's mass) where rows > cols: each task's directions from the SVD of tau_t - U_c U_c^T
+    tau_t (``ProjectedSVD``); U is never held, only its task-specific columns Y (``TaskDirections``)."""
+    zs = projections(u_c, taus, threads) if share else []
+
+    def decompose(t: int) -> tuple[float, ProjectedSVD]:
+        z, zs[t] = zs[t], None  # the decomposition holds it until its triplets are kept
+        return float(torch.linalg.vector_norm(taus[t])), ProjectedSVD(taus[t], z, top=share)
+
+    parts, vs, masses = [], [u_c.w], []
+    for norm, part in ordered_map(decompose, list(range(len(zs))), threads):
+        masses.append(part.s[:share].sum())
+        # the projection's rounding is relative to tau_t, not to what is left of it
+        part.keep(min(share, numerical_rank(part.s, shape, norm)))
+        parts.append(part)
+        vs.append(part.w)
+    return TaskDirections(u_c, parts, threads), vs, masses
 
 
 RANK_FRACTION = Param("rank_fraction", float, 0.0,
