@@ -75,12 +75,14 @@ def linear_experts(seed=0, n_in=6, n_out=4, tokens=(20, 30)):
     return [e.weight.detach() for e in experts], xs
 
 
-# BLOCK = 13: the solve goes by blocks of two output columns (13 // 6 inputs), each written over expert 0's
+# BLOCK = 13: the solve goes by blocks of two output columns (13 // 6 inputs), each written over expert 0's; with
+# 5 outputs B is held whole, with 13 (more than N = 2 times the 6 inputs) the experts' w_i G~_i are held instead
+@pytest.mark.parametrize("n_out", [5, 13])
 @pytest.mark.parametrize("block", [regmean_module.BLOCK, 13])
 @pytest.mark.parametrize("alpha", [1.0, 0.9, 0.3, 0.0])
-def test_regmean_is_the_closed_form_with_off_diagonal_scaling(pm, alpha, block, monkeypatch):
+def test_regmean_is_the_closed_form_with_off_diagonal_scaling(pm, alpha, block, n_out, monkeypatch):
     monkeypatch.setattr(regmean_module, "BLOCK", block)
-    weights, xs = linear_experts(n_out=5)
+    weights, xs = linear_experts(n_out=n_out)
     grams = [(x.T @ x).numpy() for x in xs]
     ws = [W.double().numpy() for W in weights]
     expected = closed_form(ws, grams, alpha)

@@ -33,10 +33,13 @@ scales (LLM activations have a few huge ones) are judged alike.
   directions the data constrains get the regression solution, the rest keep the mean.
 - With alpha < 1 the scaled A has eigenvalues of at least 1 - alpha, so (for 1 - alpha above the
   tolerance) the Cholesky path is taken.
-Memory per linear tensor: beyond the engine's (N + 2) copies of the weight and the N Grams, a few in x in
-float64 matrices (N of them, the w_i G~_i, where the output columns take more than one block), and B, the mean
-and the solve's temporaries for one block of about 2^20 float64 entries: the solve goes by blocks of output
-columns (independent given one factorisation of A) and writes each over expert 0's scratch copy.
+Memory per linear tensor: beyond the engine's (N + 2) copies of the weight and the N Grams, the solve goes by
+blocks of output columns of about 2^20 float64 entries (independent given one factorisation of A) and writes each
+over expert 0's scratch copy. Every block of B needs every w_i G~_i, so one of the two is held whole, whichever is
+smaller: B (in x out float64; then each w_i G~_i is formed once, added into A and B, and dropped), or, where
+out > N x in (output heads), the N w_i G~_i (N x in x in float64). Beside it, A and its factor (two in x in
+float64), and the mean and the solve's temporaries for one block. (Holding the N w_i G~_i for every layer, as
+before, cost an MLP down projection of 0.1B, in = 2048, 268 MB of float64 at N = 8, twice its float32 Grams.)
 """
 
 from __future__ import annotations
@@ -78,12 +81,13 @@ class PSDSolver:
             self.inner = PSDSolver(a[self.live][:, self.live]) if bool(self.live.any()) else None
             return
         self.scale = d.rsqrt()
-        self.a_hat = a * self.scale[:, None] * self.scale[None, :]
+        a_hat = a * self.scale[:, None] * self.scale[None, :]
         tol = _RTOL_PER_INPUT * a.shape[0]  # A^ has unit diagonal
-        factor, info = torch.linalg.cholesky_ex(self.a_hat)
+        factor, info = torch.linalg.cholesky_ex(a_hat)
         self.factor = factor if int(info) == 0 and float(factor.diagonal().square().min()) > tol else None
-        if self.factor is None:
-            values, self.vectors = torch.linalg.eigh(self.a_hat)
+        if self.factor is None:  # only this path needs A^ again
+            self.a_hat = a_hat
+            values, self.vectors = torch.linalg.eigh(a_hat)
             keep = values > tol
             self.inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)),
                                        torch.zeros_like(values))
@@ -122,27 +126,41 @@ def regmean(base, experts, params, ctx):
         return reduce_non_diagonal(g.matrix.to(device, torch.float64, copy=True), params["alpha"]).mul_(weight)
 
     step = max(1, BLOCK // n_in)  # output columns per block: B's block is about BLOCK float64 entries
-    # several blocks: each needs every w_i G~_i, so they are kept (N in x in float64); one block: formed twice
-    kept = [] if step < n_out else None
+    blocks = [(c, min(step, n_out - c)) for c in range(0, n_out, step)]
+    # Each block of B needs every w_i G~_i. Whichever is smaller is held whole: B (in x out float64), each w_i G~_i
+    # then formed once, added into A and every block of B, and dropped; or (output heads: out > N in) the N w_i G~_i
+    # (N x in x in float64), with B formed one block at a time
+    by_expert = n_out <= max(step, len(grams) * n_in)
     a = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
-    for g, weight in zip(grams, ctx.weights):
+    bs = [torch.zeros(n_in, k, dtype=torch.float64, device=device) for _, k in blocks] if by_expert else None
+    kept = None if by_expert else []
+    for w_t, g, weight in zip(weights_t, grams, ctx.weights):
         gram = reduced(g, weight)
         a += gram
-        if kept is not None:
+        if by_expert:
+            for b, (c, k) in zip(bs, blocks):
+                b.addmm_(gram, w_t[:, c:c + k].to(torch.float64))
+        else:
             kept.append(gram)
+        del gram
     solver = PSDSolver(a)
+    del a
     # W*^T's columns c:c+k need only the experts' columns c:c+k: each block is written over expert 0's (its
     # scratch copy, already read for that block), so the output takes no memory of its own
     out_t = weights_t[0]
-    for c in range(0, n_out, step):
-        b = torch.zeros(n_in, min(step, n_out - c), dtype=torch.float64, device=device)
-        fallback = torch.zeros_like(b)  # the weighted mean, in float64
+    for j, (c, k) in enumerate(blocks):
+        if by_expert:
+            b, bs[j] = bs[j], None
+        else:
+            b = torch.zeros(n_in, k, dtype=torch.float64, device=device)
+        fallback = torch.zeros(n_in, k, dtype=torch.float64, device=device)  # the weighted mean, in float64
         for i, (w_t, weight) in enumerate(zip(weights_t, ctx.weights)):
-            w64 = w_t[:, c:c + step].to(torch.float64)
-            b.addmm_(kept[i] if kept is not None else reduced(grams[i], weight), w64)
+            w64 = w_t[:, c:c + k].to(torch.float64)
+            if not by_expert:
+                b.addmm_(kept[i], w64)
             fallback.add_(w64, alpha=weight)
         fallback.div_(sum(ctx.weights))
-        out_t[:, c:c + step] = solver.solve(b, fallback)
+        out_t[:, c:c + k] = solver.solve(b, fallback)
     return experts[0]
 
 
