@@ -34,30 +34,35 @@ Conventions (there is no paper: mergekit's implementation, by Arcee, is the orig
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import BLOCK, ordered_sum
+from mergebench.core.merge_ops import BLOCK, ordered_sum, spans
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import unweighted_check
 
 SOFTMAX_EPS = 1e-8
 MERGEKIT_QUANTILE_SAMPLE = 1_000_000
+# entries per chunk of the quartiles' selection and of the sample's draws: their temporaries (a few per chunk) were
+# kept by glibc in the engine worker's arena at 2**20 (0.1B: anon peak 1.055 of the bound, 1.03 at 2**18)
+CHUNK = 1 << 18
 
 
 def importance(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|theta_1 - theta_0| * KL(softmax(theta_1) || softmax(theta_0)) per row, with the 1e-8 offsets of mergekit;
-    by blocks of whole rows (each row's maths is its own), so p and q are a block's temporaries."""
+    by blocks of whole rows (each row's maths is its own), so p and q are a block's temporaries, in two buffers
+    that every block reuses (fresh ones per block were kept by glibc in the engine worker's arena)."""
     lined = expert.reshape(1, -1) if expert.dim() < 2 else expert
     rows = lined.reshape(-1, lined.shape[-1])
     bases = base.reshape(rows.shape)
     scores = torch.empty_like(rows)
     step = max(1, BLOCK // max(rows.shape[1], 1))
+    p_buffer = torch.empty(min(step, rows.shape[0]), rows.shape[1], dtype=rows.dtype, device=rows.device)
+    q_buffer = torch.empty_like(p_buffer)
     for r in range(0, rows.shape[0], step):
         e, b = rows[r:r + step], bases[r:r + step]
-        p = F.softmax(e, dim=-1).add_(SOFTMAX_EPS)
-        q = F.softmax(b, dim=-1).add_(SOFTMAX_EPS)
+        p = torch.softmax(e, -1, out=p_buffer[:len(e)]).add_(SOFTMAX_EPS)  # F.softmax's kernel
+        q = torch.softmax(b, -1, out=q_buffer[:len(e)]).add_(SOFTMAX_EPS)
         kl = ordered_sum(torch.div(p, q, out=q).log_().mul_(p)).unsqueeze(-1)
         scores[r:r + step] = torch.sub(e, b, out=p).abs_().mul_(kl)
     return scores.view(expert.shape)
@@ -69,7 +74,7 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     index of it); kthvalue itself where an entry is negative or NaN (a rounding below 0 of a KL near 0)."""
     if flat.numel() and bool(flat.min() >= 0):  # min is NaN where any entry is; no boolean tensor of flat's size
         analysis = MagnitudeThreshold(0.0, 1, k=flat.numel() - k + 1)  # the (n - k + 1)-th largest
-        ((threshold, _),) = run_analysis(analysis, "scores", None, [flat], chunk=BLOCK)
+        ((threshold, _),) = run_analysis(analysis, "scores", None, [flat], chunk=CHUNK)
         return torch.tensor(threshold, dtype=flat.dtype, device=flat.device)
     return torch.kthvalue(flat, k).values
 
@@ -79,7 +84,12 @@ def outlier_threshold(scores: torch.Tensor, sample: int, generator: torch.Genera
     when sample > 0 and the tensor has more entries than that."""
     flat = scores.reshape(-1)
     if 0 < sample < flat.numel():
-        flat = flat[torch.randint(flat.numel(), (sample,), generator=generator).to(flat.device)]
+        # drawn and gathered by pieces, so the sample's int64 indices are never held whole beside it: the same
+        # draws as one call (the CPU generator's stream is consumed entry by entry)
+        picked = torch.empty(sample, dtype=flat.dtype, device=flat.device)
+        for start, stop in spans(sample, CHUNK):
+            picked[start:stop] = flat[torch.randint(flat.numel(), (stop - start,), generator=generator).to(flat.device)]
+        flat = picked
     last = flat.numel() - 1
     q1, median, q3 = (kth_smallest(flat, rank + 1) for rank in (last // 4, last // 2, 3 * last // 4))
     return median + 1.5 * (q3 - q1)
