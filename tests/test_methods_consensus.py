@@ -423,12 +423,12 @@ def test_arcee_fusion_sampled_quantiles_are_seeded_and_close_to_exact(methods):
         assert ((sampled(seed) != base) ^ (exact != base)).float().mean() < 0.02
 
 
-@pytest.mark.parametrize("chunk", [3, arcee_module.CHUNK])
+@pytest.mark.parametrize("chunk", [3, arcee_module.SELECT_CHUNK])
 def test_arcee_fusion_sample_drawn_by_pieces_is_one_draw_of_its_size(chunk, monkeypatch):
     """The sample's indices are drawn a chunk at a time (no int64 index of the whole sample held): the quartiles are
     those of the entries one torch.randint call of the same generator picks (a sample of 11 in pieces of 3: each
     entry decides a quartile; one of 2 CHUNK + 5, as the merge draws)."""
-    monkeypatch.setattr(arcee_module, "CHUNK", chunk)
+    monkeypatch.setattr(arcee_module, "SELECT_CHUNK", chunk)
     scores = torch.rand(3 * chunk + 17, generator=torch.Generator().manual_seed(8))
     sample = 11 if chunk == 3 else 2 * chunk + 5
     for seed in range(5):

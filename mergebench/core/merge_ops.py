@@ -47,6 +47,10 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 # whole tensors forms its temporaries a block at a time, so a merge stays near the engine's (N + 2) copies of
 # the largest tensor instead of adding copies of it. Each module reads its own name (tests shrink it there).
 BLOCK = 1 << 20
+# Entries per chunk of an exact selection over a whole tensor (the radix select of ``MagnitudeThreshold`` run by a
+# method, arcee_fusion's sample): a few temporaries per chunk, which glibc kept in an engine worker's arena at
+# BLOCK (0.1B: arcee_fusion's anon peak 1.055 of the bound, 1.03 at 2**18).
+SELECT_CHUNK = 1 << 18
 
 
 def set_torch_threads(n: int) -> None:
@@ -123,7 +127,7 @@ def magnitude_mask(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     if k >= n or k <= 0:
         return torch.full_like(x, k > 0, dtype=torch.bool) if out is None else out.fill_(float(k > 0))
     # by chunks, as the engine streams a tensor: |x| and its bits are a chunk's temporaries, not the tensor's
-    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x], chunk=BLOCK)
+    ((threshold, ties),) = run_analysis(MagnitudeThreshold(0.0, 1, k=k), "x", None, [x], chunk=SELECT_CHUNK)
     flat = x.reshape(-1)
     mask = torch.empty(n, dtype=torch.bool, device=x.device) if out is None else out.view(-1)
     for start, stop in spans(n, BLOCK):

@@ -37,15 +37,12 @@ import torch
 
 from mergebench.core.analysis import MagnitudeThreshold, run_analysis
 from mergebench.core.hookspecs import hookimpl
-from mergebench.core.merge_ops import BLOCK, ordered_sum, spans
+from mergebench.core.merge_ops import BLOCK, SELECT_CHUNK, ordered_sum, spans
 from mergebench.core.registry import MergeMethod, Param
 from mergebench.plugins.checks import unweighted_check
 
 SOFTMAX_EPS = 1e-8
 MERGEKIT_QUANTILE_SAMPLE = 1_000_000
-# entries per chunk of the quartiles' selection and of the sample's draws: their temporaries (a few per chunk) were
-# kept by glibc in the engine worker's arena at 2**20 (0.1B: anon peak 1.055 of the bound, 1.03 at 2**18)
-CHUNK = 1 << 18
 
 
 def importance(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -74,7 +71,7 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     index of it); kthvalue itself where an entry is negative or NaN (a rounding below 0 of a KL near 0)."""
     if flat.numel() and bool(flat.min() >= 0):  # min is NaN where any entry is; no boolean tensor of flat's size
         analysis = MagnitudeThreshold(0.0, 1, k=flat.numel() - k + 1)  # the (n - k + 1)-th largest
-        ((threshold, _),) = run_analysis(analysis, "scores", None, [flat], chunk=CHUNK)
+        ((threshold, _),) = run_analysis(analysis, "scores", None, [flat], chunk=SELECT_CHUNK)
         return torch.tensor(threshold, dtype=flat.dtype, device=flat.device)
     return torch.kthvalue(flat, k).values
 
@@ -87,7 +84,7 @@ def outlier_threshold(scores: torch.Tensor, sample: int, generator: torch.Genera
         # drawn and gathered by pieces, so the sample's int64 indices are never held whole beside it: the same
         # draws as one call (the CPU generator's stream is consumed entry by entry)
         picked = torch.empty(sample, dtype=flat.dtype, device=flat.device)
-        for start, stop in spans(sample, CHUNK):
+        for start, stop in spans(sample, SELECT_CHUNK):
             picked[start:stop] = flat[torch.randint(flat.numel(), (stop - start,), generator=generator).to(flat.device)]
         flat = picked
     last = flat.numel() - 1
