@@ -106,7 +106,7 @@ N k <= r columns, its task vectors released as they are decomposed; Iso-CTS wher
 concatenated copy). Iso-CTS on a tall matrix holds no such U, which would be two float32 copies of the tensor beside
 its N + 1 inputs: first U_c^T tau_t (k_c x n) for every task, then only U's task-specific columns (m x (r - k_c),
 0.4 float32 copies at the default k_c = 0.8 r), U_c's rows being formed from the summed task vectors' where needed
-(``TaskDirections``; three more passes over the inputs' rows, 36.4 s against 34.0 s for the 0.1B merge at N = 8).
+(``TaskDirections``; M's rows formed again in two more passes, 36.4 s against 34.0 s for the 0.1B merge at N = 8).
 The delta is written over a scratch input ``ROWS`` rows at a time, without an m x n float64 copy.
 
 Speed: no SVD; the work is r x r eigendecompositions (float64 ``eigh``) and float64 products about the size of
