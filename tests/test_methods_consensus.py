@@ -366,8 +366,8 @@ def test_arcee_fusion_threshold_uses_lower_nearest_rank_quartiles():
 def test_arcee_fusion_quartiles_by_chunked_selection_are_kthvalues(values, block):
     """kth_smallest: the exact radix select over chunks for non-negative scores (ties included), kthvalue where
     a score is negative: always kthvalue's value, so the threshold is the sorted scores' lower nearest ranks."""
-    old = arcee_module.BLOCK
-    arcee_module.BLOCK = block
+    old = arcee_module.SELECT_CHUNK  # the selection's chunk length
+    arcee_module.SELECT_CHUNK = block
     try:
         flat = torch.tensor(values, dtype=torch.float32) / 4
         for k in range(1, flat.numel() + 1):
@@ -377,7 +377,7 @@ def test_arcee_fusion_quartiles_by_chunked_selection_are_kthvalues(values, block
         want = s[last // 2] + 1.5 * (s[3 * last // 4] - s[last // 4])
         assert float(outlier_threshold(flat, 0, None)) == pytest.approx(want, abs=1e-6)
     finally:
-        arcee_module.BLOCK = old
+        arcee_module.SELECT_CHUNK = old
 
 
 def test_arcee_fusion_importance_by_blocks_of_rows_gives_the_whole_tensors_bits(monkeypatch):

@@ -237,6 +237,7 @@ def test_magnitude_mask_carries_the_tie_allowance_across_chunks(monkeypatch):
     """Chunks of 2 entries: the entries tied at the threshold are kept by flat index until the allowance left by
     the earlier chunks is spent, whether a chunk uses all of it, part of it or none."""
     monkeypatch.setattr(merge_ops, "BLOCK", 2)
+    monkeypatch.setattr(merge_ops, "SELECT_CHUNK", 2)  # the selection by chunks of 2 too
     # all six tied, k = 3: the first chunk keeps 2 (1 left), the second 1 (0 left), the third none
     assert magnitude_mask(torch.ones(6), 3).tolist() == [True, True, True, False, False, False]
     # threshold 1 with one tie allowed: the first chunk has no tie, the second keeps its first entry only
@@ -255,6 +256,7 @@ def test_magnitude_mask_written_over_its_input_is_the_boolean_mask(monkeypatch, 
     """``out=x``: the mask as 1.0 / 0.0 in x's own memory, each chunk read before it is written (chunks of 2, ties
     carried across them), and the whole-tensor cases (k <= 0, k >= n) too."""
     monkeypatch.setattr(merge_ops, "BLOCK", 2)
+    monkeypatch.setattr(merge_ops, "SELECT_CHUNK", 2)
     x = torch.tensor([[0.5, -5.0, 4.0], [0.5, -0.5, 0.5], [1.0, 0.5, -2.0]])
     want = magnitude_mask(x, k).to(torch.float32)
     got = magnitude_mask(x, k, out=x)
@@ -265,6 +267,7 @@ def test_magnitude_mask_written_over_its_input_is_the_boolean_mask(monkeypatch, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_magnitude_mask_of_a_gpu_tensor_is_a_gpu_mask(monkeypatch):
     monkeypatch.setattr(merge_ops, "BLOCK", 3)  # by chunks, the tie allowance carried across them
+    monkeypatch.setattr(merge_ops, "SELECT_CHUNK", 3)
     x = torch.tensor([[0.5, 5.0, 4.0], [3.0, -0.5, 0.5], [0.5, 1.0, -2.0]])
     got = magnitude_mask(x.cuda(), 6)
     assert got.is_cuda and got.tolist() == magnitude_mask(x, 6).tolist() == [[True, True, True], [True, False, False],
